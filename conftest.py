@@ -1,0 +1,44 @@
+"""Root pytest configuration: tier markers from directories, hypothesis profiles, seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+# The directory implies the tier, so `pytest -m toy` cannot miss a file someone forgot to mark.
+_TIER_BY_DIR = {"toy": "toy", "tiny": "tiny", "golden": "golden", "real": "real", "interop": "interop"}
+
+settings.register_profile("dev", max_examples=30, deadline=None)
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("nightly", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent / "tests"
+    for item in items:
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        tier = _TIER_BY_DIR.get(rel.parts[0]) if rel.parts else None
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"SEEDDELTA_TEST_SEED={os.environ.get('SEEDDELTA_TEST_SEED', '0')}"
+
+
+@pytest.fixture
+def seed() -> int:
+    """Seed for tests that draw random data; override with SEEDDELTA_TEST_SEED."""
+    return int(os.environ.get("SEEDDELTA_TEST_SEED", "0"))

@@ -1,0 +1,3 @@
+from seeddelta.cli import main
+
+raise SystemExit(main())

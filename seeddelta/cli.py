@@ -1,0 +1,52 @@
+"""The `seeddelta` command. Each subcommand lives in its own module under seeddelta.commands
+and exposes `register(subparsers)`; that module's handler receives the parsed namespace and
+returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from seeddelta.errors import SeedDeltaError
+
+# Module names under seeddelta.commands, in the order they appear in --help.
+COMMAND_MODULES = ("demo", "toy", "build", "inspect", "tiny", "ppl", "kld", "greedy", "imatrix")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage + exits 2; keep it to one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seeddelta", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"seeddelta.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"seeddelta.commands.{name}":
+                continue  # command not implemented yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SeedDeltaError as exc:
+        print(f"seeddelta {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("seeddelta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the seeddelta CLI (one module each, see seeddelta.cli)."""

@@ -1,0 +1,13 @@
+"""User-facing errors: one clear line, non-zero exit, no traceback (see cli.main)."""
+
+from __future__ import annotations
+
+
+class SeedDeltaError(Exception):
+    """A problem with the user's input or request. The message names the problem and the place."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

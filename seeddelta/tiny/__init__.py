@@ -1,0 +1,1 @@
+"""Harness B: the tiny transformer (dataset, tokenizer, training, export)."""
