@@ -1,0 +1,327 @@
+"""Structured bases W0.
+
+* `XorCirculantBase` — the original's base (spec-builder-runtime §2): per block an XOR-circulant
+  matrix F_b[p, j] = h2_b[p XOR j] after a gather permutation, stored as the Hadamard chain
+  D3·H·P2·D2·H·P1·D1 with d2 = H·h2/L. This is the only base written to GGUF.
+* `LowRankBase` (rank-r truncated SVD) and `CirculantBase` (cyclic, applied by FFT) — for
+  harness A only, so the user's A3/A4 plan can be run as written.
+
+Every base is described by its *stored* arrays: dense/apply use the rounded values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol
+
+import numpy as np
+
+from seeddelta.hadamard import fwht, is_pow2, next_pow2
+from seeddelta.storage import val_dtype
+
+
+class Base(Protocol):
+    kind: str
+    n_in: int
+    n_out: int
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray: ...
+    def apply(self, x: np.ndarray) -> np.ndarray: ...
+    def tensors(self) -> dict[str, np.ndarray]: ...
+    def ops(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """L = next_pow2(min(n_in, n_out)), B = ceil(max(n_in, n_out) / L); tall iff n_out >= n_in."""
+
+    n_in: int
+    n_out: int
+
+    @property
+    def L(self) -> int:  # noqa: N802 - the spec's name
+        return next_pow2(min(self.n_in, self.n_out))
+
+    @property
+    def B(self) -> int:  # noqa: N802
+        return -(-max(self.n_in, self.n_out) // self.L)
+
+    @property
+    def tall(self) -> bool:
+        return self.n_out >= self.n_in
+
+
+def _safe_gather_index(perm: np.ndarray, length: int) -> np.ndarray:
+    """The runtime reads element 0 for an out-of-range permutation entry."""
+    perm = perm.astype(np.int64)
+    return np.where((perm >= 0) & (perm < length), perm, 0)
+
+
+@dataclass
+class XorCirculantBase:
+    n_in: int
+    n_out: int
+    d1: np.ndarray  # (B, L) stored float type
+    d2: np.ndarray | None  # (B, L); None: depth-1 chain D3·H·P1·D1 (runtime §2.2 step 4)
+    d3: np.ndarray  # (B, L)
+    perm1: np.ndarray  # (B, L) int16 | int32, gather semantics
+    perm2: np.ndarray | None = None
+    sse: float = field(default=0.0, compare=False)  # weighted within-bucket SSE of the fit (information)
+    kind: str = "xor_circulant"
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.n_in, self.n_out)
+
+    @cached_property
+    def _closed_form(self) -> bool:
+        """True when F_b[p, j] = h2_b[p XOR inv_b[j]] holds (d1 = d3 = 1, no P2, P1 a permutation)."""
+        L = self.d1.shape[1]
+        if self.d2 is None or self.perm2 is not None or np.any(self.d1 != 1) or np.any(self.d3 != 1):
+            return False
+        return bool(np.all(np.sort(self.perm1.astype(np.int64), axis=1) == np.arange(L)[None, :]))
+
+    @cached_property
+    def h2(self) -> np.ndarray:
+        """Effective XOR kernel of the stored d2 in float64: h2 = H·d2 (exact for the stored values)."""
+        assert self.d2 is not None
+        return fwht(self.d2.astype(np.float64))
+
+    @cached_property
+    def inv_perm1(self) -> np.ndarray:
+        B, L = self.perm1.shape
+        inv = np.empty((B, L), dtype=np.int64)
+        inv[np.arange(B)[:, None], self.perm1.astype(np.int64)] = np.arange(L)[None, :]
+        return inv
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        """W0[rows, :] in float64 from the stored arrays."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self._closed_form:
+            return self._chain(np.eye(self.n_in, dtype=np.float64))[:, rows].T
+        L, B, n_in = self.geometry.L, self.geometry.B, self.n_in
+        if self.geometry.tall:
+            b, p = rows // L, rows % L
+            inv = self.inv_perm1[b][:, :n_in]  # (R, n_in)
+            return np.take_along_axis(self.h2[b], p[:, None] ^ inv, axis=1)
+        u = rows[:, None, None] ^ self.inv_perm1[None, :, :]  # (R, B, L)
+        vals = np.take_along_axis(np.broadcast_to(self.h2[None], u.shape), u, axis=2)
+        return vals.reshape(len(rows), B * L)[:, :n_in]
+
+    def _block_op(self, v: np.ndarray) -> np.ndarray:
+        """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype (runtime order)."""
+        L = v.shape[-1]
+        dt = v.dtype
+        v = v * self.d1.astype(dt)
+        v = np.take_along_axis(v, np.broadcast_to(_safe_gather_index(self.perm1, L), v.shape), axis=-1)
+        v = fwht(v)
+        if self.d2 is None and self.perm2 is None:
+            return v * self.d3.astype(dt)
+        if self.d2 is not None:
+            v = v * self.d2.astype(dt)
+        if self.perm2 is not None:
+            v = np.take_along_axis(v, np.broadcast_to(_safe_gather_index(self.perm2, L), v.shape), axis=-1)
+        v = fwht(v)
+        return v * self.d3.astype(dt)
+
+    def _chain(self, x: np.ndarray) -> np.ndarray:
+        """Runtime evaluation (spec §9.3): x (T, n_in) -> (T, n_out) in x's dtype."""
+        g = self.geometry
+        L, B = g.L, g.B
+        T = x.shape[0]
+        if g.tall:
+            xh = np.zeros((T, 1, L), dtype=x.dtype)
+            xh[:, 0, : self.n_in] = x
+            out = self._block_op(np.broadcast_to(xh, (T, B, L)))
+            return out.reshape(T, B * L)[:, : self.n_out]
+        xb = np.zeros((T, B * L), dtype=x.dtype)
+        xb[:, : self.n_in] = x
+        blocks = self._block_op(xb.reshape(T, B, L))
+        acc = blocks[:, 0, :].copy()
+        for b in range(1, B):  # float32 accumulation in block order, as the runtime does
+            acc += blocks[:, b, :]
+        return acc[:, : self.n_out]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self._chain(np.asarray(x, dtype=np.float32))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {"base_d1": self.d1}
+        if self.d2 is not None:
+            out["base_d2"] = self.d2
+        out.update({"base_d3": self.d3, "base_perm1": self.perm1})
+        if self.perm2 is not None:
+            out["base_perm2"] = self.perm2
+        return out
+
+    def ops(self) -> int:
+        g = self.geometry
+        L = g.L
+        return int(g.B * (2 * L * np.log2(max(2, L)) + 3 * L + (0 if g.tall else L)))
+
+
+def _bucket_fit(
+    vals: np.ndarray, omega: np.ndarray, u: np.ndarray, L: int
+) -> tuple[np.ndarray, float]:
+    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,)."""
+    w = np.broadcast_to(omega[None, :], vals.shape).ravel()
+    flat_u = u.ravel()
+    v = vals.ravel()
+    s0 = np.bincount(flat_u, weights=w, minlength=L)
+    s1 = np.bincount(flat_u, weights=w * v, minlength=L)
+    s2 = np.bincount(flat_u, weights=w * v * v, minlength=L)
+    h2 = np.divide(s1, s0, out=np.zeros(L), where=s0 > 0)
+    sse = float(np.sum(np.maximum(s2 - np.divide(s1 * s1, s0, out=np.zeros(L), where=s0 > 0), 0.0)[s0 > 0]))
+    return h2, sse
+
+
+def fit_xor_circulant(
+    W: np.ndarray,
+    *,
+    scale: np.ndarray | None,
+    max_samples: int,
+    perm_trials: int,
+    rng: np.random.Generator,
+    store: str = "f16",
+) -> XorCirculantBase:
+    """Least-squares XOR-circulant base per block (spec §2.4): identity permutation first, then
+    seeded random ones; the smallest weighted SSE wins (ties keep the earlier trial)."""
+    n_out, n_in = W.shape
+    g = Geometry(n_in, n_out)
+    L, B = g.L, g.B
+    omega_all = np.ones(n_in) if scale is None else np.asarray(scale, dtype=np.float64) ** 2
+    trials = max(1, int(perm_trials))
+    h2 = np.zeros((B, L))
+    perms = np.zeros((B, L), dtype=np.int64)
+    total_sse = 0.0
+    shared_rows = None
+    if not g.tall:
+        candidates = rng.permutation(min(n_out, L))
+        shared_rows = candidates if max_samples <= 0 else candidates[: max_samples]
+    for b in range(B):
+        if g.tall:
+            candidates = b * L + rng.permutation(min(n_out, (b + 1) * L) - b * L)
+            rows = candidates if max_samples <= 0 else candidates[: max_samples]
+            local = rows - b * L
+            offset = 0
+        else:
+            rows = local = shared_rows
+            offset = b * L
+        sub = W[rows]
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
+        for t in range(trials):
+            perm = np.arange(L) if t == 0 else rng.permutation(L)
+            src = offset + perm
+            valid = src < (n_in if g.tall else min(n_in, (b + 1) * L))
+            slots = np.nonzero(valid)[0]
+            cols = src[slots]
+            u = local[:, None] ^ slots[None, :]
+            kernel, sse = _bucket_fit(sub[:, cols].astype(np.float64), omega_all[cols], u, L)
+            if best is None or sse < best[0]:
+                best = (sse, kernel, perm)
+        assert best is not None
+        total_sse += best[0]
+        h2[b], perms[b] = best[1], best[2]
+    dtype = val_dtype(store)
+    h2_32 = h2.astype(np.float32)
+    d2 = (fwht(h2_32) * np.float32(1.0 / L)).astype(dtype)  # as the original: float32 transform, 1/L folded in
+    ones = np.ones((B, L), dtype=dtype)
+    perm_dtype = np.int16 if L <= 32768 else np.int32
+    return XorCirculantBase(n_in, n_out, ones, d2, ones.copy(), perms.astype(perm_dtype), sse=total_sse)
+
+
+@dataclass
+class LowRankBase:
+    """W0 = U·V with U (n_out, r) and V (r, n_in) stored in the value type (harness A only)."""
+
+    n_in: int
+    n_out: int
+    u: np.ndarray
+    v: np.ndarray
+    kind: str = "lowrank"
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.u[np.asarray(rows)].astype(np.float64) @ self.v.astype(np.float64)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return (x @ self.v.astype(np.float32).T) @ self.u.astype(np.float32).T
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"base_lr_u": self.u, "base_lr_v": self.v}
+
+    def ops(self) -> int:
+        return 2 * self.u.shape[1] * (self.n_in + self.n_out)
+
+
+def fit_lowrank(W: np.ndarray, *, rank: int, scale: np.ndarray | None, store: str) -> LowRankBase:
+    """Best rank-r approximation in the s-weighted Frobenius norm (Eckart–Young on W·diag(s))."""
+    n_out, n_in = W.shape
+    s = np.ones(n_in) if scale is None else np.asarray(scale, dtype=np.float64)
+    u, sig, vt = np.linalg.svd(W.astype(np.float64) * s[None, :], full_matrices=False)
+    r = min(rank, len(sig))
+    dtype = val_dtype(store)
+    return LowRankBase(n_in, n_out, (u[:, :r] * sig[:r]).astype(dtype), (vt[:r] / s[None, :]).astype(dtype))
+
+
+@dataclass
+class CirculantBase:
+    """Cyclic W0[o, i] = c[(i − o) mod n_in] (rows repeat with period n_in), applied by FFT."""
+
+    n_in: int
+    n_out: int
+    c: np.ndarray  # (n_in,) stored value type
+    kind: str = "circulant"
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = (np.arange(self.n_in)[None, :] - rows[:, None]) % self.n_in
+        return self.c.astype(np.float64)[cols]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        # y[o] = Σ_j c[j]·x[(o + j) mod n]: a circular cross-correlation, conj(F c)·F x in Fourier space.
+        spec = np.conj(np.fft.rfft(self.c.astype(np.float64))) * np.fft.rfft(x.astype(np.float64), axis=-1)
+        full = np.fft.irfft(spec, n=self.n_in, axis=-1)
+        return full[..., np.arange(self.n_out) % self.n_in].astype(np.float32)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"base_circ_c": self.c}
+
+    def ops(self) -> int:
+        n = self.n_in
+        return int(2 * 5 * n * np.log2(max(2, n)) + 6 * n)
+
+
+def fit_circulant(W: np.ndarray, *, scale: np.ndarray | None, store: str) -> CirculantBase:
+    """Weighted mean over each cyclic diagonal: the LS projection onto cyclic circulants."""
+    n_out, n_in = W.shape
+    omega = np.ones(n_in) if scale is None else np.asarray(scale, dtype=np.float64) ** 2
+    o = np.arange(n_out)[:, None]
+    i = np.arange(n_in)[None, :]
+    diag = np.broadcast_to((i - o) % n_in, W.shape).ravel()
+    w = np.broadcast_to(omega[None, :], W.shape).ravel()
+    s0 = np.bincount(diag, weights=w, minlength=n_in)
+    s1 = np.bincount(diag, weights=w * W.astype(np.float64).ravel(), minlength=n_in)
+    c = np.divide(s1, s0, out=np.zeros(n_in), where=s0 > 0)
+    return CirculantBase(n_in, n_out, c.astype(val_dtype(store)))
+
+
+def xor_base_from_tensors(tensors: dict[str, np.ndarray], n_in: int, n_out: int) -> XorCirculantBase:
+    d1 = tensors["base_d1"]
+    L = d1.shape[-1]
+    if not is_pow2(L):
+        raise ValueError(f"base_d1 length {L} is not a power of two")
+    d1 = d1.reshape(-1, L)
+
+    def get(name: str, default: np.ndarray | None) -> np.ndarray | None:
+        arr = tensors.get(name)
+        return default if arr is None else arr.reshape(-1, L)
+
+    ones = np.ones_like(d1)
+    perm1 = get("base_perm1", np.broadcast_to(np.arange(L, dtype=np.int32), d1.shape).copy())
+    assert perm1 is not None
+    return XorCirculantBase(
+        n_in, n_out, d1, get("base_d2", None), get("base_d3", ones), perm1, get("base_perm2", None)
+    )

@@ -1,0 +1,269 @@
+"""SeedΔ codec: W (n_out × n_in) → stored arrays (base, sparse residual, row scale) and back.
+
+    ŷ = s ⊙ (W0·x + Δ·x)
+
+`encode` returns a `SeedDeltaWeight` whose arrays are exactly what is written to GGUF (f16 values,
+f16 row scale, f16 base diagonals, i16/i32 indices). `dense()` and `apply()` read only those stored
+arrays, so every metric computed from them describes what the runtime will see. Unlike the
+original, the residual is taken against the *stored* base (h2 = H·fp16(d2)) and the row scale is
+fitted to the stored reconstruction, so builder and runtime agree (spec-builder-runtime §12 item 9).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from seeddelta.base import (
+    Base,
+    Geometry,
+    XorCirculantBase,
+    fit_circulant,
+    fit_lowrank,
+    fit_xor_circulant,
+    xor_base_from_tensors,
+)
+from seeddelta.errors import SeedDeltaError
+from seeddelta.residual import block_select, block_values, coo_select, n_blocks_total
+from seeddelta.storage import index_type_for, store_indices, store_values
+
+SCHEMES = ("coo", "block")
+BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
+GGUF_BASE_KINDS = ("none", "xor_circulant")
+_ROW_CHUNK = 2048  # rows encoded at once: bounds the float64 working set to chunk × n_in
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    K: int = 32
+    scheme: str = "coo"
+    block: int = 32
+    idx_type: str = "i16"
+    val_type: str = "f16"
+    row_scale: bool = False
+    base: str = "none"
+    base_max_samples: int = 2048
+    base_perm_trials: int = 1
+    base_rank: int = 8  # lowrank base only
+    base_store: str = "f16"  # storage type of base arrays; the runtime accepts F16 and F32 diagonals
+    delta_norm_clamp: float = 0.0  # τ: scale Δ so that ‖Δ‖_F <= τ·‖W‖_F; 0 = off
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if self.K <= 0:
+            raise SeedDeltaError(f"K must be a positive integer, got {self.K}")
+        if self.scheme not in SCHEMES:
+            raise SeedDeltaError(f"unknown scheme {self.scheme!r} (expected coo or block)")
+        if self.scheme == "block" and not 1 <= self.block <= 4096:
+            raise SeedDeltaError(f"block size must be in 1..4096, got {self.block}")
+        if self.base not in BASE_KINDS:
+            raise SeedDeltaError(f"unknown base kind {self.base!r} (expected one of {', '.join(BASE_KINDS)})")
+        if self.base == "lowrank" and self.base_rank <= 0:
+            raise SeedDeltaError(f"base rank must be positive, got {self.base_rank}")
+        if self.delta_norm_clamp < 0 or not np.isfinite(self.delta_norm_clamp):
+            raise SeedDeltaError(f"delta norm clamp must be a finite number >= 0, got {self.delta_norm_clamp}")
+
+
+@dataclass
+class SeedDeltaWeight:
+    n_in: int
+    n_out: int
+    scheme: str
+    block: int
+    idx: np.ndarray  # coo: (n_out, K); block: (n_out, nb)
+    val: np.ndarray  # coo: (n_out, K); block: (n_out, nb, block)
+    row_scale: np.ndarray | None = None  # (n_out,) float16
+    base: Base | None = None
+    k_budget: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def K(self) -> int:  # noqa: N802 - the spec's name
+        return int(self.idx.shape[1]) if self.scheme == "coo" else int(self.idx.shape[1] * self.block)
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.idx.shape[1]) if self.scheme == "block" else -(-self.K // max(1, self.block))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Tensor-name suffix → stored array (numpy order, stored dtype), in GGUF write order."""
+        out = {"d_idx": self.idx, "d_val": self.val} if self.scheme == "coo" else {"b_idx": self.idx, "b_val": self.val}
+        if self.row_scale is not None:
+            out["d_row_scale"] = self.row_scale
+        if self.base is not None:
+            out.update(self.base.tensors())
+        return out
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.tensors().values()))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], n_in: int, n_out: int) -> SeedDeltaWeight:
+        """Rebuild from stored arrays (ours or the original's). Block wins if both are present, as at runtime."""
+        t = dict(tensors)
+        if "b_idx" in t and "b_val" in t:
+            val = np.asarray(t["b_val"])
+            idx = np.asarray(t["b_idx"]).reshape(n_out, -1)
+            val = val.reshape(n_out, idx.shape[1], -1)
+            scheme, block = "block", int(val.shape[2])
+        elif "d_idx" in t and "d_val" in t:
+            idx = np.asarray(t["d_idx"]).reshape(n_out, -1)
+            val = np.asarray(t["d_val"]).reshape(n_out, -1)
+            scheme, block = "coo", 32
+        else:
+            raise SeedDeltaError("no SeedΔ residual tensors (d_idx/d_val or b_idx/b_val)")
+        scale = t.get("d_row_scale")
+        base = xor_base_from_tensors(t, n_in, n_out) if "base_d1" in t else None
+        return cls(n_in, n_out, scheme, block, idx, val, None if scale is None else np.asarray(scale).reshape(-1), base)
+
+    # --- reconstruction -------------------------------------------------------------------
+    def _residual_coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, values as float64) of every stored residual entry that the runtime uses."""
+        if self.scheme == "coo":
+            rows = np.broadcast_to(np.arange(self.n_out)[:, None], self.idx.shape)
+            cols = self.idx.astype(np.int64)
+            vals = self.val.astype(np.float64)
+        else:
+            nb = self.idx.shape[1]
+            starts = self.idx.astype(np.int64)[:, :, None] * self.block
+            cols = np.where(starts >= 0, starts + np.arange(self.block)[None, None, :], -1)
+            rows = np.broadcast_to(np.arange(self.n_out)[:, None, None], (self.n_out, nb, self.block))
+            vals = self.val.astype(np.float64)
+        keep = (cols >= 0) & (cols < self.n_in)
+        return rows[keep], cols[keep], vals[keep]
+
+    def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """s·(W0 + Δ) for the given output rows (all by default), float64, from the stored arrays."""
+        rows = np.arange(self.n_out) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), self.n_in)) if self.base is None else self.base.dense_rows(rows)
+        r, c, v = self._residual_coords()
+        position = np.full(self.n_out, -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        sel = position[r] >= 0
+        np.add.at(out, (position[r[sel]], c[sel]), v[sel])
+        if self.row_scale is not None:
+            out *= self.row_scale.astype(np.float64)[rows][:, None]
+        return out
+
+    @cached_property
+    def _residual_csr(self) -> torch.Tensor:
+        r, c, v = self._residual_coords()
+        coo = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([r, c])), torch.from_numpy(v.astype(np.float32)), (self.n_out, self.n_in),
+            check_invariants=True,
+        )
+        with warnings.catch_warnings():  # torch labels CSR "beta"; it is the fastest CPU sparse×dense path
+            warnings.simplefilter("ignore", UserWarning)
+            return coo.coalesce().to_sparse_csr()
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Runtime arithmetic in float32: x (..., n_in) → (..., n_out)."""
+        x = np.asarray(x, dtype=np.float32)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.n_in)
+        y = torch.sparse.mm(self._residual_csr, torch.from_numpy(np.ascontiguousarray(x2.T))).T.numpy()
+        if self.base is not None:
+            y = self.base.apply(x2) + y
+        if self.row_scale is not None:
+            y = y * self.row_scale.astype(np.float32)[None, :]
+        return np.ascontiguousarray(y, dtype=np.float32).reshape(*lead, self.n_out)
+
+
+def _check_finite(W: np.ndarray) -> None:
+    if not np.all(np.isfinite(W)):
+        r, c = np.argwhere(~np.isfinite(W))[0]
+        raise SeedDeltaError(f"weight has a non-finite value ({W[r, c]}) at row {r}, column {c}")
+
+
+def _fit_base(W: np.ndarray, config: EncodeConfig, scale: np.ndarray | None, rng: np.random.Generator) -> Base | None:
+    if config.base == "xor_circulant":
+        return fit_xor_circulant(
+            W, scale=scale, max_samples=config.base_max_samples, perm_trials=config.base_perm_trials,
+            rng=rng, store=config.base_store,
+        )
+    if config.base == "lowrank":
+        return fit_lowrank(W, rank=config.base_rank, scale=scale, store=config.base_store)
+    if config.base == "circulant":
+        return fit_circulant(W, scale=scale, store=config.base_store)
+    return None
+
+
+def _chunks(n: int) -> list[np.ndarray]:
+    return [np.arange(a, min(n, a + _ROW_CHUNK)) for a in range(0, n, _ROW_CHUNK)]
+
+
+def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None = None) -> SeedDeltaWeight:
+    """Fit base, pick the residual, fit the row scale; return the stored representation."""
+    config.validate()
+    W = np.asarray(W, dtype=np.float32)
+    if W.ndim != 2 or min(W.shape) < 1:
+        raise SeedDeltaError(f"weight must be a non-empty 2-D matrix, got shape {W.shape}")
+    _check_finite(W)
+    n_out, n_in = W.shape
+    scale = None
+    if imatrix_scale is not None:
+        scale = np.asarray(imatrix_scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (n_in,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            raise SeedDeltaError(f"imatrix scale must be {n_in} finite non-negative values, got shape {scale.shape}")
+    idx_name, warning = index_type_for(n_in, config.idx_type)
+    warnings = [warning] if warning else []
+    rng = np.random.default_rng(config.seed)
+    base = _fit_base(W, config, scale, rng)
+
+    k_budget = min(max(1, config.K), n_in)
+    if config.scheme == "coo":
+        width = k_budget
+    else:
+        width = min(-(-k_budget // config.block), n_blocks_total(n_in, config.block))
+    idx = np.zeros((n_out, width), dtype=np.int64)
+    val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
+    for rows in _chunks(n_out):
+        w0 = base.dense_rows(rows) if base is not None else 0.0
+        resid = W[rows].astype(np.float64) - w0
+        if config.scheme == "coo":
+            idx[rows] = coo_select(resid, width, scale)
+            val[rows] = np.take_along_axis(resid, idx[rows], axis=1)
+        else:
+            idx[rows] = block_select(resid, width, config.block, scale)
+            val[rows] = block_values(resid, idx[rows], config.block)
+
+    if config.delta_norm_clamp > 0:
+        w_norm = float(np.sqrt(np.sum(W.astype(np.float64) ** 2)))
+        d_norm = float(np.sqrt(np.sum(val**2)))
+        limit = config.delta_norm_clamp * w_norm
+        if w_norm > 0 and d_norm > limit:
+            val *= limit / d_norm
+            warnings.append(f"delta norm clamp: ||Δ||={d_norm:.6g} > {config.delta_norm_clamp:g}·||W||={limit:.6g}; scaled")
+
+    sdw = SeedDeltaWeight(
+        n_in, n_out, config.scheme, config.block, store_indices(idx, idx_name),
+        store_values(val, config.val_type), None, base, k_budget, warnings,
+    )
+    if config.row_scale:
+        sdw.row_scale = _fit_row_scale(W, sdw, scale)
+    return sdw
+
+
+def _fit_row_scale(W: np.ndarray, sdw: SeedDeltaWeight, scale: np.ndarray | None) -> np.ndarray:
+    """Weighted least squares s_o = <w, ŵ>_ω / ‖ŵ‖²_ω against the stored ŵ (ω = s²), stored as f16."""
+    omega = np.ones(sdw.n_in) if scale is None else scale**2
+    out = np.ones(sdw.n_out)
+    for rows in _chunks(sdw.n_out):
+        w_hat = sdw.dense(rows)
+        num = (W[rows].astype(np.float64) * w_hat) @ omega
+        den = (w_hat * w_hat) @ omega
+        out[rows] = np.where(den > 1e-30, num / np.where(den > 1e-30, den, 1.0), 1.0)
+    return out.astype(np.float16)
+
+
+def is_gguf_compatible(sdw: SeedDeltaWeight) -> bool:
+    """True when the weight uses only what the GGUF schema (and the original runtime) knows."""
+    return sdw.base is None or isinstance(sdw.base, XorCirculantBase)
+
+
+__all__ = ["EncodeConfig", "SeedDeltaWeight", "encode", "Geometry", "is_gguf_compatible", "GGUF_BASE_KINDS"]

@@ -1,0 +1,406 @@
+"""SeedΔ projections for the torch runtime, built directly from the raw GGUF tensors.
+
+This is the runtime's own path (independent of `seeddelta.codec`), following the runtime
+semantics of spec-builder-runtime §9 / §2.2:
+
+    y = s ⊙ (W0·x + Δ·x)
+
+* W0: per block b, ``F_b = D3 · H · P2 · D2 · H · P1 · D1`` (rightmost first), H the unnormalised
+  natural-order Walsh–Hadamard transform, P a *gather* ``(P v)[i] = v[perm[i]]`` whose
+  out-of-range entries read ``v[0]`` (§2.2, kept for parity with the original). Depth 1 when
+  neither d2 nor perm2 is present. Tall (n_out >= n_in): x zero-padded to L, block outputs
+  concatenated, truncated to n_out. Wide: x cut into B chunks of L (zero-padded), block outputs
+  summed, truncated to n_out.
+* Δ: COO (``d_idx``, ``d_val``) or block (``b_idx``, ``b_val``; preferred when both exist);
+  entries whose input index is negative or >= n_in are skipped.
+* s: ``d_row_scale`` multiplies the sum of base and residual.
+
+Two evaluation modes:
+
+* ``materialized`` — the dense Ŵ (n_out × n_in) is reconstructed once at load time in float64
+  (base chain applied to the identity, residual scattered, row scale) and stored as float32;
+  the forward is a plain matmul.
+* ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs and the
+  residual as a gather + multiply + sum over the stored entries (int32 indices, float32 values).
+
+Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors raise a
+`SeedDeltaError` naming the tensor instead of being dropped with a warning (dropping silently
+changes the function computed, §12.2); a base with B == 1 stored 1-D ``(L,)`` is accepted (§12.2);
+non-finite outputs are replaced by 0 and counted (the original tries a per-element dense fallback,
+which a stripped file cannot do anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from seeddelta.errors import SeedDeltaError
+
+KINDS = ("ffn_gate", "ffn_up", "ffn_down")
+SUFFIXES = (
+    "d_idx", "d_val", "b_idx", "b_val", "d_row_scale",
+    "base_d1", "base_d2", "base_d3", "base_perm1", "base_perm2",
+)
+_INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+MODES = ("materialized", "sparse")
+
+
+def fwht(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalised natural-order Walsh–Hadamard transform over the last dimension (length 2^m).
+
+    Same butterfly as spec §2.2: for len = 1, 2, 4, …: (a, b) -> (a + b, a - b) on pairs
+    (i + j, i + j + len). Returns a new tensor equal to ``v @ H`` (H symmetric).
+    """
+    n = v.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht: length {n} is not a power of two")
+    lead = v.shape[:-1]
+    h = 1
+    while h < n:
+        w = v.reshape(*lead, n // (2 * h), 2, h)
+        a = w[..., 0, :]
+        b = w[..., 1, :]
+        v = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return v
+
+
+@dataclass
+class BasePayload:
+    """W0 parameters, each (B, L) in numpy order; d1 always present."""
+
+    d1: np.ndarray
+    d2: np.ndarray | None
+    d3: np.ndarray | None
+    perm1: np.ndarray | None
+    perm2: np.ndarray | None
+
+    @property
+    def L(self) -> int:
+        return int(self.d1.shape[1])
+
+    @property
+    def B(self) -> int:
+        return int(self.d1.shape[0])
+
+
+@dataclass
+class SeedDeltaPayload:
+    """Validated SeedΔ tensors of one FFN weight (numpy order, dtypes as stored)."""
+
+    name: str  # e.g. "blk.3.ffn_gate"
+    n_in: int
+    n_out: int
+    coo: tuple[np.ndarray, np.ndarray] | None  # d_idx (n_out, K), d_val (n_out, K)
+    block: tuple[np.ndarray, np.ndarray] | None  # b_idx (n_out, nb), b_val (n_out, nb, blk)
+    row_scale: np.ndarray | None  # (n_out,)
+    base: BasePayload | None
+
+    @property
+    def scheme(self) -> str:
+        return "block" if self.block is not None else "coo"
+
+    @property
+    def tall(self) -> bool:
+        return self.n_out >= self.n_in
+
+    def stored_nbytes(self) -> int:
+        arrays: list[np.ndarray | None] = [self.row_scale]
+        if self.block is not None:
+            arrays += list(self.block)
+        elif self.coo is not None:
+            arrays += list(self.coo)
+        if self.base is not None:
+            arrays += [self.base.d1, self.base.d2, self.base.d3, self.base.perm1, self.base.perm2]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    # ---------------------------------------------------------------- flattened residual
+    def residual_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(idx int64 (n_out, E), val float32 (n_out, E)); skipped entries get idx 0 and val 0."""
+        if self.block is not None:
+            b_idx, b_val = self.block
+            blk = b_val.shape[2]
+            bi = b_idx.astype(np.int64)
+            idx = bi[:, :, None] * blk + np.arange(blk, dtype=np.int64)[None, None, :]
+            valid = (bi[:, :, None] >= 0) & (idx >= 0) & (idx < self.n_in)
+            idx = idx.reshape(self.n_out, -1)
+            val = b_val.astype(np.float32).reshape(self.n_out, -1)
+            valid = valid.reshape(self.n_out, -1)
+        elif self.coo is not None:
+            d_idx, d_val = self.coo
+            idx = d_idx.astype(np.int64)
+            val = d_val.astype(np.float32)
+            valid = (idx >= 0) & (idx < self.n_in)
+        else:
+            return np.zeros((self.n_out, 0), np.int64), np.zeros((self.n_out, 0), np.float32)
+        idx = np.where(valid, idx, 0)
+        val = np.where(valid, val, np.float32(0.0)).astype(np.float32)
+        return idx, val
+
+    # ---------------------------------------------------------------- float64 reconstruction
+    def dense(self) -> np.ndarray:
+        """Ŵ = diag(s)·(W0 + R) as float64 (n_out, n_in), from the stored values (exact f16→f64)."""
+        w = np.zeros((self.n_out, self.n_in), dtype=np.float64)
+        if self.base is not None:
+            eye = torch.eye(self.n_in, dtype=torch.float64)
+            w += _BaseOp(self.base, self.n_in, self.n_out, torch.float64)(eye).numpy().T
+        idx, val = self.residual_entries()
+        rows = np.repeat(np.arange(self.n_out), idx.shape[1])
+        np.add.at(w, (rows, idx.reshape(-1)), val.reshape(-1).astype(np.float64))
+        if self.row_scale is not None:
+            w *= self.row_scale.astype(np.float64)[:, None]
+        return w
+
+
+def _fail(name: str, msg: str) -> SeedDeltaError:
+    return SeedDeltaError(f"SeedΔ tensor {name}.{msg}")
+
+
+def parse_payload(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> SeedDeltaPayload | None:
+    """Validate the SeedΔ tensors of one weight (keys = suffixes in `SUFFIXES`).
+
+    Returns None when there are no SeedΔ tensors at all; raises SeedDeltaError on a malformed set.
+    """
+    present = {k: v for k, v in arrays.items() if k in SUFFIXES and v is not None}
+    if not present:
+        return None
+
+    def check_dtype(key: str, allowed: tuple[np.dtype, ...]) -> None:
+        if present[key].dtype not in allowed:
+            names = "/".join(str(d) for d in allowed)
+            raise _fail(name, f"{key}: dtype {present[key].dtype} not accepted (expected {names})")
+
+    coo = block = None
+    if "d_idx" in present or "d_val" in present:
+        if "d_idx" not in present or "d_val" not in present:
+            missing = "d_val" if "d_idx" in present else "d_idx"
+            raise _fail(name, f"{missing}: missing (COO residual needs both d_idx and d_val)")
+        check_dtype("d_idx", _INT_DTYPES)
+        check_dtype("d_val", _FLOAT_DTYPES)
+        d_idx, d_val = present["d_idx"], present["d_val"]
+        if d_idx.ndim != 2 or d_idx.shape != d_val.shape or d_idx.shape[0] != n_out:
+            raise _fail(name, f"d_idx/d_val: shapes {d_idx.shape}/{d_val.shape}, expected equal (n_out={n_out}, K)")
+        coo = (d_idx, d_val)
+    if "b_idx" in present or "b_val" in present:
+        if "b_idx" not in present or "b_val" not in present:
+            missing = "b_val" if "b_idx" in present else "b_idx"
+            raise _fail(name, f"{missing}: missing (block residual needs both b_idx and b_val)")
+        check_dtype("b_idx", _INT_DTYPES)
+        check_dtype("b_val", _FLOAT_DTYPES)
+        b_idx, b_val = present["b_idx"], present["b_val"]
+        if b_idx.ndim != 2 or b_val.ndim != 3 or b_val.shape[:2] != b_idx.shape or b_idx.shape[0] != n_out:
+            raise _fail(name, f"b_idx/b_val: shapes {b_idx.shape}/{b_val.shape}, expected (n_out={n_out}, nb) and (n_out, nb, block)")
+        if b_val.shape[2] < 1:
+            raise _fail(name, "b_val: block size 0")
+        block = (b_idx, b_val)
+        coo = None  # the runtime prefers block when both are present (§8.2)
+    if coo is None and block is None:
+        raise _fail(name, f"{'/'.join(sorted(present))}: present without residual tensors (d_idx/d_val or b_idx/b_val)")
+
+    row_scale = present.get("d_row_scale")
+    if row_scale is not None:
+        check_dtype("d_row_scale", _FLOAT_DTYPES)
+        if row_scale.ndim != 1 or row_scale.shape[0] != n_out:
+            raise _fail(name, f"d_row_scale: shape {row_scale.shape}, expected ({n_out},)")
+
+    base = None
+    base_keys = [k for k in present if k.startswith("base_")]
+    if base_keys:
+        if "base_d1" not in present:
+            raise _fail(name, f"base_d1: missing but {', '.join(sorted(base_keys))} present")
+
+        def as2d(key: str) -> np.ndarray:
+            a = present[key]
+            return a.reshape(1, -1) if a.ndim == 1 else a  # B == 1 may be stored 1-D (§12.2)
+
+        check_dtype("base_d1", _FLOAT_DTYPES)
+        d1 = as2d("base_d1")
+        if d1.ndim != 2:
+            raise _fail(name, f"base_d1: shape {present['base_d1'].shape}, expected (B, L)")
+        B, L = d1.shape
+        need_l = min(n_in, n_out)
+        need_b = math.ceil(max(n_in, n_out) / L) if L > 0 else 0
+        if L < 1 or (L & (L - 1)) or L < need_l or B < need_b:
+            raise _fail(name, f"base_d1: shape (B={B}, L={L}) invalid for n_in={n_in}, n_out={n_out} "
+                        f"(L must be a power of two >= {need_l}, B >= ceil(max/L))")
+        parts: dict[str, np.ndarray | None] = {}
+        for key in ("base_d2", "base_d3", "base_perm1", "base_perm2"):
+            if key not in present:
+                parts[key] = None
+                continue
+            check_dtype(key, _INT_DTYPES if "perm" in key else _FLOAT_DTYPES)
+            a = as2d(key)
+            if a.shape != d1.shape:
+                raise _fail(name, f"{key}: shape {present[key].shape}, expected {d1.shape} like base_d1")
+            parts[key] = a
+        base = BasePayload(d1, parts["base_d2"], parts["base_d3"], parts["base_perm1"], parts["base_perm2"])
+    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, row_scale, base)
+
+
+def _sanitize_perm(p: np.ndarray | None, L: int) -> torch.Tensor | None:
+    if p is None:
+        return None
+    q = p.astype(np.int64)
+    q = np.where((q >= 0) & (q < L), q, 0)  # out-of-range reads element 0 (§2.2)
+    return torch.from_numpy(np.ascontiguousarray(q))
+
+
+class _BaseOp:
+    """W0 as a batched operator: (T, n_in) -> (T, n_out), in the given float dtype."""
+
+    def __init__(self, base: BasePayload, n_in: int, n_out: int, dtype: torch.dtype) -> None:
+        self.n_in, self.n_out = n_in, n_out
+        self.B, self.L = base.B, base.L
+        self.tall = n_out >= n_in
+
+        def diag(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a.astype(np.float64)).to(dtype).contiguous()
+
+        self.d1 = diag(base.d1)
+        self.d2 = diag(base.d2)
+        self.d3 = diag(base.d3)
+        self.p1 = _sanitize_perm(base.perm1, self.L)
+        self.p2 = _sanitize_perm(base.perm2, self.L)
+        self.depth2 = self.d2 is not None or self.p2 is not None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.d1, self.d2, self.d3, self.p1, self.p2) if t is not None)
+
+    @staticmethod
+    def _gather(v: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        # v (T, B, L), perm (B, L): out[t, b, i] = v[t, b, perm[b, i]]
+        return torch.gather(v, 2, perm.unsqueeze(0).expand(v.shape[0], -1, -1))
+
+    def chain(self, v: torch.Tensor) -> torch.Tensor:
+        """F_b applied to v (T, B, L) block-wise."""
+        assert self.d1 is not None
+        v = v * self.d1
+        if self.p1 is not None:
+            v = self._gather(v, self.p1)
+        v = fwht(v)
+        if self.depth2:
+            if self.d2 is not None:
+                v = v * self.d2
+            if self.p2 is not None:
+                v = self._gather(v, self.p2)
+            v = fwht(v)
+        if self.d3 is not None:
+            v = v * self.d3
+        return v
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        B, L = self.B, self.L
+        if self.tall:
+            xh = torch.zeros((t, L), dtype=x.dtype)
+            xh[:, : self.n_in] = x
+            v = self.chain(xh.unsqueeze(1).expand(t, B, L))
+            return v.reshape(t, B * L)[:, : self.n_out]
+        xp = torch.zeros((t, B * L), dtype=x.dtype)
+        xp[:, : self.n_in] = x
+        v = self.chain(xp.view(t, B, L))
+        # block order summation in the tensor's dtype, as the runtime (§9.3)
+        acc = v[:, 0, :].clone()
+        for b in range(1, B):
+            acc += v[:, b, :]
+        return acc[:, : self.n_out]
+
+
+class DenseProjection:
+    """y = x · Wᵀ with a float32 weight (n_out, n_in)."""
+
+    kind = "dense"
+
+    def __init__(self, weight: torch.Tensor, name: str = "") -> None:
+        self.weight = weight.contiguous()
+        self.name = name
+        self.n_out, self.n_in = (int(s) for s in self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class MaterializedSeedDeltaProjection(DenseProjection):
+    """SeedΔ reconstructed once into a dense float32 Ŵ (float64 reconstruction, then rounded)."""
+
+    kind = "seeddelta"
+    mode = "materialized"
+
+    def __init__(self, payload: SeedDeltaPayload) -> None:
+        super().__init__(torch.from_numpy(payload.dense().astype(np.float32)), payload.name)
+        self.payload_scheme = payload.scheme
+        self.has_base = payload.base is not None
+        self.nonfinite = 0
+
+
+class SparseSeedDeltaProjection:
+    """SeedΔ evaluated without a dense copy: float32 FWHT base + gathered sparse residual."""
+
+    kind = "seeddelta"
+    mode = "sparse"
+
+    def __init__(self, payload: SeedDeltaPayload, max_chunk_elems: int = 1 << 22) -> None:
+        self.name = payload.name
+        self.n_in, self.n_out = payload.n_in, payload.n_out
+        self.payload_scheme = payload.scheme
+        self.has_base = payload.base is not None
+        idx, val = payload.residual_entries()
+        self.n_entries = int(idx.shape[1])
+        # int32 indices (index_select accepts them) and float32 values: 8 bytes per stored entry
+        self.idx_flat = torch.from_numpy(np.ascontiguousarray(idx.reshape(-1).astype(np.int32)))
+        self.val = torch.from_numpy(np.ascontiguousarray(val))
+        self.scale = None if payload.row_scale is None else torch.from_numpy(payload.row_scale.astype(np.float32))
+        self.base = None if payload.base is None else _BaseOp(payload.base, self.n_in, self.n_out, torch.float32)
+        self.max_chunk_elems = max_chunk_elems
+        self.nonfinite = 0
+
+    def nbytes(self) -> int:
+        n = self.idx_flat.numel() * self.idx_flat.element_size() + self.val.numel() * self.val.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        if self.base is not None:
+            n += self.base.nbytes()
+        return n
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        e = self.n_entries
+        out = torch.zeros((t, self.n_out), dtype=torch.float32)
+        if e == 0:
+            return out
+        step = max(1, self.max_chunk_elems // max(1, self.n_out * e))
+        for s in range(0, t, step):
+            g = torch.index_select(x[s: s + step], 1, self.idx_flat).view(-1, self.n_out, e)
+            out[s: s + step] = (g * self.val).sum(dim=-1)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.n_in).to(torch.float32)
+        y = self._residual(x2)
+        if self.base is not None:
+            y = self.base(x2) + y
+        if self.scale is not None:
+            y = y * self.scale
+        if not bool(torch.isfinite(y).all()):
+            bad = ~torch.isfinite(y)
+            self.nonfinite += int(bad.sum())
+            y = torch.where(bad, torch.zeros((), dtype=y.dtype), y)
+        return y.reshape(*shape[:-1], self.n_out)
+
+
+def make_projection(payload: SeedDeltaPayload, mode: str) -> MaterializedSeedDeltaProjection | SparseSeedDeltaProjection:
+    if mode == "materialized":
+        return MaterializedSeedDeltaProjection(payload)
+    if mode == "sparse":
+        return SparseSeedDeltaProjection(payload)
+    raise SeedDeltaError(f"SeedΔ mode {mode!r} unknown (expected one of {', '.join(MODES)})")
