@@ -82,7 +82,7 @@ def encode_matrix(values: np.ndarray, dtype: str, rng: np.random.Generator, name
         n_blocks = rows * cols // block
         raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
         for off in _K_QUANT_F16_OFFSETS[dtype]:
-            scale = (rng.uniform(0.5, 1.5, size=n_blocks) * 2e-3).astype(np.float16)
+            scale = (rng.uniform(0.5, 1.5, size=n_blocks) * 1e-4).astype(np.float16)
             raw[:, off:off + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
         return raw.reshape(rows, cols // block * type_size), qtype
     return quantize(values.astype(np.float32), qtype), qtype
