@@ -35,6 +35,7 @@ from seeddelta.storage import index_type_for, store_indices, store_values
 SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
+_SMALL_GATHER = 1 << 22  # T·n_out·K below which Δ·x is a dense gather rather than a sparse product
 _ROW_CHUNK = 2048  # rows encoded at once: bounds the float64 working set to chunk × n_in
 
 
@@ -155,18 +156,33 @@ class SeedDeltaWeight:
         r, c, v = self._residual_coords()
         coo = torch.sparse_coo_tensor(
             torch.from_numpy(np.stack([r, c])), torch.from_numpy(v.astype(np.float32)), (self.n_out, self.n_in),
-            check_invariants=True,
+            check_invariants=False,  # valid by construction: indices filtered to [0, n_out) × [0, n_in)
         )
         with warnings.catch_warnings():  # torch labels CSR "beta"; it is the fastest CPU sparse×dense path
             warnings.simplefilter("ignore", UserWarning)
             return coo.coalesce().to_sparse_csr()
+
+    def _residual_gather(self, x2: np.ndarray) -> np.ndarray:
+        """Δ·x by direct gather (small problems: avoids building a sparse matrix)."""
+        if self.scheme == "coo":
+            cols, vals = self.idx.astype(np.int64), self.val.astype(np.float32)
+        else:
+            starts = self.idx.astype(np.int64)[:, :, None] * self.block
+            cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(self.n_out, -1)
+            vals = self.val.astype(np.float32).reshape(self.n_out, -1)
+        valid = (cols >= 0) & (cols < self.n_in)
+        gathered = x2[:, np.where(valid, cols, 0)]  # (T, n_out, K)
+        return np.einsum("tok,ok->to", gathered, np.where(valid, vals, np.float32(0)))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Runtime arithmetic in float32: x (..., n_in) → (..., n_out)."""
         x = np.asarray(x, dtype=np.float32)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.n_in)
-        y = torch.sparse.mm(self._residual_csr, torch.from_numpy(np.ascontiguousarray(x2.T))).T.numpy()
+        if x2.shape[0] * self.idx.size * (1 if self.scheme == "coo" else self.block) <= _SMALL_GATHER:
+            y = self._residual_gather(x2)
+        else:
+            y = torch.sparse.mm(self._residual_csr, torch.from_numpy(np.ascontiguousarray(x2.T))).T.numpy()
         if self.base is not None:
             y = self.base.apply(x2) + y
         if self.row_scale is not None:
