@@ -67,7 +67,7 @@ class SPMTokenizer:
         for i, p in enumerate(self.pieces):
             self._piece_to_id.setdefault(p, i)  # llama.cpp keeps the first id of a duplicated text
         self._byte_to_id: dict[int, int] = {}
-        for i, (p, t) in enumerate(zip(self.pieces, self.types)):
+        for i, (p, t) in enumerate(zip(self.pieces, self.types, strict=True)):
             if t == TYPE_BYTE:
                 self._byte_to_id[int(p[3:5], 16)] = i
         # encode cache: the tiny dataset repeats the same short texts often

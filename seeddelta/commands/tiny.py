@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(d)
     if args.steps is not None:
         cfg.steps = args.steps
-    train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps, log=_print_flush)
+    train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps, log=_print_flush,
+          steps_override=args.steps if args.resume else None)
     return 0
 
 

@@ -20,7 +20,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 TASKS = ("copy", "sum", "brackets")
@@ -67,7 +67,7 @@ def brackets_balanced(s: str) -> bool:
     return depth == 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _completions(remaining: int, depth: int) -> int:
     """Number of ways to finish a bracket string with `remaining` characters from `depth` to 0."""
     if depth < 0 or depth > remaining:

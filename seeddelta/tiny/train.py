@@ -28,7 +28,7 @@ from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
 @dataclass
 class TrainConfig:
     seed: int = ds.DEFAULT_SEED
-    steps: int = 2400
+    steps: int = 3000
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup: int = 100
@@ -37,7 +37,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # curriculum: (fraction of steps up to which the phase applies, sequence length, batch size)
-    phases: list[tuple[float, int, int]] = field(default_factory=lambda: [(0.3, 512, 8), (1.0, 2048, 2)])
+    phases: list[tuple[float, int, int]] = field(default_factory=lambda: [(0.5, 512, 8), (1.0, 2048, 2)])
     answer_weight: float = 2.0          # loss weight of answer tokens (incl. the closing newline)
     task_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)  # copy, sum, brackets
     boundary_start_prob: float = 0.5    # share of sequences starting exactly at a sample boundary
@@ -172,9 +172,11 @@ def window_nll(model: TinyLlama, ids: list[int], n_ctx: int, bos_id: int, max_wi
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int | None = None,
-          log=print, val_text: str | None = None) -> TinyLlama:
+          log=print, val_text: str | None = None, steps_override: int | None = None) -> TinyLlama:
     """Train (or resume) into run_dir (ckpt.pt, best.pt, log.jsonl). `max_steps` stops early
-    (tests) without changing the schedule."""
+    (tests) without changing the schedule. On resume the checkpoint's configuration is used;
+    `steps_override` changes its total step count (and so the rest of the schedule), which is
+    recorded in the state's "schedule_changes"."""
     torch.set_num_threads(cfg.threads)
     tok = tiny_tokenizer()
     heldout = ds.heldout_texts(cfg.seed)
@@ -190,6 +192,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
+        if steps_override is not None and steps_override != cfg.steps:
+            state.setdefault("schedule_changes", []).append(
+                {"at_step": state["step"], "steps_from": cfg.steps, "steps_to": steps_override})
+            log(f"schedule change at step {state['step']}: total steps {cfg.steps} -> {steps_override}")
+            cfg.steps = steps_override
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
         log(f"resumed from {ckpt_path} at step {state['step']}")
@@ -224,8 +231,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         rec: dict = {}
         if state["step"] % cfg.log_every == 0 or state["step"] == end:
             now = time.time()
-            rec = {"step": state["step"], "loss": round(float(loss), 5), "nll": round(float(nll.mean()), 5),
-                   "ans_nll": round(float(nll[m.reshape(-1)].mean()), 5) if m.any() else None,
+            rec = {"step": state["step"], "loss": round(float(loss.detach()), 5), "nll": round(float(nll.detach().mean()), 5),
+                   "ans_nll": round(float(nll.detach()[m.reshape(-1)].mean()), 5) if m.any() else None,
                    "lr": cfg.lr_at(step), "gnorm": round(float(gnorm), 4), "T": x.shape[1],
                    "tok_s": round(tok_win / max(1e-9, now - t_win)), "tokens": state["tokens"],
                    "elapsed": round(state["elapsed"], 1)}

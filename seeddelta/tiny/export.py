@@ -1,0 +1,113 @@
+"""Export the tiny model to GGUF F16 with gguf.GGUFWriter, and read such a file back into TinyLlama.
+
+2-D weights are written F16, norms F32; arrays are (n_out, n_in), which GGUF stores as
+ne = [n_in, n_out] as llama.cpp expects. Q/K need no permutation: the training-side RoPE already
+uses llama.cpp's NORM (adjacent-pair) layout. The file is written to a temporary name and moved into
+place with os.replace.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seeddelta.errors import SeedDeltaError
+from seeddelta.tiny.model import TinyConfig, TinyLlama
+from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
+
+ARCH = "llama"
+FILE_TYPE_MOSTLY_F16 = 1
+
+
+def export_gguf(model: TinyLlama, tok: SPMTokenizer, out: Path | str, name: str = "seeddelta-tiny",
+                extra_kv: dict[str, str] | None = None) -> Path:
+    import gguf
+
+    cfg = model.cfg
+    if tok.n_vocab != cfg.n_vocab:
+        raise SeedDeltaError(f"tokenizer has {tok.n_vocab} pieces, model {cfg.n_vocab}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w.add_name(name)
+    w.add_context_length(cfg.n_ctx)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.n_vocab)
+    w.add_file_type(FILE_TYPE_MOSTLY_F16)
+    w.add_bool("seeddelta.tiny.tied_output", cfg.tied_output)
+    for k, v in (extra_kv or {}).items():
+        w.add_string(k, v)
+    tok.add_to_gguf(w)
+    with torch.no_grad():
+        for tname, p in model.gguf_tensors().items():
+            a = p.detach().float().numpy()
+            a = a.astype(np.float16) if a.ndim == 2 else a.astype(np.float32)
+            w.add_tensor(tname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def export_checkpoint(ckpt: Path | str, out: Path | str, name: str = "seeddelta-tiny") -> Path:
+    from seeddelta.tiny.train import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(Path(ckpt))
+    model = model_from_checkpoint(ck)
+    return export_gguf(model, tiny_tokenizer(), out, name=name)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def load_gguf_model(path: Path | str) -> tuple[TinyLlama, SPMTokenizer]:
+    """A TinyLlama holding the GGUF's tensors (F16 values converted exactly to float32)."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise SeedDeltaError(f"model not found: {path}")
+    r = gguf.GGUFReader(str(path))
+    arch = _field(r, "general.architecture")
+    if arch != ARCH:
+        raise SeedDeltaError(f"{path}: architecture {arch!r}, expected 'llama'")
+    tensors = {t.name: t for t in r.tensors}
+    cfg = TinyConfig(
+        n_vocab=int(_field(r, "llama.vocab_size", len(_field(r, "tokenizer.ggml.tokens")))),
+        n_layer=int(_field(r, "llama.block_count")),
+        n_embd=int(_field(r, "llama.embedding_length")),
+        n_ff=int(_field(r, "llama.feed_forward_length")),
+        n_head=int(_field(r, "llama.attention.head_count")),
+        n_head_kv=int(_field(r, "llama.attention.head_count_kv")),
+        n_ctx=int(_field(r, "llama.context_length")),
+        rope_theta=float(_field(r, "llama.rope.freq_base", 10000.0)),
+        rms_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon")),
+        tied_output="output.weight" not in tensors,
+    )
+    model = TinyLlama(cfg)
+    with torch.no_grad():
+        for tname, p in model.gguf_tensors().items():
+            if tname not in tensors:
+                raise SeedDeltaError(f"{path}: tensor {tname} missing")
+            t = tensors[tname]
+            if t.tensor_type not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+                raise SeedDeltaError(f"{path}: tensor {tname} has type {t.tensor_type.name}; tiny loader reads F16/F32")
+            a = np.asarray(t.data).astype(np.float32).reshape(tuple(p.shape))
+            p.copy_(torch.from_numpy(a))
+    model.eval()
+    return model, SPMTokenizer.from_gguf(r)
