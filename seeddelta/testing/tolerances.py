@@ -1,0 +1,18 @@
+"""Named tolerances for the test suite, each with where it comes from."""
+
+from __future__ import annotations
+
+# Unit roundoffs (half an ulp of 1.0): IEEE round-to-nearest error bound for one conversion.
+U16 = 2.0**-11
+U32 = 2.0**-24
+U64 = 2.0**-53
+# Largest absolute rounding error of float16 below its normal range (subnormal spacing 2^-24, halved).
+F16_SUBNORMAL_ABS = 2.0**-25
+# Float64 metric arithmetic on rows of <= 10^4 entries: n·u64 ≈ 1e-12, so 1e-10 is a loose bound.
+F64_METRIC_ATOL = 1e-10
+
+
+def fwht_chain_bound(log2_l: int, u: float) -> float:
+    """Relative bound of the Hadamard chain H·D·H·P evaluated in a float type with unit roundoff u:
+    each of the 2·log2 L butterfly stages adds at most u·Σ|·|, plus one rounding per diagonal product."""
+    return (2 * log2_l + 2) * u
