@@ -1,0 +1,64 @@
+"""`seeddelta kld`: KL(base ‖ model) per scored token on llama-perplexity's windows (exact float64 over
+the full vocabulary), with same-top-p, Δp of the correct token and the paired ΔNLL."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from seeddelta import evaluate as ev
+from seeddelta.errors import SeedDeltaError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("kld", help="KL divergence of a model to a base model on a text",
+                       description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
+    p.add_argument("-m", "--model", default=None, metavar="FILE", help="candidate GGUF (default: the tiny model)")
+    p.add_argument("-f", "--file", default=None, metavar="TEXT",
+                   help="UTF-8 text (default: the tiny model's validation text)")
+    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N", help="window size n_ctx (512)")
+    p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    ev.add_runtime_args(p)
+    p.add_argument("--base-seeddelta", action="store_true",
+                   help="let the base use its own SeedΔ tensors too (default: the base runs dense)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ev.apply_threads(args)
+    model_path = args.model or ev.default_model()
+    text_path = args.file or ev.default_text()
+    text = ev.read_text(text_path)
+    base = ev.load(args.base, use_seeddelta=bool(args.base_seeddelta),
+                   mode="sparse" if args.sparse else "materialized")
+    cand = ev.load_from_args(args, model_path)
+    if base.model.config.n_vocab != cand.model.config.n_vocab:
+        raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
+                             f"model {model_path} has {cand.model.config.n_vocab}")
+    tokens = ev.tokenize_text(base.tokenizer, text)
+    if ev.tokenize_text(cand.tokenizer, text) != tokens:
+        raise SeedDeltaError(f"base {args.base} and model {model_path} tokenize {text_path} differently")
+    windows = ev.make_windows(tokens, args.ctx, args.chunks, ev.window_bos(base.tokenizer), what=str(text_path))
+    print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {model_path} "
+          f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
+          f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
+    res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
+    s = res.summary()
+    k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]
+    print(f"Mean    KLD: {k['mean']:10.6f} ± {k['se']:.6f}")
+    print(f"99.0%   KLD: {k['p99']:10.6f}")
+    print(f"Maximum KLD: {k['max']:10.6f}")
+    print(f"Same top p: {100 * st['mean']:6.3f} ± {100 * st['se']:.3f} %")
+    print(f"Mean    Δp: {100 * dp['mean']:6.3f} ± {100 * dp['se']:.3f} %   RMS Δp: {100 * dp['rms']:6.3f} ± {100 * dp['rms_se']:.3f} %")
+    print(f"Mean ΔNLL (paired, ln PPL ratio): {dn['mean']:+.6f} ± {dn['se']:.6f}")
+    print(f"PPL base: {s['ppl_base']['ppl']:.4f} ± {s['ppl_base']['se']:.4f}   "
+          f"PPL model: {s['ppl_model']['ppl']:.4f} ± {s['ppl_model']['se']:.4f}")
+    if args.json:
+        s.update({"chunks": res.n_chunk, "ctx": res.n_ctx, "text": str(text_path),
+                  "base": ev.model_info(base), "model": ev.model_info(cand),
+                  "method": "KL(base||model) = sum_v p_v (log p_v - log q_v), float64 over the full vocabulary, "
+                            "llama-perplexity windows (second half scored)"})
+        ev.write_json(args.json, s)
+    return 0

@@ -1,0 +1,376 @@
+"""Llama-architecture forward pass in torch, from a GGUF file, with pluggable FFN projections.
+
+Semantics follow llama.cpp's LLAMA graph: token embedding; per block RMSNorm → attention
+(Q/K/V projections, RoPE type NORM on adjacent pairs (2i, 2i+1) of the first
+``rope.dimension_count`` dims of each head, grouped-query attention, causal mask, scale
+1/√head_dim) → residual; RMSNorm → SwiGLU FFN ``down(silu(gate·x) ⊙ up·x)`` → residual; final
+RMSNorm and output projection (``output.weight``, or the token embedding when tied). No biases.
+GGUF files written by llama.cpp's converter store attn_q/attn_k already permuted for NORM rope.
+
+All weights are dequantized with ``gguf.quants.dequantize`` to float32 at load; compute is
+float32. The FFN projections are either dense or SeedΔ (see `seeddelta.seeddelta_torch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seeddelta.errors import SeedDeltaError
+from seeddelta.seeddelta_torch import (
+    KINDS,
+    MODES,
+    SUFFIXES,
+    DenseProjection,
+    SeedDeltaPayload,
+    make_projection,
+    parse_payload,
+)
+
+SUPPORTED_ARCHS = ("llama",)
+FfnObserver = Callable[[int, str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_dim: int
+    rope_theta: float
+    rope_freq_scale: float
+    rms_eps: float
+    n_ctx_train: int
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _read_config(reader: Any, path: str) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise SeedDeltaError(f"{path}: general.architecture is {arch!r}; only {', '.join(SUPPORTED_ARCHS)} is supported")
+
+    def req(key: str) -> Any:
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise SeedDeltaError(f"{path}: metadata key {arch}.{key} is missing")
+        return v
+
+    n_embd = int(req("embedding_length"))
+    n_head = int(req("attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    freq_scale = 1.0
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise SeedDeltaError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (only linear)")
+        freq_scale = 1.0 / float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
+    return LlamaConfig(
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_ff=int(req("feed_forward_length")),
+        n_layer=int(req("block_count")),
+        n_head=n_head,
+        n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=head_dim,
+        rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_freq_scale=freq_scale,
+        rms_eps=float(req("attention.layer_norm_rms_epsilon")),
+        n_ctx_train=int(_field(reader, f"{arch}.context_length", 2048)),
+    )
+
+
+def _dequant(t: Any) -> np.ndarray:
+    """float32 array in numpy order (n_out, n_in) for a weight tensor of any ggml type."""
+    import gguf
+
+    data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    # always a private, writable copy: F32 data would otherwise be a view of the read-only memory map
+    return np.array(data, dtype=np.float32, copy=True, order="C").reshape(shape)
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V buffers (n_head_kv, max_len, head_dim) and the number of filled positions."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    max_len: int
+    n: int = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    ffn: dict[str, Any] = field(default_factory=dict)  # kind -> projection
+
+
+class LlamaModel:
+    """A loaded model. ``forward(tokens)`` returns float32 logits (T, n_vocab)."""
+
+    def __init__(self, config: LlamaConfig, tok_embd: torch.Tensor, output: torch.Tensor | None,
+                 output_norm: torch.Tensor, layers: list[_Layer], rope_freqs: torch.Tensor | None,
+                 path: str = "", metadata: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.tok_embd = tok_embd
+        self.output = output  # None = tied to tok_embd
+        self.output_norm = output_norm
+        self.layers = layers
+        self.path = path
+        self.metadata = metadata or {}
+        self.ffn_observer: FfnObserver | None = None
+        c = config
+        inv = 1.0 / (c.rope_theta ** (np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
+        if rope_freqs is not None:
+            inv = inv / rope_freqs.numpy().astype(np.float64)[: len(inv)]
+        self._inv_freq = inv * c.rope_freq_scale
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rope_freqs = rope_freqs
+
+    # ------------------------------------------------------------------ bookkeeping
+    def projections(self) -> dict[str, Any]:
+        return {f"blk.{i}.{k}": p for i, layer in enumerate(self.layers) for k, p in layer.ffn.items()}
+
+    @property
+    def n_seeddelta(self) -> int:
+        """Number of FFN projections that run through SeedΔ."""
+        return sum(1 for p in self.projections().values() if p.kind == "seeddelta")
+
+    def nonfinite_outputs(self) -> int:
+        return sum(int(getattr(p, "nonfinite", 0)) for p in self.projections().values())
+
+    def weight_nbytes(self) -> int:
+        """Bytes of all weight tensors this model holds (tied output counted once)."""
+        n = 0
+        tensors = [self.tok_embd, self.output_norm]
+        if self.output is not None:
+            tensors.append(self.output)
+        if self.rope_freqs is not None:
+            tensors.append(self.rope_freqs)
+        for layer in self.layers:
+            tensors += [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.ffn_norm]
+            n += sum(p.nbytes() for p in layer.ffn.values())
+        return n + sum(t.numel() * t.element_size() for t in tensors)
+
+    def ffn_nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.projections().values())
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        shape = (c.n_head_kv, max_len, c.head_dim)
+        return KVCache([torch.zeros(shape) for _ in self.layers], [torch.zeros(shape) for _ in self.layers], max_len)
+
+    # ------------------------------------------------------------------ maths
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.config.rms_eps) * w
+
+    def _cos_sin(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = pos.astype(np.float64)[:, None] * self._inv_freq[None, :]
+        return torch.from_numpy(np.cos(ang).astype(np.float32)), torch.from_numpy(np.sin(ang).astype(np.float32))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x (T, H, hd); NORM mode rotates adjacent pairs (2i, 2i+1) of the first rope_dim dims
+        rd = self.config.rope_dim
+        xr = x[..., :rd].reshape(*x.shape[:-1], rd // 2, 2)
+        x0, x1 = xr[..., 0], xr[..., 1]
+        c, s = cos[:, None, :], sin[:, None, :]
+        rot = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(*x.shape[:-1], rd)
+        if rd == x.shape[-1]:
+            return rot
+        return torch.cat((rot, x[..., rd:]), dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor | list[int] | np.ndarray, cache: KVCache | None = None,
+                logits_start: int = 0) -> torch.Tensor:
+        """Logits (T - logits_start, n_vocab) for tokens (T,) appended after the cache's contents."""
+        c = self.config
+        tok = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        if tok.ndim != 1 or tok.numel() == 0:
+            raise SeedDeltaError("forward: tokens must be a non-empty 1-D sequence")
+        if int(tok.min()) < 0 or int(tok.max()) >= c.n_vocab:
+            raise SeedDeltaError(f"forward: token id out of range [0, {c.n_vocab})")
+        t = tok.numel()
+        past = cache.n if cache is not None else 0
+        if cache is not None and past + t > cache.max_len:
+            raise SeedDeltaError(f"forward: KV cache of {cache.max_len} positions cannot hold {past + t}")
+        cos, sin = self._cos_sin(np.arange(past, past + t))
+        h = self.tok_embd[tok]
+        if t == 1:
+            mask = None
+        else:
+            qi = torch.arange(past, past + t)[:, None]
+            kj = torch.arange(past + t)[None, :]
+            mask = kj <= qi
+        rep = c.n_head // c.n_head_kv
+        for i, layer in enumerate(self.layers):
+            x = self._rms(h, layer.attn_norm)
+            q = torch.nn.functional.linear(x, layer.wq).view(t, c.n_head, c.head_dim)
+            k = torch.nn.functional.linear(x, layer.wk).view(t, c.n_head_kv, c.head_dim)
+            v = torch.nn.functional.linear(x, layer.wv).view(t, c.n_head_kv, c.head_dim)
+            q = self._rope(q, cos, sin).transpose(0, 1)
+            k = self._rope(k, cos, sin).transpose(0, 1)
+            v = v.transpose(0, 1)
+            if cache is not None:
+                cache.k[i][:, past: past + t] = k
+                cache.v[i][:, past: past + t] = v
+                k = cache.k[i][:, : past + t]
+                v = cache.v[i][:, : past + t]
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=0)
+                v = v.repeat_interleave(rep, dim=0)
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = h + torch.nn.functional.linear(att.transpose(0, 1).reshape(t, c.n_head * c.head_dim), layer.wo)
+            x = self._rms(h, layer.ffn_norm)
+            obs = self.ffn_observer
+            if obs is not None:
+                obs(i, "ffn_gate", x)
+                obs(i, "ffn_up", x)
+            a = torch.nn.functional.silu(layer.ffn["ffn_gate"](x)) * layer.ffn["ffn_up"](x)
+            if obs is not None:
+                obs(i, "ffn_down", a)
+            h = h + layer.ffn["ffn_down"](a)
+        if cache is not None:
+            cache.n = past + t
+        h = self._rms(h[logits_start:], self.output_norm)
+        return torch.nn.functional.linear(h, self.output if self.output is not None else self.tok_embd)
+
+    __call__ = forward
+
+
+def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for suf in SUFFIXES:
+        t = tensors.get(f"blk.{layer}.{kind}.{suf}")
+        if t is not None:
+            out[suf] = np.array(t.data)  # copy out of the memory map, dtype and numpy shape as stored
+    return out
+
+
+def load_model(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> LlamaModel:
+    """Load a llama GGUF. SeedΔ tensors, when present and `use_seeddelta`, replace the dense FFN matmul.
+
+    mode: "materialized" (dense Ŵ built at load) or "sparse" (no dense copy of SeedΔ weights).
+    A stripped dense weight (``seeddelta.strip_dense`` true and ``blk.N.T.weight`` absent) runs
+    through SeedΔ; it cannot run dense (SeedDeltaError).
+    """
+    import gguf
+
+    if mode not in MODES:
+        raise SeedDeltaError(f"SeedΔ mode {mode!r} unknown (expected one of {', '.join(MODES)})")
+    p = str(path)
+    if not Path(p).is_file():
+        raise SeedDeltaError(f"model file not found: {p}")
+    try:
+        reader = gguf.GGUFReader(p)
+    except Exception as exc:  # gguf raises ValueError/struct errors on non-GGUF input
+        raise SeedDeltaError(f"{p}: not a readable GGUF file ({exc})") from exc
+    cfg = _read_config(reader, p)
+    tensors = {t.name: t for t in reader.tensors}
+    strip_dense = bool(_field(reader, "seeddelta.strip_dense", False) is True)
+
+    def dense(name: str) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise SeedDeltaError(f"{p}: tensor {name} is missing")
+        return torch.from_numpy(_dequant(t))
+
+    def check_shape(name: str, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(w.shape) != shape:
+            raise SeedDeltaError(f"{p}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
+        return w
+
+    c = cfg
+    tok_embd = check_shape("token_embd.weight", dense("token_embd.weight"), (c.n_vocab, c.n_embd))
+    output = None
+    if "output.weight" in tensors:
+        output = check_shape("output.weight", dense("output.weight"), (c.n_vocab, c.n_embd))
+    output_norm = check_shape("output_norm.weight", dense("output_norm.weight"), (c.n_embd,))
+    rope_freqs = dense("rope_freqs.weight") if "rope_freqs.weight" in tensors else None
+    if c.rope_dim % 2 or c.rope_dim > c.head_dim:
+        raise SeedDeltaError(f"{p}: rope.dimension_count {c.rope_dim} invalid for head dim {c.head_dim}")
+    if c.n_head % c.n_head_kv:
+        raise SeedDeltaError(f"{p}: head_count {c.n_head} not a multiple of head_count_kv {c.n_head_kv}")
+    qd, kvd = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    layers: list[_Layer] = []
+    for i in range(c.n_layer):
+        b = f"blk.{i}."
+        layer = _Layer(
+            attn_norm=check_shape(b + "attn_norm.weight", dense(b + "attn_norm.weight"), (c.n_embd,)),
+            wq=check_shape(b + "attn_q.weight", dense(b + "attn_q.weight"), (qd, c.n_embd)),
+            wk=check_shape(b + "attn_k.weight", dense(b + "attn_k.weight"), (kvd, c.n_embd)),
+            wv=check_shape(b + "attn_v.weight", dense(b + "attn_v.weight"), (kvd, c.n_embd)),
+            wo=check_shape(b + "attn_output.weight", dense(b + "attn_output.weight"), (c.n_embd, qd)),
+            ffn_norm=check_shape(b + "ffn_norm.weight", dense(b + "ffn_norm.weight"), (c.n_embd,)),
+        )
+        for kind in KINDS:
+            n_in, n_out = (c.n_ff, c.n_embd) if kind == "ffn_down" else (c.n_embd, c.n_ff)
+            wname = f"{b}{kind}.weight"
+            payload: SeedDeltaPayload | None = None
+            if use_seeddelta:
+                payload = parse_payload(f"{b}{kind}", _collect_seeddelta(tensors, i, kind), n_in, n_out)
+            if payload is not None:
+                layer.ffn[kind] = make_projection(payload, mode)
+            elif wname in tensors:
+                layer.ffn[kind] = DenseProjection(check_shape(wname, dense(wname), (n_out, n_in)), f"{b}{kind}")
+            elif strip_dense:
+                has_sd = any(f"{b}{kind}.{s}" in tensors for s in SUFFIXES)
+                why = "SeedΔ is disabled" if has_sd else "the file has no SeedΔ tensors for it"
+                raise SeedDeltaError(f"{p}: {wname} is stripped (seeddelta.strip_dense) and cannot run dense: {why}")
+            else:
+                raise SeedDeltaError(f"{p}: tensor {wname} is missing")
+        layers.append(layer)
+    meta = {
+        "architecture": _field(reader, "general.architecture"),
+        "name": _field(reader, "general.name"),
+        "strip_dense": strip_dense,
+        "seeddelta_enabled": bool(_field(reader, "seeddelta.enabled", False) is True),
+        "mode": mode,
+        "use_seeddelta": use_seeddelta,
+    }
+    return LlamaModel(cfg, tok_embd, output, output_norm, layers, rope_freqs, path=p, metadata=meta)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer described by a GGUF's metadata: SPM ("llama") or GPT-2 byte-level BPE ("gpt2")."""
+    import gguf
+
+    p = str(path)
+    if not Path(p).is_file():
+        raise SeedDeltaError(f"model file not found: {p}")
+    reader = gguf.GGUFReader(p)
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind == "llama":
+        from seeddelta.tokenizer import SPMTokenizer
+
+        return SPMTokenizer.from_gguf(reader)
+    if kind == "gpt2":
+        from seeddelta.bpe_tokenizer import BPETokenizer
+
+        return BPETokenizer.from_gguf(reader)
+    raise SeedDeltaError(f"{p}: tokenizer.ggml.model {kind!r} is not supported (llama or gpt2)")
