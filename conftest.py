@@ -42,3 +42,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 def seed() -> int:
     """Seed for tests that draw random data; override with SEEDDELTA_TEST_SEED."""
     return int(os.environ.get("SEEDDELTA_TEST_SEED", "0"))
+
+
+@pytest.fixture
+def snapshot_json(snapshot):
+    """syrupy snapshot stored as one JSON file per snapshot under tests/golden/__snapshots__/."""
+    from syrupy.extensions.json import JSONSnapshotExtension
+
+    return snapshot.use_extension(JSONSnapshotExtension)

@@ -1,0 +1,26 @@
+"""Run every benchmark module in turn: `python -m benchmarks [name ...]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+MODULES = ("bench_codec", "bench_build", "bench_runtime")
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(MODULES)
+    status = 0
+    for name in names:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as exc:
+            print(f"[{name}] not available: {exc}")
+            continue
+        print(f"=== {name} ===", flush=True)
+        status |= int(module.main() or 0)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
