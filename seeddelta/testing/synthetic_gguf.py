@@ -246,3 +246,109 @@ def make_imatrix(
             means[name] = sums[name].astype(np.float64) / count
     write_imatrix(path, sums, counts, list(datasets), chunk_count=4, chunk_size=count // 4)
     return means
+
+
+# --------------------------------------------------------------------------------------------
+# Independent reference reconstruction of stored SeedΔ arrays (for tests; written from the spec,
+# sharing no code with seeddelta.codec / seeddelta.base / seeddelta.hadamard).
+# --------------------------------------------------------------------------------------------
+
+
+def sylvester_hadamard(L: int) -> np.ndarray:
+    """H[i, j] = (-1)^popcount(i & j) as an explicit float64 matrix (natural order)."""
+    H = np.ones((1, 1))
+    while H.shape[0] < L:
+        H = np.block([[H, H], [H, -H]])
+    return H
+
+
+def reference_base_chain(arrays: Mapping[str, np.ndarray], n_in: int, n_out: int) -> np.ndarray:
+    """W0 (n_out, n_in) float64 from the runtime chain F_b = D3·H·P2·D2·H·P1·D1 (spec §2.2, §9.3)
+    built as explicit matrices; out-of-range permutation entries gather element 0."""
+    d1 = np.asarray(arrays["base_d1"], dtype=np.float64)
+    B, L = d1.shape
+    H = sylvester_hadamard(L)
+    eye = np.eye(L)
+
+    def gather(name: str) -> np.ndarray:
+        p = np.asarray(arrays[name]).astype(np.int64)
+        return eye[np.where((p >= 0) & (p < L), p, 0)]  # (P v)[i] = v[p[i]]
+
+    blocks = []
+    for b in range(B):
+        F = np.diag(d1[b])
+        if "base_perm1" in arrays:
+            F = gather("base_perm1")[b] @ F
+        F = H @ F
+        if "base_d2" in arrays or "base_perm2" in arrays:
+            if "base_d2" in arrays:
+                F = np.diag(np.asarray(arrays["base_d2"], dtype=np.float64)[b]) @ F
+            if "base_perm2" in arrays:
+                F = gather("base_perm2")[b] @ F
+            F = H @ F
+        if "base_d3" in arrays:
+            F = np.diag(np.asarray(arrays["base_d3"], dtype=np.float64)[b]) @ F
+        blocks.append(F)
+    W0 = np.zeros((n_out, n_in))
+    if n_out >= n_in:  # tall: block b produces outputs [bL, (b+1)L) from the zero-padded x
+        for b in range(B):
+            lo, hi = b * L, min(n_out, (b + 1) * L)
+            if lo < hi:
+                W0[lo:hi] = blocks[b][: hi - lo, :n_in]
+    else:  # wide: block b reads inputs [bL, (b+1)L), outputs summed
+        for b in range(B):
+            lo, hi = b * L, min(n_in, (b + 1) * L)
+            if lo < hi:
+                W0[:, lo:hi] += blocks[b][:n_out, : hi - lo]
+    return W0
+
+
+def reference_base_xor(arrays: Mapping[str, np.ndarray], n_in: int, n_out: int) -> np.ndarray:
+    """W0 from the XOR closed form (spec §2.3): h2 = H·d2; tall W0[bL+p, i] = h2_b[p ⊕ inv_b[i]],
+    wide W0[p, bL+q] = h2_b[p ⊕ inv_b[q]]. Valid for d1 = d3 = 1, no perm2."""
+    d2 = np.asarray(arrays["base_d2"], dtype=np.float64)
+    B, L = d2.shape
+    h2 = d2 @ sylvester_hadamard(L).T
+    perm = np.asarray(arrays["base_perm1"]).astype(np.int64)
+    inv = np.zeros_like(perm)
+    for b in range(B):
+        inv[b, perm[b]] = np.arange(L)
+    W0 = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        for i in range(n_in):
+            if n_out >= n_in:
+                b, p = divmod(o, L)
+                W0[o, i] = h2[b, p ^ inv[b, i]]
+            else:
+                b, q = divmod(i, L)
+                W0[o, i] = h2[b, o ^ inv[b, q]]
+    return W0
+
+
+def reference_dense(arrays: Mapping[str, np.ndarray], n_in: int, n_out: int, *, closed_form: bool = False) -> np.ndarray:
+    """s ⊙ (W0 + Δ) implied by stored arrays (spec §3.5), float64; block wins over COO (§8.2)."""
+    if "base_d1" in arrays:
+        W = reference_base_xor(arrays, n_in, n_out) if closed_form else reference_base_chain(arrays, n_in, n_out)
+    else:
+        W = np.zeros((n_out, n_in))
+    if "b_idx" in arrays and "b_val" in arrays:
+        idx = np.asarray(arrays["b_idx"]).astype(np.int64)
+        val = np.asarray(arrays["b_val"], dtype=np.float64)
+        block = val.shape[2]
+        for o in range(n_out):
+            for k in range(idx.shape[1]):
+                j = idx[o, k]
+                for t in range(block):
+                    c = j * block + t
+                    if j >= 0 and c < n_in:
+                        W[o, c] += val[o, k, t]
+    else:
+        idx = np.asarray(arrays["d_idx"]).astype(np.int64)
+        val = np.asarray(arrays["d_val"], dtype=np.float64)
+        for o in range(n_out):
+            for r in range(idx.shape[1]):
+                if 0 <= idx[o, r] < n_in:
+                    W[o, idx[o, r]] += val[o, r]
+    if "d_row_scale" in arrays:
+        W *= np.asarray(arrays["d_row_scale"], dtype=np.float64).reshape(-1)[:, None]
+    return W

@@ -1,0 +1,115 @@
+"""`seeddelta inspect FILE.gguf [--json]`: what SeedΔ tensors a GGUF holds (ours or the original's).
+
+Per weight: layer, kind, scheme, K (and blocks), base geometry (L, B), row scale, whether the
+dense weight is stripped, stored bytes and per-tensor keys; then the file's totals and global
+`seeddelta.*` keys. Reads tensor metadata only (no array is decoded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from seeddelta.gguf_io import GGUFModel, global_seeddelta_kv, seeddelta_entries
+
+
+def inspect_file(path: str) -> dict[str, Any]:
+    model = GGUFModel(path, require_llama=False, what="file")
+    entries = seeddelta_entries(model)
+    weights = []
+    for e in entries:
+        weights.append({
+            "layer": e.layer,
+            "kind": e.kind,
+            "n_in": e.n_in,
+            "n_out": e.n_out,
+            "scheme": e.scheme,
+            "K": e.K,
+            "block": e.block,
+            "n_blocks": e.n_blocks,
+            "base": e.has_base,
+            "base_L": e.base_L,
+            "base_B": e.base_B,
+            "row_scale": e.row_scale,
+            "stripped": e.stripped,
+            "dense_type": e.dense_type,
+            "bytes_dense": e.dense_nbytes,
+            "bytes_seeddelta": e.nbytes,
+            "bits_per_weight": 8.0 * e.nbytes / (e.n_in * e.n_out) if e.n_in and e.n_out else 0.0,
+            "dtypes": e.dtypes(),
+            "kv": e.kv,
+        })
+    total_sd = sum(w["bytes_seeddelta"] for w in weights)
+    return {
+        "file": model.path,
+        "architecture": model.arch,
+        "file_bytes": model.file_size,
+        "n_layer": model.n_layer,
+        "n_embd": model.n_embd,
+        "n_ff": model.n_ff,
+        "n_tensors": len(model.tensors),
+        "alignment": model.alignment,
+        "seeddelta_kv": global_seeddelta_kv(model),
+        "weights": weights,
+        "totals": {
+            "weights": len(weights),
+            "stripped": sum(1 for w in weights if w["stripped"]),
+            "with_base": sum(1 for w in weights if w["base"]),
+            "with_row_scale": sum(1 for w in weights if w["row_scale"]),
+            "bytes_seeddelta": total_sd,
+            "bytes_dense_kept": sum(w["bytes_dense"] for w in weights),
+        },
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['file']}: {info['architecture'] or '?'} n_layer={info['n_layer']} n_embd={info['n_embd']} "
+        f"n_ff={info['n_ff']} tensors={info['n_tensors']} bytes={info['file_bytes']}",
+    ]
+    if info["seeddelta_kv"]:
+        lines.append("keys: " + " ".join(f"{k.removeprefix('seeddelta.')}={_fmt(v)}"
+                                         for k, v in info["seeddelta_kv"].items()))
+    if not info["weights"]:
+        lines.append("no SeedΔ tensors")
+        return "\n".join(lines)
+    header = f"{'layer':>5} {'kind':<8} {'scheme':<6} {'K':>6} {'blk':>4} {'L':>6} {'B':>3} {'rs':<3} " \
+             f"{'strip':<5} {'bytes':>10} {'bpw':>6} {'dense':>10}"
+    lines.append(header)
+    for w in info["weights"]:
+        lines.append(
+            f"{w['layer']:>5} {w['kind'].removeprefix('ffn_'):<8} {w['scheme']:<6} {w['K']:>6} "
+            f"{w['block'] or '-':>4} {w['base_L'] or '-':>6} {w['base_B'] or '-':>3} "
+            f"{'yes' if w['row_scale'] else 'no':<3} {'yes' if w['stripped'] else 'no':<5} "
+            f"{w['bytes_seeddelta']:>10} {w['bits_per_weight']:>6.2f} "
+            f"{(w['dense_type'] or '-') if not w['stripped'] else 'stripped':>10}"
+        )
+    t = info["totals"]
+    lines.append(
+        f"total: {t['weights']} weight(s), {t['stripped']} stripped, {t['with_base']} with base, "
+        f"{t['with_row_scale']} with row scale; SeedΔ {t['bytes_seeddelta']} B, dense kept {t['bytes_dense_kept']} B"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("inspect", help="list the SeedΔ tensors of a GGUF",
+                       description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("file", metavar="FILE.gguf")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_file(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, allow_nan=False))
+    else:
+        print(format_text(info))
+    return 0
