@@ -88,7 +88,7 @@ def open_gguf(path: str | os.PathLike[str], what: str = "input") -> GGUFReader:
     """Open a GGUF read-only; every way it can fail becomes one SeedDeltaError line."""
     p = _p(path)
     if not os.path.exists(p):
-        raise SeedDeltaError(f"{what} file not found: {p}")
+        raise SeedDeltaError(f"{'file' if what == 'file' else what + ' file'} not found: {p}")
     if os.path.isdir(p):
         raise SeedDeltaError(f"{what} is a directory, not a GGUF file: {p}")
     try:
