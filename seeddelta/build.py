@@ -128,7 +128,7 @@ def tensor_seed(seed: int, layer: int, kind: str, stream: int = 0) -> int:
     return int(ss.generate_state(1, dtype=np.uint32)[0])
 
 
-def validate_options(opts: BuildOptions) -> None:
+def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> None:
     if opts.scheme not in ("coo", "block"):
         raise SeedDeltaError(f"--scheme must be coo or block, got {opts.scheme!r}")
     if opts.scheme == "block" and not 1 <= opts.block <= 4096:
@@ -158,10 +158,19 @@ def validate_options(opts: BuildOptions) -> None:
         raise SeedDeltaError("-o/--output is required")
     if same_file(opts.input, opts.output):
         raise SeedDeltaError(f"-o {opts.output} is the input file; the input is never overwritten, choose another -o")
-    if opts.policy is not None:
+    out_dir = os.path.dirname(os.path.abspath(opts.output))
+    if not os.path.isdir(out_dir):
+        raise SeedDeltaError(f"output directory does not exist: {out_dir}")
+    if not os.access(out_dir, os.W_OK):
+        raise SeedDeltaError(f"output directory is not writable: {out_dir}")
+    if opts.report_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(opts.report_json))):
+        raise SeedDeltaError(f"report directory does not exist: {os.path.dirname(os.path.abspath(opts.report_json))}")
+    if opts.policy is not None and not policy_supported:
         raise SeedDeltaError(
             "policy support is not implemented yet (the policy issue; spec-policy-eval.md) — run without --policy"
         )
+    if opts.policy is not None and opts.eval_cols <= 0:
+        raise SeedDeltaError("--policy requires --eval-cols > 0")
 
 
 @dataclass
@@ -352,7 +361,14 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
     """Build the SeedΔ GGUF (and report) described by `opts`. Raises SeedDeltaError on bad input."""
     t_start = time.perf_counter()
     log = log if log is not None else sys.stderr
-    validate_options(opts)
+    validate_options(opts, policy_supported=resolver is not None)
+    policy_bytes = None
+    if opts.policy is not None:
+        try:
+            with open(opts.policy, "rb") as fh:
+                policy_bytes = fh.read()
+        except OSError as exc:
+            raise SeedDeltaError(f"cannot read policy {opts.policy}: {exc.strerror or exc}") from None
     model = GGUFModel(opts.input)
     input_bytes = model.file_size
     layers = parse_layers(opts.layers, model.n_layer)
@@ -417,9 +433,14 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
             res = work(task)
             encoded[(res.layer, res.kind)] = res
     else:
-        with ThreadPoolExecutor(max_workers=min(threads, len(tasks))) as pool:
-            for res in pool.map(work, tasks):
+        pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
+        try:
+            futures = [pool.submit(work, task) for task in tasks]
+            for future in futures:  # in build order; the first error stops the build
+                res = future.result()
                 encoded[(res.layer, res.kind)] = res
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # assemble in build order: report entries, keys, tensors
     results: list[WeightResult] = []
@@ -501,7 +522,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
     }
     report = top_level(
         input_path=opts.input, output_path=opts.output, base=opts.base, policy_file=opts.policy or "",
-        policy_bytes=None, base_max_samples=opts.base_max_samples, base_perm_trials=max(1, opts.base_perm_trials),
+        policy_bytes=policy_bytes, base_max_samples=opts.base_max_samples, base_perm_trials=max(1, opts.base_perm_trials),
         imatrix_file=opts.imatrix, imatrix_eps=opts.imatrix_eps, imatrix_power=opts.imatrix_power,
         imatrix_datasets=imatrix.datasets if imatrix is not None else [], resid=resid,
         eval_cols=opts.eval_cols, eval_x=opts.eval_x, stack_pass_gate_up=pass_gate_up, stack_pass_down=pass_down,
