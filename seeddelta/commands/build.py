@@ -1,5 +1,7 @@
-"""`seeddelta build`: compress the FFN weights of a llama GGUF into SeedΔ tensors (the original's
-`llama-seeddelta-build`, same flags and defaults; spec-builder-runtime §11.1)."""
+"""Compress the FFN weights of a llama GGUF into SeedΔ tensors (a GGUF and optionally report.json).
+
+The counterpart of the original's `llama-seeddelta-build`, with its flags and defaults
+(spec-builder-runtime §11.1)."""
 
 from __future__ import annotations
 

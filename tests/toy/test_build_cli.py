@@ -202,3 +202,21 @@ def test_indices_that_do_not_fit_i16_switch_to_i32_with_a_warning(tmp_path, caps
                    dtype=np.float64)
     top = np.argsort(-np.abs(W[0]), kind="stable")[:2]
     assert set(idx[0].tolist()) == set(top.tolist())
+
+
+def test_delta_norm_clamp_applies_to_ffn_down_only(tmp_path, model, capsys):
+    tau = 0.1
+    err = _build(capsys, model, tmp_path / "o.gguf", "--K", "48", "--delta-norm-clamp-down", str(tau), "--layers", "0",
+                 "-t", "1")
+    a = {t.name: t for t in GGUFReader(model.path).tensors}
+    b = {t.name: t for t in GGUFReader(tmp_path / "o.gguf").tensors}
+    for kind in ("ffn_gate", "ffn_down"):
+        w_norm = np.linalg.norm(np.asarray(a[f"blk.0.{kind}.weight"].data, dtype=np.float64))
+        d_norm = np.linalg.norm(np.asarray(b[f"blk.0.{kind}.d_val"].data, dtype=np.float64))
+        if kind == "ffn_down":
+            # scaled to tau·||W|| before f16 storage: each value rounds by at most 2^-11 relative
+            assert d_norm <= tau * w_norm * (1 + 2.0 ** -11)
+            assert d_norm >= tau * w_norm * (1 - 2.0 ** -11)  # it was larger, so it sits on the bound
+        else:
+            assert d_norm > 5 * tau * w_norm  # top half of a Gaussian row: most of the norm, untouched
+    assert "blk.0.ffn_down.weight: delta norm clamp" in err
