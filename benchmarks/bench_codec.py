@@ -40,10 +40,10 @@ def main() -> int:
     for tokens in (1, 512):
         x = rng.standard_normal((tokens, N_IN)).astype(np.float32)
         xt = torch.from_numpy(x)
-        dense = _best_of(lambda: xt @ Wt.T)
+        dense = _best_of(lambda xt=xt: xt @ Wt.T)
         for base, sdw in encoded.items():
             sdw.apply(x)  # build the cached sparse structure outside the timing
-            t = _best_of(lambda: sdw.apply(x))
+            t = _best_of(lambda sdw=sdw, x=x: sdw.apply(x))
             print(f"apply T={tokens:<4} base={base:<13}: {t * 1e3:8.2f} ms  dense {dense * 1e3:8.2f} ms  ratio {t / dense:6.2f}x")
     return 0
 

@@ -16,8 +16,9 @@ from functools import cached_property
 from typing import Protocol
 
 import numpy as np
+import torch
 
-from seeddelta.hadamard import fwht, is_pow2, next_pow2
+from seeddelta.hadamard import fwht, fwht_torch, is_pow2, next_pow2
 from seeddelta.storage import val_dtype
 
 
@@ -50,6 +51,9 @@ class Geometry:
     @property
     def tall(self) -> bool:
         return self.n_out >= self.n_in
+
+
+_TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _safe_gather_index(perm: np.ndarray, length: int) -> np.ndarray:
@@ -109,21 +113,27 @@ class XorCirculantBase:
         vals = np.take_along_axis(np.broadcast_to(self.h2[None], u.shape), u, axis=2)
         return vals.reshape(len(rows), B * L)[:, :n_in]
 
-    def _block_op(self, v: np.ndarray) -> np.ndarray:
-        """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype (runtime order)."""
+    def _block_op(self, v: torch.Tensor) -> torch.Tensor:
+        """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype, runtime order.
+        Torch for speed; the element operations are those of `fwht`, so results match numpy exactly."""
         L = v.shape[-1]
-        dt = v.dtype
-        v = v * self.d1.astype(dt)
-        v = np.take_along_axis(v, np.broadcast_to(_safe_gather_index(self.perm1, L), v.shape), axis=-1)
-        v = fwht(v)
+
+        def diag(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.float64)).to(v.dtype)
+
+        def gather(t: torch.Tensor, perm: np.ndarray) -> torch.Tensor:
+            index = torch.from_numpy(_safe_gather_index(perm, L)).expand(t.shape)
+            return torch.gather(t, -1, index)
+
+        v = gather(v * diag(self.d1), self.perm1)
+        v = fwht_torch(v)
         if self.d2 is None and self.perm2 is None:
-            return v * self.d3.astype(dt)
+            return v * diag(self.d3)
         if self.d2 is not None:
-            v = v * self.d2.astype(dt)
+            v = v * diag(self.d2)
         if self.perm2 is not None:
-            v = np.take_along_axis(v, np.broadcast_to(_safe_gather_index(self.perm2, L), v.shape), axis=-1)
-        v = fwht(v)
-        return v * self.d3.astype(dt)
+            v = gather(v, self.perm2)
+        return fwht_torch(v) * diag(self.d3)
 
     def _chain(self, x: np.ndarray) -> np.ndarray:
         """Runtime evaluation (spec §9.3): x (T, n_in) -> (T, n_out) in x's dtype."""
@@ -131,17 +141,17 @@ class XorCirculantBase:
         L, B = g.L, g.B
         T = x.shape[0]
         if g.tall:
-            xh = np.zeros((T, 1, L), dtype=x.dtype)
-            xh[:, 0, : self.n_in] = x
-            out = self._block_op(np.broadcast_to(xh, (T, B, L)))
-            return out.reshape(T, B * L)[:, : self.n_out]
-        xb = np.zeros((T, B * L), dtype=x.dtype)
-        xb[:, : self.n_in] = x
+            xh = torch.zeros((T, 1, L), dtype=_TORCH_DTYPE[x.dtype.type])
+            xh[:, 0, : self.n_in] = torch.from_numpy(x)
+            out = self._block_op(xh.expand(T, B, L))
+            return out.reshape(T, B * L)[:, : self.n_out].numpy()
+        xb = torch.zeros((T, B * L), dtype=_TORCH_DTYPE[x.dtype.type])
+        xb[:, : self.n_in] = torch.from_numpy(x)
         blocks = self._block_op(xb.reshape(T, B, L))
-        acc = blocks[:, 0, :].copy()
-        for b in range(1, B):  # float32 accumulation in block order, as the runtime does
+        acc = blocks[:, 0, :].clone()
+        for b in range(1, B):  # accumulation in block order, as the runtime does
             acc += blocks[:, b, :]
-        return acc[:, : self.n_out]
+        return acc[:, : self.n_out].numpy()
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return self._chain(np.asarray(x, dtype=np.float32))

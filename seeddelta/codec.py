@@ -11,13 +11,13 @@ fitted to the stored reconstruction, so builder and runtime agree (spec-builder-
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from seeddelta.base import (
     Base,
@@ -35,7 +35,7 @@ from seeddelta.storage import index_type_for, store_indices, store_values
 SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
-_SMALL_GATHER = 1 << 22  # T·n_out·K below which Δ·x is a dense gather rather than a sparse product
+_SMALL_GATHER = 1 << 24  # T·n_out·K up to which Δ·x is a plain gather (fast for one or a few tokens)
 _ROW_CHUNK = 2048  # rows encoded at once: bounds the float64 working set to chunk × n_in
 
 
@@ -152,18 +152,8 @@ class SeedDeltaWeight:
         return out
 
     @cached_property
-    def _residual_csr(self) -> torch.Tensor:
-        r, c, v = self._residual_coords()
-        coo = torch.sparse_coo_tensor(
-            torch.from_numpy(np.stack([r, c])), torch.from_numpy(v.astype(np.float32)), (self.n_out, self.n_in),
-            check_invariants=False,  # valid by construction: indices filtered to [0, n_out) × [0, n_in)
-        )
-        with warnings.catch_warnings():  # torch labels CSR "beta"; it is the fastest CPU sparse×dense path
-            warnings.simplefilter("ignore", UserWarning)
-            return coo.coalesce().to_sparse_csr()
-
-    def _residual_gather(self, x2: np.ndarray) -> np.ndarray:
-        """Δ·x by direct gather (small problems: avoids building a sparse matrix)."""
+    def _residual_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cols, vals) per output row, (n_out, M); entries the runtime skips become column 0, value 0."""
         if self.scheme == "coo":
             cols, vals = self.idx.astype(np.int64), self.val.astype(np.float32)
         else:
@@ -171,18 +161,24 @@ class SeedDeltaWeight:
             cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(self.n_out, -1)
             vals = self.val.astype(np.float32).reshape(self.n_out, -1)
         valid = (cols >= 0) & (cols < self.n_in)
-        gathered = x2[:, np.where(valid, cols, 0)]  # (T, n_out, K)
-        return np.einsum("tok,ok->to", gathered, np.where(valid, vals, np.float32(0)))
+        return np.where(valid, cols, 0), np.where(valid, vals, np.float32(0))
+
+    def _residual_apply(self, x2: np.ndarray) -> np.ndarray:
+        """Δ·x for x2 (T, n_in): a direct gather for few tokens, else one embedding_bag call whose
+        "embedding table" is xᵀ (n_in × T), i.e. every token at once with weights = stored values."""
+        cols, vals = self._residual_table
+        if x2.shape[0] * cols.size <= _SMALL_GATHER:
+            return np.einsum("tok,ok->to", x2[:, cols], vals)
+        table = torch.from_numpy(np.ascontiguousarray(x2.T))
+        out = F.embedding_bag(torch.from_numpy(cols), table, per_sample_weights=torch.from_numpy(vals), mode="sum")
+        return out.numpy().T
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Runtime arithmetic in float32: x (..., n_in) → (..., n_out)."""
         x = np.asarray(x, dtype=np.float32)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.n_in)
-        if x2.shape[0] * self.idx.size * (1 if self.scheme == "coo" else self.block) <= _SMALL_GATHER:
-            y = self._residual_gather(x2)
-        else:
-            y = torch.sparse.mm(self._residual_csr, torch.from_numpy(np.ascontiguousarray(x2.T))).T.numpy()
+        y = self._residual_apply(x2)
         if self.base is not None:
             y = self.base.apply(x2) + y
         if self.row_scale is not None:

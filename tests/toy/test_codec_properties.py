@@ -58,7 +58,7 @@ def test_error_non_increasing_in_k(seed, n_in, n_out, base, scheme):
         sdw = encode(W, EncodeConfig(K=k, base=base, scheme=scheme, block=4, val_type="f32", base_store="f32", seed=seed))
         errs.append(np.linalg.norm(W - sdw.dense(), axis=1))
     norm = np.linalg.norm(W.astype(np.float64), axis=1) + 1e-30
-    for a, b in zip(errs, errs[1:]):
+    for a, b in zip(errs, errs[1:], strict=False):
         assert np.all(b <= a + 4 * U32 * norm), (a, b)
 
 
