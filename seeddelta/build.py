@@ -146,10 +146,10 @@ def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> N
         raise SeedDeltaError(f"--val-type must be f16 or f32, got {opts.val_type!r}")
     if opts.eval_cols < 0 or opts.eval_x < 0:
         raise SeedDeltaError("--eval-cols and --eval-x must be >= 0")
-    for flag, value in (("--imatrix-eps", opts.imatrix_eps), ("--imatrix-power", opts.imatrix_power),
-                        ("--delta-norm-clamp-down", opts.delta_norm_clamp_down)):
-        if not np.isfinite(value):
-            raise SeedDeltaError(f"{flag} must be a finite number, got {value}")
+    for flag, fvalue in (("--imatrix-eps", opts.imatrix_eps), ("--imatrix-power", opts.imatrix_power),
+                         ("--delta-norm-clamp-down", opts.delta_norm_clamp_down)):
+        if not np.isfinite(fvalue):
+            raise SeedDeltaError(f"{flag} must be a finite number, got {fvalue}")
     if opts.delta_norm_clamp_down < 0:
         raise SeedDeltaError(f"--delta-norm-clamp-down must be >= 0, got {opts.delta_norm_clamp_down}")
     if opts.threads < 0:
@@ -245,7 +245,61 @@ def _proxy_reason(opts: BuildOptions, kind: str) -> str:
         return "proxy_requires_coo"
     if kind == "ffn_down":
         return "proxy_kind_not_supported"
-    return "proxy_not_implemented"  # ours: the logging-only FFN proxy (§6.4) is not implemented
+    return ""
+
+
+def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw: Any) -> dict[str, Any]:
+    """FFN proxy of spec §6.4 (logging only; never changes a decision): replace the current gate or
+    up pre-activation by the stored SeedΔ weight and compare a sampled SwiGLU FFN output.
+
+    As the original: x ~ N(0, I), SiLU, hidden/output subsets, absolute L2, percentiles over x.
+    Unlike the original, the replaced pre-activation is the stored reconstruction including its
+    row scale (the original ignored the row scale)."""
+    reason = _proxy_reason(opts, kind)
+    if reason:
+        return {"ffn_proxy_available": False, "ffn_proxy_reason": reason}
+    names = {k: weight_name(layer, k) for k in KINDS}
+    if not all(model.has(n) for n in names.values()):
+        return {"ffn_proxy_available": False, "ffn_proxy_reason": "proxy_unavailable"}
+    seed = opts.seed + 101 * layer + {"ffn_gate": 1, "ffn_up": 2, "ffn_down": 3}[kind]
+    rng = np.random.default_rng(seed % (1 << 64))
+    gate, up, down = (model.dense(names[k]) for k in KINDS)
+    n_ff, n_embd = gate.shape
+    sample = opts.eval_cols if opts.eval_cols > 0 else 128
+    hidden = rng.permutation(n_ff)[: min(n_ff, sample)]
+    outputs = rng.permutation(n_embd)[: min(n_embd, sample)]
+    n_x = min(opts.eval_x, 128)
+    x = rng.standard_normal((n_x, n_embd)).astype(np.float32).astype(np.float64)
+    g = x @ gate[hidden].astype(np.float64).T  # (n_x, |H|)
+    u = x @ up[hidden].astype(np.float64).T
+    replaced = x @ sdw.dense(hidden).T
+    g_hat, u_hat = (replaced, u) if kind == "ffn_gate" else (g, replaced)
+    w_down = down[np.ix_(outputs, hidden)].astype(np.float64)  # (|O|, |H|)
+
+    def silu(v: np.ndarray) -> np.ndarray:
+        return v / (1.0 + np.exp(-np.clip(v, -500, 500)))
+
+    y = (silu(g) * u) @ w_down.T
+    y_hat = (silu(g_hat) * u_hat) @ w_down.T
+    yy, hh = np.sum(y * y, axis=1), np.sum(y_hat * y_hat, axis=1)
+    ny, nh = np.sqrt(np.maximum(yy, 1e-20)), np.sqrt(np.maximum(hh, 1e-20))
+    cos = np.sum(y * y_hat, axis=1) / (ny * nh)
+    l2 = np.linalg.norm(y - y_hat, axis=1)
+    ratio = (nh / ny)[yy > 0]
+    log_ratio = np.log(ratio[ratio > 0])
+
+    def pct(v: np.ndarray, q: float) -> float:
+        return float(np.percentile(v, q)) if v.size else 0.0
+
+    return {
+        "ffn_proxy_available": True, "ffn_proxy_reason": "", "ffn_proxy_scope": "replace_only_current_tensor",
+        "ffn_proxy_base_used": False, "ffn_proxy_eval_x": n_x, "ffn_proxy_eval_out": int(outputs.size),
+        "ffn_proxy_seed": seed,
+        "ffn_proxy_cos_mean": float(cos.mean()), "ffn_proxy_cos_p05": pct(cos, 5),
+        "ffn_proxy_l2_mean": float(l2.mean()), "ffn_proxy_l2_p95": pct(l2, 95),
+        "ffn_proxy_log_norm_ratio_mean": float(log_ratio.mean()) if log_ratio.size else 0.0,
+        "ffn_proxy_log_norm_ratio_p95": pct(log_ratio, 95),
+    }
 
 
 def _encode_one(
@@ -290,7 +344,7 @@ def _encode_one(
         "block": cfg.block, "n_blocks": int(sdw.n_blocks), **{k: v for k, v in metrics.items()},
         **cost, **gating,
         "ffn_score": ffn_score(metrics),
-        "ffn_proxy_available": False, "ffn_proxy_reason": _proxy_reason(opts, kind),
+        **_ffn_proxy(model, opts, layer, kind, sdw),
         "emit": emit, "strip_dense": strip,
         **tile_fields(n_out, int(sdw.K)),
         "autotune_selected_budget": k_budget if emit else 0,
@@ -445,7 +499,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
     # assemble in build order: report entries, keys, tensors
     results: list[WeightResult] = []
     running_cost, pass_gate_up, pass_down = 0.0, 0, 0
-    for layer, kind, action, cfg in plan:
+    for layer, kind, action, plan_cfg in plan:
         if action == "encode":
             res = encoded[(layer, kind)]
             entry = res.entry
@@ -468,10 +522,10 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
             results.append(res)
         elif action == "missing":
             if opts.report_json is not None or opts.policy is not None:
-                results.append(WeightResult(layer, kind, _stub_entry(opts, layer, kind, cfg, "missing_tensor")))
+                results.append(WeightResult(layer, kind, _stub_entry(opts, layer, kind, plan_cfg, "missing_tensor")))
         elif action == "disabled":
             n_in, n_out = model.weight_dims(layer, kind)
-            results.append(WeightResult(layer, kind, _stub_entry(opts, layer, kind, cfg, "disabled", n_in, n_out)))
+            results.append(WeightResult(layer, kind, _stub_entry(opts, layer, kind, plan_cfg, "disabled", n_in, n_out)))
 
     processed = {(r.layer, r.kind) for r in results}
     drop_tensors: set[str] = set()

@@ -22,6 +22,7 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from gguf import GGUFValueType
@@ -78,10 +79,10 @@ def imatrix_scale(values: np.ndarray, eps: float = 1e-8, power: float = 1.0) -> 
     return s.astype(np.float32)
 
 
-def _field(reader: object, key: str) -> object:
+def _field(reader: Any, key: str) -> Any:
     from seeddelta.gguf_io import field_value
 
-    fld = reader.fields.get(key)  # type: ignore[attr-defined]
+    fld = reader.fields.get(key)
     return None if fld is None else field_value(fld)
 
 
@@ -131,8 +132,8 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         path=p,
         values=values,
         datasets=[str(d) for d in datasets] if isinstance(datasets, list) else [],
-        chunk_count=int(_field(reader, KEY_CHUNK_COUNT) or 0),  # type: ignore[arg-type]
-        chunk_size=int(_field(reader, KEY_CHUNK_SIZE) or 0),  # type: ignore[arg-type]
+        chunk_count=int(_field(reader, KEY_CHUNK_COUNT) or 0),
+        chunk_size=int(_field(reader, KEY_CHUNK_SIZE) or 0),
     )
 
 
@@ -202,10 +203,10 @@ def write_imatrix(
         s = np.asarray(sums[name], dtype=np.float32)
         if s.ndim != 1 or s.size == 0:
             raise SeedDeltaError(f"write_imatrix: sums for {name} must be a non-empty 1-D array")
-        c = int(counts[name])
-        if c < 0:
+        count = int(counts[name])
+        if count < 0:
             raise SeedDeltaError(f"write_imatrix: negative count for {name}")
-        prepared.append((name, s, np.array([c], dtype=np.float32)))
+        prepared.append((name, s, np.array([count], dtype=np.float32)))
     with AtomicOutput(path, "imatrix") as out:
         writer = _new_writer(out.tmp, "imatrix", 32)
         _set_kv(writer, KV("general.type", "imatrix", GGUFValueType.STRING))

@@ -11,8 +11,9 @@ Field names, order and meanings follow the original. Differences, all deliberate
   `seeddelta_py_version`, and — apart from everything else — `timing` (wall-clock seconds).
   Everything outside `timing` is a deterministic function of the inputs and the flags;
   `--deterministic-report` leaves `timing` out so that the whole file is byte-identical.
-* fields of features we do not implement (tiles, k-selector, FFN proxy, autotune) carry the
-  values the original writes for its default flags (§6.5, §6.4, §10.2).
+* fields of features we do not implement (tiles, k-selector, autotune) carry the values the
+  original writes for its default flags (§6.5, §10.2); the logging-only FFN proxy (§6.4) is
+  computed as the original does, except that the replaced pre-activation includes the row scale.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from seeddelta.gguf_io import GGUFModel, global_seeddelta_kv, seeddelta_entries
 def inspect_file(path: str) -> dict[str, Any]:
     model = GGUFModel(path, require_llama=False, what="file")
     entries = seeddelta_entries(model)
-    weights = []
+    weights: list[dict[str, Any]] = []
     for e in entries:
         weights.append({
             "layer": e.layer,

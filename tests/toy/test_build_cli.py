@@ -220,3 +220,25 @@ def test_delta_norm_clamp_applies_to_ffn_down_only(tmp_path, model, capsys):
         else:
             assert d_norm > 5 * tau * w_norm  # top half of a Gaussian row: most of the norm, untouched
     assert "blk.0.ffn_down.weight: delta norm clamp" in err
+
+
+def test_ffn_proxy_is_exact_at_full_budget_and_reports_why_it_is_unavailable(tmp_path, model, capsys):
+    def run(name: str, *extra: str) -> list[dict]:
+        _build(capsys, model, tmp_path / f"{name}.gguf", "--layers", "1", "--eval-cols", "1000", "-t", "1",
+               "--report-json", str(tmp_path / f"{name}.json"), *extra)
+        return json.loads((tmp_path / f"{name}.json").read_text())["weights"]
+
+    # K = n_in keeps every entry of the (F16-exact) row, no row scale: the replaced FFN is the FFN
+    full = {e["kind"]: e for e in run("full", "--K", "64", "--eval-x", "5")}
+    g = full["ffn_gate"]
+    assert g["ffn_proxy_available"] and g["ffn_proxy_reason"] == "" and g["ffn_proxy_eval_x"] == 5
+    assert g["ffn_proxy_scope"] == "replace_only_current_tensor" and g["ffn_proxy_eval_out"] == 64
+    assert g["ffn_proxy_seed"] == 1234 + 101 * 1 + 1 and full["ffn_up"]["ffn_proxy_seed"] == 1234 + 101 + 2
+    # identical inputs give identical float64 sums: cos is 1 up to rounding of the division (1e-12)
+    assert g["ffn_proxy_cos_p05"] == pytest.approx(1.0, abs=1e-12) and g["ffn_proxy_l2_mean"] == 0.0
+    assert full["ffn_down"]["ffn_proxy_reason"] == "proxy_kind_not_supported"
+    small = {e["kind"]: e for e in run("small", "--K", "4", "--eval-x", "5")}
+    assert small["ffn_up"]["ffn_proxy_available"] and small["ffn_up"]["ffn_proxy_cos_mean"] < 0.99
+    assert small["ffn_up"]["ffn_proxy_l2_mean"] > 0
+    assert run("nox", "--K", "4")[0]["ffn_proxy_reason"] == "proxy_requires_eval_x"
+    assert run("base", "--K", "4", "--eval-x", "2", "--base")[0]["ffn_proxy_reason"] == "proxy_requires_coo"
