@@ -95,8 +95,9 @@ def load_gguf_model(path: Path | str) -> tuple[TinyLlama, SPMTokenizer]:
         n_head=int(_field(r, "llama.attention.head_count")),
         n_head_kv=int(_field(r, "llama.attention.head_count_kv")),
         n_ctx=int(_field(r, "llama.context_length")),
-        rope_theta=float(_field(r, "llama.rope.freq_base", 10000.0)),
-        rms_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon")),
+        # float32 metadata back to the decimal value that was written (1e-5, not 9.99999974e-06)
+        rope_theta=float(f"{float(_field(r, 'llama.rope.freq_base', 10000.0)):.7g}"),
+        rms_eps=float(f"{float(_field(r, 'llama.attention.layer_norm_rms_epsilon')):.7g}"),
         tied_output="output.weight" not in tensors,
     )
     model = TinyLlama(cfg)
