@@ -258,3 +258,25 @@ def test_block_scheme_with_a_partial_last_block(tmp_path):
         pad = np.asarray(arrays["b_val"])[idx == last][:, e["n_in"] - last * block:]
         assert pad.size == 0 or np.all(pad == 0)
         assert e["rel_l2_mean"] == pytest.approx(_row_metrics(W, ref)["rel_l2_mean"], abs=1e-9)
+
+
+def test_in_memory_arrays_survive_write_and_read_exactly(tmp_path):
+    import io
+
+    from seeddelta.build import BuildOptions, run_build
+
+    m = make_llama_gguf(tmp_path / "in.gguf", n_layer=1, n_embd=N_EMBD, n_ff=N_FF, seed=8)
+    opts = BuildOptions(input=m.path, output=str(tmp_path / "o.gguf"), K=9, base=True, row_scale=True,
+                        val_type="f32", idx_type="i32", threads=1, progress=False)
+    result = run_build(opts, log=io.StringIO())
+    raw = {t.name: t for t in GGUFReader(tmp_path / "o.gguf").tensors}
+    n = 0
+    for res in result.results:
+        for name, arr in res.tensors:
+            t = raw[name]
+            assert t.data.dtype == arr.dtype and t.data.shape == arr.shape, name
+            assert t.data.tobytes() == np.ascontiguousarray(arr).tobytes(), name
+            n += 1
+    assert n == 3 * 7  # d_idx, d_val, d_row_scale, 4 base tensors for each of 3 weights
+    assert raw["blk.0.ffn_up.d_idx"].tensor_type == Q.I32 and raw["blk.0.ffn_up.d_val"].tensor_type == Q.F32
+    assert raw["blk.0.ffn_up.d_row_scale"].tensor_type == Q.F16  # row scale stays F16 (§8.2)
