@@ -572,7 +572,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
     )
     timing = None if opts.deterministic_report else {
         "total_seconds": seconds,
-        "weights": [{"layer": r.layer, "kind": r.kind, "seconds": r.seconds} for r in results if r.tensors or r.seconds],
+        "weights": [{"layer": r.layer, "kind": r.kind, "seconds": r.seconds} for r in results if r.seconds > 0],
     }
     report = top_level(
         input_path=opts.input, output_path=opts.output, base=opts.base, policy_file=opts.policy or "",
@@ -581,11 +581,9 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
         imatrix_datasets=imatrix.datasets if imatrix is not None else [], resid=resid,
         eval_cols=opts.eval_cols, eval_x=opts.eval_x, stack_pass_gate_up=pass_gate_up, stack_pass_down=pass_down,
         weights=[r.entry for r in results if r.entry is not None], input_bytes=input_bytes,
-        output_bytes=output_bytes, bytes_added=bytes_added, bytes_stripped=bytes_stripped, timing=timing,
+        output_bytes=output_bytes, bytes_added=bytes_added, bytes_stripped=bytes_stripped,
+        bytes_replaced=bytes_replaced, timing=timing,
     )
-    report["bytes_replaced"] = bytes_replaced
-    if timing is not None:
-        report["timing"] = report.pop("timing")  # keep timing last
     if opts.report_json:
         write_report(opts.report_json, report)
     return BuildResult(report, results, output_bytes, input_bytes, bytes_added, bytes_stripped, bytes_replaced,

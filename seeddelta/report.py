@@ -7,8 +7,9 @@ Field names, order and meanings follow the original. Differences, all deliberate
 * metrics describe the stored (fp16-rounded) tensors, not float32 intermediates;
 * our additions: per weight `bytes_dense` (the dense weight in its stored type), `bytes_seeddelta`
   (all SeedΔ tensors of the weight), `bits_per_weight` (bytes_seeddelta·8 / (n_in·n_out)),
-  `dense_type`; top level `input_bytes`, `output_bytes`, `bytes_added`, `bytes_stripped`,
-  `seeddelta_py_version`, and — apart from everything else — `timing` (wall-clock seconds).
+  `dense_type`; top level `input_bytes`, `output_bytes`, `bytes_added` (SeedΔ tensors written),
+  `bytes_stripped` (dense weights dropped), `bytes_replaced` (old SeedΔ tensors dropped by
+  `--overwrite-existing`), `seeddelta_py_version`, and — apart from everything else — `timing` (wall-clock seconds).
   Everything outside `timing` is a deterministic function of the inputs and the flags;
   `--deterministic-report` leaves `timing` out so that the whole file is byte-identical.
 * fields of features we do not implement (tiles, k-selector, autotune) carry the values the
@@ -81,7 +82,9 @@ TOP_FIELDS_ORIGINAL = (
     "base_perm_trials", "imatrix_file", "imatrix_eps", "imatrix_power", "imatrix_datasets", "resid",
     "eval_cols", "eval_x", "stack_pass_gate_up", "stack_pass_down", "weights",
 )
-TOP_FIELDS_OURS = ("seeddelta_py_version", "input_bytes", "output_bytes", "bytes_added", "bytes_stripped", "timing")
+TOP_FIELDS_OURS = (
+    "seeddelta_py_version", "input_bytes", "output_bytes", "bytes_added", "bytes_stripped", "bytes_replaced", "timing",
+)
 
 METRIC_FIELDS = tuple(
     f"{stem}{suffix}"
@@ -200,7 +203,8 @@ def top_level(
     output_bytes: int,
     bytes_added: int,
     bytes_stripped: int,
-    timing: Mapping[str, Any] | None,
+    bytes_replaced: int = 0,
+    timing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The top-level object in the order of §10.1, then our fields."""
     out: dict[str, Any] = {
@@ -230,6 +234,7 @@ def top_level(
     out["output_bytes"] = output_bytes
     out["bytes_added"] = bytes_added
     out["bytes_stripped"] = bytes_stripped
+    out["bytes_replaced"] = bytes_replaced
     if timing is not None:
         out["timing"] = dict(timing)
     return out

@@ -149,7 +149,11 @@ def test_existing_seeddelta_input_is_refused_and_overwrite_really_replaces(tmp_p
     # now re-encode an unstripped weight that already has SeedΔ tensors: old ones must go
     third = tmp_path / "k3.gguf"
     _build(capsys, type(model)(**{**model.__dict__, "path": str(second)}), third, "--K", "3",
-           "--overwrite-existing", "--layers", "0")
+           "--overwrite-existing", "--layers", "0", "--report-json", str(tmp_path / "r3.json"))
+    replaced = sum(int(x.n_bytes) for x in GGUFReader(second).tensors
+                   if x.name.startswith("blk.0.") and not x.name.endswith(".weight") and "ffn_" in x.name)
+    r3 = json.loads((tmp_path / "r3.json").read_text())
+    assert r3["bytes_replaced"] == replaced > 0
     t3 = {x.name: x for x in GGUFReader(third).tensors}
     assert [int(v) for v in t3["blk.0.ffn_down.d_idx"].shape] == [3, 64]
     assert len(t3) == len(GGUFReader(third).tensors)
