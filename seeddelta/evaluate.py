@@ -252,6 +252,19 @@ def collect_imatrix(model: Any, windows: Windows) -> tuple[dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------------- throughput / memory
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), so RSS reflects live data only."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes() -> int | None:
     """Resident set size of this process (psutil when installed, else /proc/self/statm)."""
     try:
@@ -290,16 +303,14 @@ class Loaded:
 
 
 def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> Loaded:
-    import gc
-
     from seeddelta.model import load_model, load_tokenizer
 
-    gc.collect()
+    trim_heap()
     before = rss_bytes()
     t0 = time.perf_counter()
     model = load_model(path, use_seeddelta=use_seeddelta, mode=mode)
     seconds = time.perf_counter() - t0
-    gc.collect()
+    trim_heap()
     after = rss_bytes()
     return Loaded(model, load_tokenizer(path), seconds, before, after)
 
