@@ -652,8 +652,8 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
             arrays.pop("d_val", None)
         try:
             weights[(entry.layer, entry.kind)] = SeedDeltaWeight.from_tensors(arrays, entry.n_in, entry.n_out)
-        except SeedDeltaError as exc:
-            raise SeedDeltaError(f"{model.path}: blk.{entry.layer}.{entry.kind}: {exc}") from None
+        except (SeedDeltaError, ValueError, IndexError) as exc:  # malformed shapes from a foreign writer
+            raise SeedDeltaError(f"{model.path}: blk.{entry.layer}.{entry.kind}: invalid SeedΔ tensors ({exc})") from None
     return SeedDeltaFile(
         path=model.path,
         weights=weights,

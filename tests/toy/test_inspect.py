@@ -144,3 +144,22 @@ def test_inspect_plain_model_and_missing_file(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"seeddelta inspect: error: file not found: {tmp_path / 'missing.gguf'}"
+
+
+def test_malformed_seeddelta_tensors_are_one_clear_error(tmp_path):
+    from seeddelta.errors import SeedDeltaError
+
+    w = GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_uint32("llama.embedding_length", 8)
+    w.add_uint32("llama.feed_forward_length", 12)
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((12, 8), np.float16))
+    w.add_tensor("blk.0.ffn_up.d_idx", np.zeros((12, 2), np.int16))
+    w.add_tensor("blk.0.ffn_up.d_val", np.zeros((12, 2), np.float16))
+    w.add_tensor("blk.0.ffn_up.base_d1", np.ones((2, 6), np.float16))  # L = 6 is not a power of two
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SeedDeltaError, match=r"blk\.0\.ffn_up: invalid SeedΔ tensors"):
+        read_seeddelta_weights(tmp_path / "bad.gguf")
