@@ -170,6 +170,8 @@ class KldResult:
     nll_model: np.ndarray
     n_chunk: int
     n_ctx: int
+    base_prompt_tok_per_s: float = float("nan")
+    model_prompt_tok_per_s: float = float("nan")
 
     def summary(self) -> dict[str, Any]:
         n = int(self.kld.size)
@@ -197,15 +199,24 @@ class KldResult:
             "ppl_model": {"ppl": ppl_m, "se": ppl_m_se},
             "ppl_ratio": math.exp(d_mean),
             "nll_correlation": corr,
+            "throughput": {"base_prompt_tok_per_s": self.base_prompt_tok_per_s,
+                           "model_prompt_tok_per_s": self.model_prompt_tok_per_s},
         }
 
 
 def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
                   progress: Callable[[int], None] | None = None) -> KldResult:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("kld", "same", "dp", "nb", "nm")}
+    secs = [0.0, 0.0]
     for i in range(windows.n_chunk):
-        lp = torch.log_softmax(base_fn(windows.inputs[i], windows.first).to(torch.float64), dim=-1)
-        lq = torch.log_softmax(model_fn(windows.inputs[i], windows.first).to(torch.float64), dim=-1)
+        t0 = time.perf_counter()
+        lb = base_fn(windows.inputs[i], windows.first)
+        t1 = time.perf_counter()
+        lm = model_fn(windows.inputs[i], windows.first)
+        secs[0] += t1 - t0
+        secs[1] += time.perf_counter() - t1
+        lp = torch.log_softmax(lb.to(torch.float64), dim=-1)
+        lq = torch.log_softmax(lm.to(torch.float64), dim=-1)
         p = lp.exp()
         tgt = torch.as_tensor(windows.targets[i], dtype=torch.int64)[:, None]
         parts["kld"].append((p * (lp - lq)).sum(-1).numpy())
@@ -217,7 +228,9 @@ def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
         if progress is not None:
             progress(i)
     cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return KldResult(cat["kld"], cat["same"].astype(bool), cat["dp"], cat["nb"], cat["nm"], windows.n_chunk, windows.n_ctx)
+    n = windows.n_chunk * windows.n_ctx
+    return KldResult(cat["kld"], cat["same"].astype(bool), cat["dp"], cat["nb"], cat["nm"], windows.n_chunk, windows.n_ctx,
+                     n / secs[0] if secs[0] > 0 else float("nan"), n / secs[1] if secs[1] > 0 else float("nan"))
 
 
 # ---------------------------------------------------------------------------------- imatrix
