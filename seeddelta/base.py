@@ -205,7 +205,7 @@ def fit_xor_circulant(
     h2 = np.zeros((B, L))
     perms = np.zeros((B, L), dtype=np.int64)
     total_sse = 0.0
-    shared_rows = None
+    shared_rows = np.zeros(0, dtype=np.int64)
     if not g.tall:
         candidates = rng.permutation(min(n_out, L))
         shared_rows = candidates if max_samples <= 0 else candidates[: max_samples]
@@ -331,7 +331,6 @@ def xor_base_from_tensors(tensors: dict[str, np.ndarray], n_in: int, n_out: int)
 
     ones = np.ones_like(d1)
     perm1 = get("base_perm1", np.broadcast_to(np.arange(L, dtype=np.int32), d1.shape).copy())
-    assert perm1 is not None
-    return XorCirculantBase(
-        n_in, n_out, d1, get("base_d2", None), get("base_d3", ones), perm1, get("base_perm2", None)
-    )
+    d3 = get("base_d3", ones)
+    assert perm1 is not None and d3 is not None
+    return XorCirculantBase(n_in, n_out, d1, get("base_d2", None), d3, perm1, get("base_perm2", None))

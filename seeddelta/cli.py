@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from seeddelta.errors import SeedDeltaError
 
@@ -16,7 +18,7 @@ COMMAND_MODULES = ("demo", "toy", "build", "inspect", "tiny", "ppl", "kld", "gre
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints usage + exits 2; keep it to one line
+    def error(self, message: str) -> NoReturn:  # argparse's default prints usage + exits 2; keep it to one line
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -46,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seeddelta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `seeddelta inspect --json | head`: the reader left, not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # keep the interpreter from failing again at exit flush
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import numpy as np
 
 from seeddelta.errors import SeedDeltaError
 
-VAL_DTYPES = {"f16": np.float16, "f32": np.float32}
-IDX_DTYPES = {"i16": np.int16, "i32": np.int32}
+VAL_DTYPES: dict[str, type[np.floating]] = {"f16": np.float16, "f32": np.float32}
+IDX_DTYPES: dict[str, type[np.signedinteger]] = {"i16": np.int16, "i32": np.int32}
 I16_MAX = int(np.iinfo(np.int16).max)
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from seeddelta.base import CirculantBase, LowRankBase, XorCirculantBase
 from seeddelta.codec import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.errors import SeedDeltaError
 from seeddelta.hadamard import is_pow2, next_pow2
@@ -303,14 +304,14 @@ def _functional_deviation(sdw: SeedDeltaWeight, W_hat: np.ndarray, n_x: int, see
     x_abs = np.abs(x.astype(np.float64))
     bound = (sdw.K + 4) * U32 * (x_abs @ np.abs(W_hat).T)
     base = sdw.base
-    if base is not None and hasattr(base, "d2") and base.d2 is not None:
+    if isinstance(base, XorCirculantBase) and base.d2 is not None:
         L = base.d2.shape[1]
         d2_l1 = np.abs(base.d2.astype(np.float64)).sum(axis=1).max()
         bound += (2 * math.log2(max(L, 2)) + 2) * U32 * d2_l1 * x_abs.sum(axis=1, keepdims=True)
-    elif base is not None and hasattr(base, "u"):
+    elif isinstance(base, LowRankBase):
         lowrank = np.abs(base.u.astype(np.float64)) @ np.abs(base.v.astype(np.float64))
         bound += (sdw.n_in + base.u.shape[1] + 2) * U32 * (x_abs @ lowrank.T)
-    elif base is not None:
+    elif isinstance(base, CirculantBase):
         bound += 1e-10 * np.abs(base.c.astype(np.float64)).sum() * x_abs.sum(axis=1, keepdims=True)
     bound += 1e-30
     return float(np.max(np.abs(fast - exact) - bound))
