@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--name", default="seeddelta-tiny")
     e.set_defaults(handler=_export)
 
+    r = sub.add_parser("release", help="export a checkpoint into the package, measure it, write manifest.json")
+    r.add_argument("--ckpt", type=Path, default=Path("runs/tiny/ckpt.pt"))
+    r.add_argument("--outdir", type=Path, default=None, help="default: the package's data/tiny")
+    r.add_argument("--notes", default="")
+    r.set_defaults(handler=_release)
+
     v = sub.add_parser("eval", help="greedy accuracy and PPL of a checkpoint or tiny GGUF (training-side model)")
     src = v.add_mutually_exclusive_group()
     src.add_argument("--ckpt", type=Path, default=None)
@@ -59,6 +65,7 @@ def _train(args: argparse.Namespace) -> int:
     from seeddelta.tiny.train import TrainConfig, _print_flush, train
 
     cfg = TrainConfig()
+    over: dict = {}
     if args.config is not None:
         try:
             over = json.loads(args.config.read_text())
@@ -72,8 +79,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(d)
     if args.steps is not None:
         cfg.steps = args.steps
+    # on --resume the checkpoint's configuration wins, except for what is given explicitly here
     train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps, log=_print_flush,
-          steps_override=args.steps if args.resume else None)
+          steps_override=args.steps if args.resume else None, overrides=over if args.resume else None)
     return 0
 
 
@@ -82,6 +90,16 @@ def _export(args: argparse.Namespace) -> int:
 
     path = export_checkpoint(args.ckpt, args.output, name=args.name)
     print(f"wrote {path}")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from seeddelta.tiny import DATA_DIR
+    from seeddelta.tiny.release import release
+
+    m = release(args.ckpt, args.outdir if args.outdir is not None else DATA_DIR, notes=args.notes)
+    for k, t in m["targets"].items():
+        print(f"{k}: measured {t['measured']:.4f}, target {t['target']}, {'met' if t['met'] else 'NOT met'}")
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Greedy: BOS + prompt, argmax decoding with a KV cache until a newline is produced (or 48 tokens);
 the answer is the decoded text up to the first newline; exact match against the pack's answer.
-Perplexity: llama-perplexity's method (windows of n_ctx tokens, BOS replaces the first token of each
-window, only the second half scored); PPL = exp(mean NLL), standard error = PPL · sd(NLL)/sqrt(n-1)
+Perplexity: llama-perplexity's method (text tokenized with BOS prepended, windows of n_ctx tokens, BOS
+replaces the first token of each window, n_ctx/2 - 1 tokens of the second half scored per window); PPL = exp(mean NLL), standard error = PPL · sd(NLL)/sqrt(n-1)
 as llama.cpp reports it. The official evaluators on GGUF are `seeddelta ppl/greedy`.
 """
 
@@ -62,9 +62,10 @@ def perplexity(model: TinyLlama, ids: list[int], n_ctx: int, bos_id: int, chunks
         chunk[0] = bos_id
         x = torch.tensor([chunk])
         lp = torch.log_softmax(model(x)[0].double(), dim=-1)
+        # as perplexity.cpp: logits at positions first..n_ctx-2 predict tokens first+1..n_ctx-1
         first = n_ctx // 2
-        tgt = x[0, first:]
-        nlls.append(-lp[first - 1:n_ctx - 1].gather(1, tgt[:, None])[:, 0].numpy())
+        tgt = x[0, first + 1:]
+        nlls.append(-lp[first:n_ctx - 1].gather(1, tgt[:, None])[:, 0].numpy())
     if not nlls:
         return {"ppl": float("nan"), "se": float("nan"), "windows": 0, "tokens": 0}
     v = np.concatenate(nlls)
@@ -93,6 +94,7 @@ def evaluate_model(model_tok: tuple[TinyLlama, SPMTokenizer], pack: Path | None 
             correct += ok
             items.append({"id": r.id, "answer": r.answer, "got": got, "ok": ok})
         greedy[task] = {"n": len(sel), "correct": correct, "accuracy": correct / max(1, len(sel))}
-    ids = tok.encode(val_text if val_text is not None else ds.load_val_text())
+    # llama-perplexity tokenizes the whole text with BOS prepended (add_bos_token is true)
+    ids = tok.encode(val_text if val_text is not None else ds.load_val_text(), add_bos=True)
     ppl = {str(c): perplexity(model, ids, c, tok.bos_id, chunks) for c in ctxs}
     return {"greedy": greedy, "ppl": ppl, "items": items}

@@ -165,18 +165,19 @@ def window_nll(model: TinyLlama, ids: list[int], n_ctx: int, bos_id: int, max_wi
         tgt = x[0, 1:]
         nll = -lp.gather(1, tgt[:, None])[:, 0]
         first = n_ctx // 2
-        part = nll[first - 1:]  # predictions of tokens first..n_ctx-1
+        part = nll[first:]  # as perplexity.cpp: predictions of tokens first+1..n_ctx-1
         tot += float(part.sum())
         cnt += part.numel()
     return tot, cnt
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int | None = None,
-          log=print, val_text: str | None = None, steps_override: int | None = None) -> TinyLlama:
+          log=print, val_text: str | None = None, steps_override: int | None = None,
+          overrides: dict | None = None) -> TinyLlama:
     """Train (or resume) into run_dir (ckpt.pt, best.pt, log.jsonl). `max_steps` stops early
     (tests) without changing the schedule. On resume the checkpoint's configuration is used;
     `steps_override` changes its total step count (and so the rest of the schedule), which is
-    recorded in the state's "schedule_changes"."""
+    recorded in the state's "schedule_changes"; so are `overrides` (TrainConfig fields, e.g. phases)."""
     torch.set_num_threads(cfg.threads)
     tok = tiny_tokenizer()
     heldout = ds.heldout_texts(cfg.seed)
@@ -197,6 +198,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
                 {"at_step": state["step"], "steps_from": cfg.steps, "steps_to": steps_override})
             log(f"schedule change at step {state['step']}: total steps {cfg.steps} -> {steps_override}")
             cfg.steps = steps_override
+        if overrides:
+            d = cfg.to_dict()
+            changed = {k: v for k, v in overrides.items() if d.get(k) != v}
+            if changed:
+                d.update(changed)
+                state.setdefault("schedule_changes", []).append({"at_step": state["step"], "changed": changed})
+                log(f"configuration change at step {state['step']}: {changed}")
+                cfg = TrainConfig.from_dict(d)
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
         log(f"resumed from {ckpt_path} at step {state['step']}")
@@ -204,7 +213,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         raise SeedDeltaError(f"{ckpt_path} exists; pass --resume or choose another --run-dir")
     with open(run_dir / "train_config.json", "w") as f:
         json.dump({"train": cfg.to_dict(), "model": model.cfg.to_dict()}, f, indent=1)
-    val_ids = tok.encode(val_text if val_text is not None else ds.load_val_text())
+    val_ids = tok.encode(val_text if val_text is not None else ds.load_val_text(), add_bos=True)
     logf = open(run_dir / "log.jsonl", "a")
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     t_last_ckpt = time.time()
