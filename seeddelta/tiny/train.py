@@ -183,6 +183,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
     heldout = ds.heldout_texts(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "ckpt.pt"
+    if not resume and ckpt_path.exists():
+        raise SeedDeltaError(f"{ckpt_path} exists; pass --resume or choose another --run-dir")
     model, opt = build(cfg, tok)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None, "best_step": None}
     if resume:
@@ -209,8 +211,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
         log(f"resumed from {ckpt_path} at step {state['step']}")
-    elif ckpt_path.exists():
-        raise SeedDeltaError(f"{ckpt_path} exists; pass --resume or choose another --run-dir")
     with open(run_dir / "train_config.json", "w") as f:
         json.dump({"train": cfg.to_dict(), "model": model.cfg.to_dict()}, f, indent=1)
     val_ids = tok.encode(val_text if val_text is not None else ds.load_val_text(), add_bos=True)
