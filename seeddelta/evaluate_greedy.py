@@ -117,7 +117,7 @@ def greedy_decode(model: Any, tokenizer: Any, prompt: str, max_new: int = DEFAUL
 
 
 def run_pack(model: Any, tokenizer: Any, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0
     for it in items:
