@@ -1,21 +1,144 @@
-"""`seeddelta demo`: the main job on the built-in default.
+"""`seeddelta demo`: the main job on the built-in default (the tiny model shipped in the package).
 
-With the tiny model shipped in the package: compress its FFN weights with SeedΔ, then compare
-the compressed model with the original (perplexity, KL divergence, greedy task pack, file size).
-Before the tiny model exists it falls back to harness A (`seeddelta toy`)."""
+1. harness A (the codec against its oracles) — the maths must be right before anything else;
+2. an imatrix of the tiny model on calibration text drawn from the *training* distribution
+   (never the evaluation text: calibrating on it would leak into the scores);
+3. `seeddelta build`: SeedΔ on every FFN weight (XOR base, row scale, imatrix, strip);
+4. the SeedΔ model against the original on the same tokens (`seeddelta kld`: both
+   perplexities, paired ΔNLL, KL divergence, same top-1), the greedy task pack (exact match and
+   collapse flags, compressed model actually in use), file size and weight memory.
+
+Every step goes through the public commands, writing JSON into --out; the summary is printed
+and written to <out>/summary.json. Exit status 1 if harness A fails or the greedy pack FAILs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from seeddelta.errors import SeedDeltaError
+from seeddelta.jsonio import write_json_atomic, write_text_atomic
+
+CALIBRATION_SAMPLES = 400  # ≈ 25k tokens: enough for stable Σx² per input channel of a 192/768-wide FFN
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the built-in tiny model (see README)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("-m", "--model", help="GGUF model (default: the tiny model shipped in the package)")
+    p.add_argument("--K-gate", type=int, default=64, help="budget per row of ffn_gate (n_in 192 on the tiny model)")
+    p.add_argument("--K-up", type=int, default=64, help="budget per row of ffn_up")
+    p.add_argument("--K-down", type=int, default=256, help="budget per row of ffn_down (n_in 768)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="context for perplexity and KLD")
+    p.add_argument("--skip-toy", action="store_true", help="do not run harness A first")
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _step(title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> int:
     from seeddelta.cli import main
 
-    return main(["toy"])
+    print(f"\n== {title}: seeddelta {' '.join(argv)}", flush=True)
+    status = main(argv)
+    if status not in allowed:
+        raise SeedDeltaError(f"step '{title}' failed with exit status {status}", exit_code=1)
+    return status
+
+
+def _calibration_text(path: Path) -> None:
+    from seeddelta.tiny.dataset import DEFAULT_SEED, heldout_texts, train_samples
+
+    stream = train_samples(DEFAULT_SEED + 1, 0, heldout_texts())
+    write_text_atomic(path, "".join(next(stream).text for _ in range(CALIBRATION_SAMPLES)))
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from seeddelta.tiny import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    if not model.is_file():
+        raise SeedDeltaError(f"model not found: {model}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not args.skip_toy:
+        _step("harness A", ["toy", "--json", str(out / "toy.json")])
+    _calibration_text(out / "calibration.txt")
+    _step("imatrix", ["imatrix", "-m", str(model), "-f", str(out / "calibration.txt"), "-o", str(out / "imatrix.gguf"),
+                      "-c", str(args.ctx_size)])
+    sd = out / "model_seeddelta.gguf"
+    _step("build", ["build", "-i", str(model), "-o", str(sd), "--base", "--row-scale", "--imatrix", str(out / "imatrix.gguf"),
+                    "--K-gate", str(args.K_gate), "--K-up", str(args.K_up), "--K-down", str(args.K_down),
+                    "--strip-dense", "--eval-cols", "4096", "--eval-x", "32", "--report-json", str(out / "report.json")])
+    _step("perplexity and KL divergence", ["kld", "--base", str(model), "-m", str(sd), "-c", str(args.ctx_size), "--sparse",
+                                           "--json", str(out / "kld.json")])
+    _step("greedy pack", ["greedy", "-m", str(sd), "--base", str(model), "--json", str(out / "greedy.json")],
+          allowed=(0, 1))  # 1 = verdict FAIL: reported in the summary, not an error of the demo
+    summary = _summary(out, model, sd, time.perf_counter() - t0)
+    write_json_atomic(out / "summary.json", summary)
+    _print(summary)
+    return 0 if summary["greedy"]["verdict"]["result"] == "PASS" else 1
+
+
+def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]:
+    report = _load(out / "report.json")
+    kld, greedy = _load(out / "kld.json"), _load(out / "greedy.json")
+    weights = report["weights"]
+    by_kind: dict[str, list[float]] = {}
+    for w in weights:
+        by_kind.setdefault(w["kind"], []).append(w["cos_mean_x_w"])
+    return {
+        "model": str(model),
+        "seeddelta_model": str(sd),
+        "weights_encoded": sum(1 for w in weights if w["emit"]),
+        "weights_stripped": sum(1 for w in weights if w["strip_dense"]),
+        "file_bytes": {"original": os.path.getsize(model), "seeddelta": os.path.getsize(sd)},
+        "weight_memory_bytes": {"original": kld["base"]["memory"]["weights_bytes"],
+                                "seeddelta": kld["model"]["memory"]["weights_bytes"]},
+        "cos_mean_x_w_by_kind": by_kind,
+        "ppl": {"ctx": kld["ctx"], "original": kld["ppl_base"], "seeddelta": kld["ppl_model"]},
+        "paired_delta_nll": kld["delta_nll"],
+        "kld": kld["kld"],
+        "same_top_p": kld["same_top_p"],
+        "greedy": {"verdict": greedy["verdict"], "original": greedy["base"]["result"]["tasks"],
+                   "seeddelta": greedy["result"]["tasks"]},
+        "seconds": round(seconds, 1),
+    }
+
+
+def _print(s: dict[str, Any]) -> None:
+    fb, mem, ppl = s["file_bytes"], s["weight_memory_bytes"], s["ppl"]
+    g = s["greedy"]
+
+    def change(a: int, b: int) -> str:
+        return f"{a:,} B -> {b:,} B ({b / a - 1:+.1%})"
+
+    def acc(tasks: dict[str, Any]) -> str:
+        return ", ".join(f"{t} {v['accuracy']:.0%}" for t, v in sorted(tasks.items()))
+
+    lines = [
+        "",
+        "== SeedΔ on the tiny model: summary",
+        f"weights encoded / stripped : {s['weights_encoded']} / {s['weights_stripped']}",
+        f"file size                  : {change(fb['original'], fb['seeddelta'])}",
+        f"weight memory (loaded)     : {change(mem['original'], mem['seeddelta'])}",
+        f"perplexity at ctx {ppl['ctx']:<8} : {ppl['original']['ppl']:.4f} ± {ppl['original']['se']:.4f} -> "
+        f"{ppl['seeddelta']['ppl']:.4f} ± {ppl['seeddelta']['se']:.4f}",
+        f"paired ΔNLL (ln PPL ratio) : {s['paired_delta_nll']['mean']:+.5f} ± {s['paired_delta_nll']['se']:.5f}",
+        f"mean KLD, p99              : {s['kld']['mean']:.5f} ± {s['kld']['se']:.5f}, {s['kld']['p99']:.4f}",
+        f"same top-1                 : {s['same_top_p']['mean']:.2%} ± {s['same_top_p']['se']:.2%}",
+        f"greedy accuracy (original) : {acc(g['original'])}",
+        f"greedy accuracy (SeedΔ)    : {acc(g['seeddelta'])}",
+        f"greedy pack                : {g['verdict']['result']} {'; '.join(g['verdict'].get('reasons', []))}",
+        f"total time                 : {s['seconds']:.1f} s",
+    ]
+    print("\n".join(lines), file=sys.stdout, flush=True)
