@@ -92,7 +92,7 @@ def test_training_reduces_the_loss(tok, tmp_path):
     model = train(cfg, tmp_path / "run", log=quiet, val_text=VAL)
     after = _fixed_batch_loss(model, cfg, tok)
     # at init the loss is ≈ ln(n_vocab) = 5.85 nats; the data's character statistics alone are worth
-    # > 2 nats, which 40 steps at lr 3e-3 pick up (measured ≈ 2.9 nats lower); a 1-nat drop separates
+    # > 2 nats, which 40 steps at lr 3e-3 pick up (measured: 5.84 → 3.77 nats); a 1-nat drop separates
     # "learns" from "does not learn" with a wide margin on both sides
     assert before == pytest.approx(math.log(tok.n_vocab), abs=0.3)
     assert after < before - 1.0
