@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 TINY = "the committed tiny model"
+SYNTHETIC = "random model of the tiny model's shape (tiny.gguf not built yet)"
 PROMPT = 512
 DECODE = 64
 REPEATS = 3
@@ -41,7 +42,7 @@ def _tiny_or_synthetic(tmp: Path) -> tuple[Path, str]:
 
     p = tmp / "tiny_shaped.gguf"
     make_llama_gguf(p, n_layer=8, n_embd=192, n_ff=768, n_head=6, n_head_kv=6, vocab=320, dtype="F16", seed=0)
-    return p, "random model of the tiny model's shape (tiny.gguf not built yet)"
+    return p, SYNTHETIC
 
 
 def _speed(model, n_vocab: int) -> dict[str, float]:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             text = Path(default_val_text_path())
         except ImportError:
             text = None
-        if text is not None and text.is_file() and what == TINY:
+        if text is not None and text.is_file() and what != SYNTHETIC:
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "seeddelta", "ppl", "-m", str(path), "-f", str(text),
                                    "-c", "512", "-q", "-t", str(threads)], capture_output=True, text=True)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("Final estimate")), proc.stderr.strip())
             print(f"seeddelta ppl -c 512 over {text.name}: {secs:.1f} s wall ({line})")
         else:
-            print("seeddelta ppl timing skipped: needs the committed tiny model and its validation text")
+            print("seeddelta ppl timing skipped: needs a tiny-vocabulary model and the tiny validation text")
 
         ref = _llama_cpp(path, n_vocab, threads)
         if ref is None:
