@@ -150,7 +150,6 @@ class LlamaModel:
         if rope_freqs is not None:
             inv = inv / rope_freqs.numpy().astype(np.float64)[: len(inv)]
         self._inv_freq = inv * c.rope_freq_scale
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rope_freqs = rope_freqs
 
     # ------------------------------------------------------------------ bookkeeping

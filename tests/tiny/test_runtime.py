@@ -178,3 +178,19 @@ def test_tokenizer_from_synthetic_gguf_round_trips_bytes(model_f32: str) -> None
     ids = tok.encode("Hello\n", add_bos=True)
     # the synthetic vocabulary has no add_space_prefix key, so SPM's default prefix "▁" is added
     assert ids[0] == tok.bos_id and tok.decode(ids).endswith("Hello\n")
+
+
+def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
+    from gguf import GGUFValueType
+
+    gguf_io = pytest.importorskip("seeddelta.gguf_io")
+    p = str(tmp_path / "partial_rope.gguf")
+    # head_dim 16, only the first 8 dims rotated (the rest pass through, as llama.cpp's NORM rope)
+    gguf_io.write_model_copy(gguf_io.GGUFModel(model_f32), p,
+                             set_keys=[gguf_io.KV("llama.rope.dimension_count", 8, GGUFValueType.UINT32)])
+    m = load_model(p)
+    assert m.config.rope_dim == 8
+    ref = ref_forward(p, TOKENS)
+    tol = tol_for(ref, SHAPE["n_layer"], SHAPE["n_ff"])
+    assert np.max(np.abs(m.forward(TOKENS).numpy() - ref)) <= tol
+    assert np.max(np.abs(ref - ref_forward(model_f32, TOKENS))) > 100 * tol  # the key really changes the model
