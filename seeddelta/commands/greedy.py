@@ -1,5 +1,8 @@
-"""`seeddelta greedy`: the greedy pack — held-out prompts with known answers decoded greedily with the
-model's SeedΔ tensors in use; exact match, collapse flags (repetition loop, empty, no stop), PASS/FAIL."""
+"""`seeddelta greedy`: greedy pack of held-out prompts with known answers, PASS/FAIL.
+
+The model's SeedΔ tensors are in use; per prompt exact match and collapse flags (repetition loop,
+empty, no stop).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""`seeddelta imatrix`: activation statistics Σx² and counts at the inputs of every ffn_gate, ffn_up
-(the ffn_norm output) and ffn_down (silu(gate)·up) over llama-perplexity's windows, written in
-llama-imatrix's GGUF format (weight names blk.N.ffn_*.weight)."""
+"""`seeddelta imatrix`: FFN input statistics (Σx², counts) in llama-imatrix's GGUF format.
+
+Inputs of every ffn_gate, ffn_up (the ffn_norm output) and ffn_down (silu(gate)·up), over
+llama-perplexity's windows; weight names blk.N.ffn_*.weight.
+"""
 
 from __future__ import annotations
 

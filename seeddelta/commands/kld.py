@@ -1,5 +1,7 @@
-"""`seeddelta kld`: KL(base ‖ model) per scored token on llama-perplexity's windows (exact float64 over
-the full vocabulary), with same-top-p, Δp of the correct token and the paired ΔNLL."""
+"""`seeddelta kld`: KL(base ‖ model) on llama-perplexity's windows, same-top-p, Δp and paired ΔNLL.
+
+KL is exact in float64 over the full vocabulary for every scored token.
+"""
 
 from __future__ import annotations
 

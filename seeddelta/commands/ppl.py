@@ -1,5 +1,7 @@
-"""`seeddelta ppl`: perplexity with llama-perplexity's method (windows of n_ctx tokens, BOS first,
-second half scored), PPL ± standard error, throughput and resident memory."""
+"""`seeddelta ppl`: perplexity with llama-perplexity's method, PPL ± standard error.
+
+Windows of n_ctx tokens, BOS first, second half scored; the JSON adds throughput and resident memory.
+"""
 
 from __future__ import annotations
 
