@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--config", type=Path, default=None, help="JSON with TrainConfig overrides")
     t.add_argument("--steps", type=int, default=None, help="total steps of the schedule")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedule unchanged)")
+    t.add_argument("--init-from", type=Path, default=None, metavar="GGUF",
+                   help="warm start a new run from a tiny GGUF's weights (e.g. the shipped model)")
     t.set_defaults(handler=_train)
 
     e = sub.add_parser("export", help="export a checkpoint to GGUF F16")
@@ -81,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg.steps = args.steps
     # on --resume the checkpoint's configuration wins, except for what is given explicitly here
     train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps, log=_print_flush,
-          steps_override=args.steps if args.resume else None, overrides=over if args.resume else None)
+          steps_override=args.steps if args.resume else None, overrides=over if args.resume else None,
+          init_from=args.init_from)
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from seeddelta.errors import SeedDeltaError
 from seeddelta.tiny import DATA_DIR
 from seeddelta.tiny.evaluate import evaluate_model
 from seeddelta.tiny.export import export_gguf, load_gguf_model
@@ -44,9 +45,25 @@ def targets_report(greedy: dict, ppl: dict) -> dict:
     return out
 
 
+def _parent_training(init_from: dict | None, outdir: Path) -> dict | None:
+    """The warm-start parent (path, sha256) with its manifest's training record, so that a
+    continued model's manifest states the whole history; the manifest is looked up by sha256."""
+    if init_from is None:
+        return None
+    for cand in (outdir / "manifest.json", DATA_DIR / "manifest.json"):
+        if cand.is_file():
+            m = json.loads(cand.read_text())
+            if m.get("gguf", {}).get("sha256") == init_from["sha256"]:
+                return {**init_from, "training": m["training"], "evaluation": {
+                    k: m["evaluation"][k] for k in ("greedy", "ppl")}}
+    raise SeedDeltaError(f"warm-start parent {init_from['path']} (sha256 {init_from['sha256'][:12]}…) "
+                         "has no manifest; its training history would be lost")
+
+
 def release(ckpt: Path, outdir: Path = DATA_DIR, name: str = "seeddelta-tiny", notes: str = "",
             log=print) -> dict:
     ck = load_checkpoint(ckpt)
+    parent = _parent_training(ck["state"].get("init_from"), outdir)  # read before tiny.gguf is replaced
     model = model_from_checkpoint(ck)
     tok = tiny_tokenizer()
     gguf_path = export_gguf(model, tok, outdir / "tiny.gguf", name=name)
@@ -86,6 +103,13 @@ def release(ckpt: Path, outdir: Path = DATA_DIR, name: str = "seeddelta-tiny", n
         "targets": targets_report(res["greedy"], res["ppl"]),
         "notes": notes,
     }
+    if parent is not None:
+        t = manifest["training"]
+        t["warm_start_from"] = parent
+        t["total_steps"] = t["steps"] + parent["training"].get("total_steps", parent["training"]["steps"])
+        t["total_tokens"] = t["tokens"] + parent["training"].get("total_tokens", parent["training"]["tokens"])
+        t["total_wall_seconds"] = round(t["wall_seconds"] + parent["training"].get(
+            "total_wall_seconds", parent["training"]["wall_seconds"]), 1)
     path = outdir / "manifest.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")

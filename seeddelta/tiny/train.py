@@ -46,6 +46,8 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every_sec: float = 180.0
     model: dict = field(default_factory=dict)  # TinyConfig overrides (tests use small models)
+    # added to the step index of the data stream: a warm-started continuation sees new batches
+    data_offset: int = 0
 
     def phase(self, step: int) -> tuple[int, int]:
         for frac, T, B in self.phases:
@@ -86,8 +88,8 @@ def make_batch(cfg: TrainConfig, step: int, tok: SPMTokenizer, heldout: set[str]
     T, B = cfg.phase(step)
     rows, masks = [], []
     for b in range(B):
-        rng = random.Random(f"seeddelta-tiny/{cfg.seed}/row/{step}/{b}")
-        stream = ds.train_samples(cfg.seed, step * 1000 + b, heldout, cfg.task_weights)
+        rng = random.Random(f"seeddelta-tiny/{cfg.seed}/row/{step + cfg.data_offset}/{b}")
+        stream = ds.train_samples(cfg.seed, (step + cfg.data_offset) * 1000 + b, heldout, cfg.task_weights)
         ids, msk = [tok.bos_id], [0]
         first = True
         while len(ids) < T + 1:
@@ -173,11 +175,13 @@ def window_nll(model: TinyLlama, ids: list[int], n_ctx: int, bos_id: int, max_wi
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int | None = None,
           log=print, val_text: str | None = None, steps_override: int | None = None,
-          overrides: dict | None = None) -> TinyLlama:
+          overrides: dict | None = None, init_from: Path | None = None) -> TinyLlama:
     """Train (or resume) into run_dir (ckpt.pt, best.pt, log.jsonl). `max_steps` stops early
     (tests) without changing the schedule. On resume the checkpoint's configuration is used;
     `steps_override` changes its total step count (and so the rest of the schedule), which is
-    recorded in the state's "schedule_changes"; so are `overrides` (TrainConfig fields, e.g. phases)."""
+    recorded in the state's "schedule_changes"; so are `overrides` (TrainConfig fields, e.g. phases).
+    `init_from` warm-starts a new run from a tiny GGUF's weights (fresh optimizer and schedule);
+    its path and sha256 are kept in the state so the manifest can name the parent model."""
     torch.set_num_threads(cfg.threads)
     tok = tiny_tokenizer()
     heldout = ds.heldout_texts(cfg.seed)
@@ -187,6 +191,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         raise SeedDeltaError(f"{ckpt_path} exists; pass --resume or choose another --run-dir")
     model, opt = build(cfg, tok)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None, "best_step": None}
+    if init_from is not None:
+        if resume:
+            raise SeedDeltaError("--init-from starts a new run; it cannot be combined with --resume")
+        _warm_start(model, init_from)
+        from seeddelta.tiny.release import sha256_file
+        state["init_from"] = {"path": str(init_from), "sha256": sha256_file(init_from)}
+        save_checkpoint(ckpt_path, model, opt, cfg, state)  # the run dir names its parent from the start
+        log(f"warm start from {init_from}")
     if resume:
         ck = load_checkpoint(ckpt_path)
         if TrainConfig.from_dict(ck["train_config"]) != cfg:
@@ -271,6 +283,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
     logf.close()
     model.eval()
     return model
+
+
+def _warm_start(model: TinyLlama, gguf_path: Path) -> None:
+    from seeddelta.tiny.export import load_gguf_model
+
+    parent, _ = load_gguf_model(gguf_path)
+    if parent.cfg != model.cfg:
+        raise SeedDeltaError(f"{gguf_path}: model configuration {parent.cfg} differs from the run's {model.cfg}")
+    model.load_state_dict(parent.state_dict())
 
 
 def _print_flush(s: str) -> None:

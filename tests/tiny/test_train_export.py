@@ -192,3 +192,29 @@ def test_tied_output_writes_no_output_tensor(tok, tmp_path):
     assert "output.weight" not in names
     back, _ = load_gguf_model(path)
     assert back.cfg.tied_output and back.output is None
+
+
+def test_warm_start_begins_from_the_gguf_weights_and_records_the_parent(tok, tmp_path):
+    from seeddelta.errors import SeedDeltaError
+    from seeddelta.tiny.release import sha256_file
+
+    parent = export_gguf(_small_model(tok), tok, tmp_path / "parent.gguf")
+    loaded, _ = load_gguf_model(parent)
+    # max_steps=0: the run stops before its first update, so the model is the parent's exactly
+    warm = train(small_cfg(steps=10), tmp_path / "warm", max_steps=0, log=quiet, val_text=VAL, init_from=parent)
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), warm.state_dict().items()):
+        assert torch.equal(a, b), k
+    ck = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=False)
+    assert ck["state"]["init_from"] == {"path": str(parent), "sha256": sha256_file(parent)}
+    with pytest.raises(SeedDeltaError, match="configuration"):
+        other = TrainConfig.from_dict({**small_cfg().to_dict(), "model": {**SMALL, "n_ff": 96}})
+        train(other, tmp_path / "bad", max_steps=0, log=quiet, val_text=VAL, init_from=parent)
+
+
+def test_data_offset_gives_new_batches_from_the_same_stream(tok):
+    cfg = small_cfg()
+    x0, _, _ = make_batch(cfg, 7, tok, set())
+    shifted = TrainConfig.from_dict({**cfg.to_dict(), "data_offset": 5})
+    # step 2 of a run offset by 5 reads the stream position of step 7; step 7 reads a new one
+    assert torch.equal(make_batch(shifted, 2, tok, set())[0], x0)
+    assert not torch.equal(make_batch(shifted, 7, tok, set())[0], x0)
