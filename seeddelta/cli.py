@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # keep the interpreter from failing again at exit flush
         return 0
+    except OSError as exc:  # disk full, permission denied, … on a path the user gave: one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"seeddelta {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Definitions (DESIGN §4, field-anchors §2.1, llama-perplexity):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -342,29 +341,6 @@ def decode_speed(model: Any, prompt: Sequence[int], n_new: int = 16) -> dict[str
 
 
 # ---------------------------------------------------------------------------------- I/O helpers
-def _finite(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return _finite(o.item())
-    return o
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Valid JSON always (non-finite numbers become null), written atomically."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        tmp.replace(p)
-    except OSError as exc:
-        raise SeedDeltaError(f"cannot write JSON {p}: {exc.strerror or exc}") from None
-
-
 def read_text(path: str | Path) -> str:
     p = Path(path)
     try:
@@ -421,6 +397,22 @@ def add_runtime_args(p: Any) -> None:
     p.add_argument("--no-seeddelta", dest="use_seeddelta", action="store_false",
                    help="ignore SeedΔ tensors and run the dense weights (fails on stripped files)")
     p.add_argument("-t", "--threads", type=int, default=0, metavar="N", help="torch threads (0: torch's default)")
+
+
+def add_text_args(p: Any, text_help: str = "UTF-8 text") -> None:
+    """-f/-c/--chunks of ppl, kld and imatrix (llama-perplexity's flags)."""
+    p.add_argument("-f", "--file", default=None, metavar="TEXT",
+                   help=f"{text_help} (default: the tiny model's validation text)")
+    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N", help="window size n_ctx (512)")
+    p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
+
+
+def text_windows(args: Any, tokenizer: Any) -> tuple[Path, str, Windows]:
+    """The text named by -f (or the default) and its llama-perplexity windows under `tokenizer`."""
+    text_path = Path(args.file) if args.file else default_text()
+    text = read_text(text_path)
+    tokens = tokenize_text(tokenizer, text)
+    return text_path, text, make_windows(tokens, args.ctx, args.chunks, window_bos(tokenizer), what=str(text_path))
 
 
 def apply_threads(args: Any) -> None:

@@ -52,7 +52,7 @@ def load_pack(path: str | Path | None = None) -> list[PackItem]:
         raise SeedDeltaError(f"the tiny dataset package is unavailable ({exc})") from None
     p = Path(path) if path is not None else Path(default_test_pack_path())
     if not p.is_file():
-        what = "pack file" if path is not None else "default test pack (not built yet)"
+        what = "pack file" if path is not None else "default test pack (missing from the installed package)"
         raise SeedDeltaError(f"{what} not found: {p}")
     try:
         recs = load_test_pack(p)

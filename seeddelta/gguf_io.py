@@ -431,12 +431,6 @@ class AtomicOutput:
         self.discard()
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str, what: str = "output") -> None:
-    with AtomicOutput(path, what) as out:
-        with open(out.tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-
 def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
     return tensor.data, GGMLQuantizationType(tensor.tensor_type)
 
@@ -721,5 +715,5 @@ __all__ = [
     "field_value", "file_fingerprint", "file_size", "global_seeddelta_kv", "open_gguf",
     "parse_seeddelta_name", "read_seeddelta_file", "read_seeddelta_kv", "read_seeddelta_weights",
     "same_file", "seeddelta_entries", "seeddelta_tensor_name", "tensor_kv_prefix", "weight_name",
-    "write_model_copy", "write_text_atomic"
+    "write_model_copy"
 ]

@@ -19,12 +19,11 @@ Field names, order and meanings follow the original. Differences, all deliberate
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from seeddelta import __version__
+from seeddelta.jsonio import dumps_strict, write_text_atomic
 
 FNV_OFFSET_QUIRK = 1469598103934665603  # the original's basis: 14695981039346656037 with a digit lost
 FNV_PRIME = 1099511628211
@@ -157,26 +156,12 @@ def ffn_score(metrics: Mapping[str, Any]) -> float:
     return 0.0
 
 
-def _sanitize(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _sanitize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_sanitize(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        return _sanitize(value.item())
-    return value
-
-
 def dumps(report: Mapping[str, Any]) -> str:
     """JSON text: 2-space indent, key order kept, non-finite numbers as null (never NaN/Infinity)."""
-    return json.dumps(_sanitize(dict(report)), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    return dumps_strict(dict(report))
 
 
 def write_report(path: str, report: Mapping[str, Any]) -> None:
-    from seeddelta.gguf_io import write_text_atomic
-
     write_text_atomic(path, dumps(report), "report")
 
 

@@ -11,6 +11,7 @@ import sys
 
 from seeddelta import evaluate as ev
 from seeddelta import evaluate_greedy as eg
+from seeddelta.jsonio import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Prompts flagged: {res['flagged']}/{res['n']}")
     print(f"RESULT: {v['result']}" + (f" ({'; '.join(v['reasons'])})" if v["reasons"] else ""))
     if args.json:
-        ev.write_json(args.json, {"verdict": v, "model": ev.model_info(loaded), "result": res,
+        write_json_atomic(args.json, {"verdict": v, "model": ev.model_info(loaded), "result": res,
                                   "base": None if base_res is None else {"model": base_info, "result": base_res},
                                   "pack": str(args.pack) if args.pack else "default test pack",
                                   "max_new": args.max_new,

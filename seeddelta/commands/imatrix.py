@@ -17,11 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("imatrix", help="FFN input statistics in llama-imatrix's GGUF format",
                        description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
-    p.add_argument("-f", "--file", default=None, metavar="TEXT",
-                   help="UTF-8 calibration text (default: the tiny model's validation text)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
-    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N", help="window size (512)")
-    p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
+    ev.add_text_args(p, "UTF-8 calibration text")
     ev.add_runtime_args(p)
     p.set_defaults(handler=run)
 
@@ -31,11 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()
-    text_path = args.file or ev.default_text()
-    text = ev.read_text(text_path)
     loaded = ev.load_from_args(args, model_path)
-    tokens = ev.tokenize_text(loaded.tokenizer, text)
-    windows = ev.make_windows(tokens, args.ctx, args.chunks, ev.window_bos(loaded.tokenizer), what=str(text_path))
+    text_path, _, windows = ev.text_windows(args, loaded.tokenizer)
     t0 = time.perf_counter()
     sums, counts = ev.collect_imatrix(loaded.model, windows)
     seconds = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import sys
 
 from seeddelta import evaluate as ev
 from seeddelta.errors import SeedDeltaError
+from seeddelta.jsonio import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,10 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
     p.add_argument("-m", "--model", default=None, metavar="FILE", help="candidate GGUF (default: the tiny model)")
-    p.add_argument("-f", "--file", default=None, metavar="TEXT",
-                   help="UTF-8 text (default: the tiny model's validation text)")
-    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N", help="window size n_ctx (512)")
-    p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
+    ev.add_text_args(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     ev.add_runtime_args(p)
     p.add_argument("--base-seeddelta", action="store_true",
@@ -31,18 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()
-    text_path = args.file or ev.default_text()
-    text = ev.read_text(text_path)
     base = ev.load(args.base, use_seeddelta=bool(args.base_seeddelta),
                    mode="sparse" if args.sparse else "materialized")
     cand = ev.load_from_args(args, model_path)
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
                              f"model {model_path} has {cand.model.config.n_vocab}")
-    tokens = ev.tokenize_text(base.tokenizer, text)
-    if ev.tokenize_text(cand.tokenizer, text) != tokens:
+    text_path, text, windows = ev.text_windows(args, base.tokenizer)
+    if ev.tokenize_text(cand.tokenizer, text) != ev.tokenize_text(base.tokenizer, text):
         raise SeedDeltaError(f"base {args.base} and model {model_path} tokenize {text_path} differently")
-    windows = ev.make_windows(tokens, args.ctx, args.chunks, ev.window_bos(base.tokenizer), what=str(text_path))
     print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {model_path} "
           f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
@@ -62,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
                   "base": ev.model_info(base), "model": ev.model_info(cand),
                   "method": "KL(base||model) = sum_v p_v (log p_v - log q_v), float64 over the full vocabulary, "
                             "llama-perplexity windows (second half scored)"})
-        ev.write_json(args.json, s)
+        write_json_atomic(args.json, s)
     return 0

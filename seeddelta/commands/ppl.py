@@ -9,16 +9,14 @@ import argparse
 import sys
 
 from seeddelta import evaluate as ev
+from seeddelta.jsonio import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ppl", help="perplexity of a GGUF model on a text (llama-perplexity's method)",
                        description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
-    p.add_argument("-f", "--file", default=None, metavar="TEXT",
-                   help="UTF-8 text (default: the tiny model's validation text)")
-    p.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N", help="window size n_ctx (512)")
-    p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
+    ev.add_text_args(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-window running estimate")
     ev.add_runtime_args(p)
@@ -28,11 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()
-    text_path = args.file or ev.default_text()
-    text = ev.read_text(text_path)
     loaded = ev.load_from_args(args, model_path)
-    tokens = ev.tokenize_text(loaded.tokenizer, text)
-    windows = ev.make_windows(tokens, args.ctx, args.chunks, ev.window_bos(loaded.tokenizer), what=str(text_path))
+    text_path, _, windows = ev.text_windows(args, loaded.tokenizer)
     m = loaded.model
     print(f"seeddelta ppl: {model_path}: {m.n_seeddelta} SeedΔ projection(s) of {len(m.projections())}"
           f"{' (' + m.metadata['mode'] + ')' if m.n_seeddelta else ''}; {windows.n_text_tokens} tokens, "
@@ -45,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if m.nonfinite_outputs():
         print(f"warning: {m.nonfinite_outputs()} non-finite SeedΔ output value(s) were replaced by 0", file=sys.stderr)
     if args.json:
-        ev.write_json(args.json, {
+        write_json_atomic(args.json, {
             "ppl": res.ppl, "se": res.se, "mean_nll": float(res.nll.mean()),
             "n_tokens_scored": int(res.nll.size), "chunks": res.n_chunk, "ctx": res.n_ctx,
             "text": str(text_path), "text_tokens": windows.n_text_tokens,

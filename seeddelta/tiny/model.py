@@ -121,6 +121,8 @@ class TinyLlama(nn.Module):
         self.output_norm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         self.output = None if cfg.tied_output else nn.Linear(cfg.n_embd, cfg.n_vocab, bias=False)
         cos, sin = rope_cache(cfg.head_dim, cfg.n_ctx, cfg.rope_theta)
+        self.rope_cos: torch.Tensor  # buffers, declared for the type checker
+        self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

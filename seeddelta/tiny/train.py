@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
     if not resume and ckpt_path.exists():
         raise SeedDeltaError(f"{ckpt_path} exists; pass --resume or choose another --run-dir")
     model, opt = build(cfg, tok)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None, "best_step": None}
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None, "best_step": None}
     if init_from is not None:
         if resume:
             raise SeedDeltaError("--init-from starts a new run; it cannot be combined with --resume")

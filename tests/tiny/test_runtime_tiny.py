@@ -57,8 +57,7 @@ def committed() -> Path:
     from seeddelta.tiny import default_model_path
 
     p = Path(default_model_path())
-    if not p.is_file():
-        pytest.skip(f"committed tiny model not built yet: {p}")
+    assert p.is_file(), f"the tiny model ships inside the package: {p} is missing"
     return p
 
 

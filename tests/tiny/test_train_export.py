@@ -202,7 +202,7 @@ def test_warm_start_begins_from_the_gguf_weights_and_records_the_parent(tok, tmp
     loaded, _ = load_gguf_model(parent)
     # max_steps=0: the run stops before its first update, so the model is the parent's exactly
     warm = train(small_cfg(steps=10), tmp_path / "warm", max_steps=0, log=quiet, val_text=VAL, init_from=parent)
-    for (k, a), (_, b) in zip(loaded.state_dict().items(), warm.state_dict().items()):
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), warm.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     ck = torch.load(tmp_path / "warm" / "ckpt.pt", weights_only=False)
     assert ck["state"]["init_from"] == {"path": str(parent), "sha256": sha256_file(parent)}

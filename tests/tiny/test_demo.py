@@ -1,0 +1,39 @@
+"""The main job (`seeddelta demo`, what `make run` runs) end to end on a short budget."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from seeddelta.cli import main
+from seeddelta.tiny import default_model_path
+from seeddelta.tiny.dataset import heldout_texts
+
+
+def test_demo_writes_a_summary_consistent_with_its_files_and_never_calibrates_on_heldout(tmp_path, capsys):
+    out = tmp_path / "demo"
+    status = main(["demo", "--out", str(out), "--skip-toy", "--chunks", "2", "--limit", "4", "--strict"])
+    summary = json.loads((out / "summary.json").read_text())
+    # --strict: the exit status is the verdict's, whatever this budget does to the model
+    assert status == (0 if summary["greedy"]["verdict"]["result"] == "PASS" else 1)
+
+    model = Path(default_model_path())
+    sd = out / "model_seeddelta.gguf"
+    # sizes come from the files themselves
+    assert summary["file_bytes"] == {"original": os.path.getsize(model), "seeddelta": os.path.getsize(sd)}
+    # K-gate/up 64 of n_in 192 and K-down 256 of 768 keep a third of each row at 4 B (i16 index +
+    # f16 value) against 6 B for three dense f16 values: every stripped tensor shrinks, so the file does
+    report = json.loads((out / "report.json").read_text())
+    assert summary["weights_encoded"] == summary["weights_stripped"] == len(report["weights"]) == 8 * 3
+    assert summary["file_bytes"]["seeddelta"] < summary["file_bytes"]["original"]
+    assert summary["weight_memory_bytes"]["seeddelta"] < summary["weight_memory_bytes"]["original"]
+    kld = json.loads((out / "kld.json").read_text())
+    assert summary["kld"] == kld["kld"] and summary["ppl"]["seeddelta"] == kld["ppl_model"]
+    # a lossy budget: the SeedΔ model differs from the original, and the summary says by how much
+    assert summary["kld"]["mean"] > 0
+    # calibration text is drawn from the training distribution: no held-out sample may appear in it
+    calib = (out / "calibration.txt").read_text()
+    assert not [t for t in heldout_texts() if t in calib]
+    printed = capsys.readouterr().out
+    assert "== SeedΔ on the tiny model: summary" in printed and summary["greedy"]["verdict"]["result"] in printed
