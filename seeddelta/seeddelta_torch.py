@@ -180,29 +180,29 @@ def parse_payload(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: in
             names = "/".join(str(d) for d in allowed)
             raise _fail(name, f"{key}: dtype {present[key].dtype} not accepted (expected {names})")
 
-    coo = block = None
-    if "d_idx" in present or "d_val" in present:
-        if "d_idx" not in present or "d_val" not in present:
-            missing = "d_val" if "d_idx" in present else "d_idx"
-            raise _fail(name, f"{missing}: missing (COO residual needs both d_idx and d_val)")
-        check_dtype("d_idx", _INT_DTYPES)
-        check_dtype("d_val", _FLOAT_DTYPES)
-        d_idx, d_val = present["d_idx"], present["d_val"]
+    def pair(idx_key: str, val_key: str, what: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """An index/value pair: both or neither, integer indices, float values."""
+        if idx_key not in present and val_key not in present:
+            return None
+        if idx_key not in present or val_key not in present:
+            missing = val_key if idx_key in present else idx_key
+            raise _fail(name, f"{missing}: missing ({what} residual needs both {idx_key} and {val_key})")
+        check_dtype(idx_key, _INT_DTYPES)
+        check_dtype(val_key, _FLOAT_DTYPES)
+        return present[idx_key], present[val_key]
+
+    coo = pair("d_idx", "d_val", "COO")
+    if coo is not None:
+        d_idx, d_val = coo
         if d_idx.ndim != 2 or d_idx.shape != d_val.shape or d_idx.shape[0] != n_out:
             raise _fail(name, f"d_idx/d_val: shapes {d_idx.shape}/{d_val.shape}, expected equal (n_out={n_out}, K)")
-        coo = (d_idx, d_val)
-    if "b_idx" in present or "b_val" in present:
-        if "b_idx" not in present or "b_val" not in present:
-            missing = "b_val" if "b_idx" in present else "b_idx"
-            raise _fail(name, f"{missing}: missing (block residual needs both b_idx and b_val)")
-        check_dtype("b_idx", _INT_DTYPES)
-        check_dtype("b_val", _FLOAT_DTYPES)
-        b_idx, b_val = present["b_idx"], present["b_val"]
+    block = pair("b_idx", "b_val", "block")
+    if block is not None:
+        b_idx, b_val = block
         if b_idx.ndim != 2 or b_val.ndim != 3 or b_val.shape[:2] != b_idx.shape or b_idx.shape[0] != n_out:
             raise _fail(name, f"b_idx/b_val: shapes {b_idx.shape}/{b_val.shape}, expected (n_out={n_out}, nb) and (n_out, nb, block)")
         if b_val.shape[2] < 1:
             raise _fail(name, "b_val: block size 0")
-        block = (b_idx, b_val)
         coo = None  # the runtime prefers block when both are present (§8.2)
     if coo is None and block is None:
         raise _fail(name, f"{'/'.join(sorted(present))}: present without residual tensors (d_idx/d_val or b_idx/b_val)")
