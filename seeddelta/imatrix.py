@@ -191,7 +191,8 @@ def write_imatrix(
 
     `sums[w]` is Σ x_i² over all accumulated rows for weight `w` (shape (n_in,)); `counts[w]` the
     number of rows. Written atomically (temporary file + rename)."""
-    from seeddelta.gguf_io import KV, AtomicOutput, _new_writer, _set_kv
+    from seeddelta.gguf_io import KV, _new_writer, _set_kv
+    from seeddelta.outputs import AtomicOutput
 
     if set(sums) != set(counts):
         only = sorted(set(sums) ^ set(counts))

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from seeddelta import __version__
-from seeddelta.jsonio import dumps_strict, write_text_atomic
+from seeddelta.outputs import dumps_strict, write_text_atomic
 
 FNV_OFFSET_QUIRK = 1469598103934665603  # the original's basis: 14695981039346656037 with a digit lost
 FNV_PRIME = 1099511628211

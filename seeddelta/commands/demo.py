@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.jsonio import write_json_atomic, write_text_atomic
+from seeddelta.outputs import write_json_atomic, write_text_atomic
 
 CALIBRATION_SAMPLES = 400  # ≈ 25k tokens: enough for stable Σx² per input channel of a 192/768-wide FFN
 

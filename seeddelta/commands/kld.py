@@ -10,7 +10,7 @@ import sys
 
 from seeddelta import evaluate as ev
 from seeddelta.errors import SeedDeltaError
-from seeddelta.jsonio import write_json_atomic
+from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from seeddelta import evaluate as ev
-from seeddelta.jsonio import write_json_atomic
+from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from seeddelta.jsonio import write_json_atomic
+from seeddelta.outputs import write_json_atomic
 from seeddelta.toy import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
 
 

@@ -10,13 +10,11 @@ import pytest
 import torch
 from gguf import GGUFValueType
 
+from seeddelta import codec, gguf_io
 from seeddelta.cli import main
 from seeddelta.evaluate import make_windows, tokenize_text, window_bos
 from seeddelta.model import load_model, load_tokenizer
-
-synthetic = pytest.importorskip("seeddelta.testing.synthetic_gguf")
-codec = pytest.importorskip("seeddelta.codec")
-gguf_io = pytest.importorskip("seeddelta.gguf_io")
+from seeddelta.testing import synthetic_gguf as synthetic
 
 SHAPE = dict(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, vocab=259)
 KINDS = ("ffn_gate", "ffn_up", "ffn_down")

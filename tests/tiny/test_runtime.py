@@ -21,8 +21,7 @@ import torch
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.model import load_model, load_tokenizer
-
-synthetic = pytest.importorskip("seeddelta.testing.synthetic_gguf")
+from seeddelta.testing import synthetic_gguf as synthetic
 
 U32 = 2.0 ** -24
 SHAPE = dict(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, vocab=259)
@@ -183,7 +182,7 @@ def test_tokenizer_from_synthetic_gguf_round_trips_bytes(model_f32: str) -> None
 def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
     from gguf import GGUFValueType
 
-    gguf_io = pytest.importorskip("seeddelta.gguf_io")
+    from seeddelta import gguf_io
     p = str(tmp_path / "partial_rope.gguf")
     # head_dim 16, only the first 8 dims rotated (the rest pass through, as llama.cpp's NORM rope)
     gguf_io.write_model_copy(gguf_io.GGUFModel(model_f32), p,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from seeddelta import codec
 from seeddelta.errors import SeedDeltaError
 from seeddelta.seeddelta_torch import (
     MaterializedSeedDeltaProjection,
@@ -237,7 +238,6 @@ def test_nonfinite_outputs_are_zeroed_and_counted(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ codec
-codec = pytest.importorskip("seeddelta.codec")
 
 
 @pytest.mark.parametrize("shape,cfg", [

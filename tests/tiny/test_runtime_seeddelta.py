@@ -12,12 +12,10 @@ import pytest
 import torch
 from gguf import GGUFValueType
 
+from seeddelta import codec, gguf_io, seeddelta_file
 from seeddelta.errors import SeedDeltaError
 from seeddelta.model import load_model
-
-synthetic = pytest.importorskip("seeddelta.testing.synthetic_gguf")
-codec = pytest.importorskip("seeddelta.codec")
-gguf_io = pytest.importorskip("seeddelta.gguf_io")
+from seeddelta.testing import synthetic_gguf as synthetic
 
 U32 = 2.0 ** -24
 SHAPE = dict(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, vocab=259)
@@ -79,7 +77,7 @@ def test_modes_agree_with_each_other_and_with_the_codec(files: dict[str, str]) -
     tol = tol_for(y_mat)
     assert np.max(np.abs(y_mat - y_sparse)) <= tol
     # the same model with every SeedΔ projection replaced by the codec's own apply()
-    weights = gguf_io.read_seeddelta_weights(files["lossy"])
+    weights = seeddelta_file.read_seeddelta_weights(files["lossy"])
     assert len(weights) == 3 * SHAPE["n_layer"]
     for (layer, kind), sdw in weights.items():
         proj = sparse.layers[layer].ffn[kind]

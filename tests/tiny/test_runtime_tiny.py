@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from seeddelta.model import load_model, load_tokenizer
-
-tiny_model = pytest.importorskip("seeddelta.tiny.model")
-tiny_export = pytest.importorskip("seeddelta.tiny.export")
+from seeddelta.tiny import export as tiny_export
+from seeddelta.tiny import model as tiny_model
 from seeddelta.tokenizer import tiny_tokenizer  # noqa: E402
 
 U16 = 2.0 ** -11

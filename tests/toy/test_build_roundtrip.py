@@ -13,8 +13,8 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
 from seeddelta.cli import main
-from seeddelta.gguf_io import read_seeddelta_file
 from seeddelta.report import WEIGHT_FIELD_NAMES
+from seeddelta.seeddelta_file import read_seeddelta_file
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
 
 N_EMBD, N_FF, N_LAYER = 64, 160, 2  # n_ff not a power of two; GQA (4 heads, 2 kv heads)
