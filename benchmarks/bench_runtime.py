@@ -1,7 +1,7 @@
 """Runtime benchmark: prompt (512 tokens) and decode tok/s of the tiny model in our torch runtime —
 dense, and SeedΔ (materialized / sparse) on a stripped file built with `seeddelta build` — the
-weights' resident memory of each (fresh process: RSS after − before load, and the sum of tensor
-bytes held), seconds of `seeddelta ppl -c 512` over the validation text, and the same prompt/decode
+weights' resident memory of each (fresh process: RSS and its anonymous part after − before load,
+and the sum of tensor bytes held; RSS also counts torch library pages the load touches first), seconds of `seeddelta ppl -c 512` over the validation text, and the same prompt/decode
 figures with stock llama.cpp (llama-cpp-python) when installed, as a ratio.
 
 Run: `python -m benchmarks.bench_runtime [--threads N] [--model GGUF]`. Without the committed tiny
@@ -64,12 +64,13 @@ def _speed(model, n_vocab: int) -> dict[str, float]:
 
 _MEM_SNIPPET = """
 import json, sys
-from seeddelta.evaluate import rss_bytes, trim_heap
+from seeddelta.evaluate import rss_anon_bytes, rss_bytes, trim_heap
 from seeddelta.model import load_model
-trim_heap(); before = rss_bytes()
+trim_heap(); before, anon_before = rss_bytes(), rss_anon_bytes()
 m = load_model(sys.argv[1], mode=sys.argv[2])
-trim_heap(); after = rss_bytes()
-print(json.dumps({"rss_delta": after - before, "weights_bytes": m.weight_nbytes(), "ffn_bytes": m.ffn_nbytes()}))
+trim_heap(); after, anon_after = rss_bytes(), rss_anon_bytes()
+print(json.dumps({"rss_delta": after - before, "anon_delta": anon_after - anon_before,
+                  "weights_bytes": m.weight_nbytes(), "ffn_bytes": m.ffn_nbytes()}))
 """
 
 
@@ -134,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 del m
         else:
             print("builder unavailable: SeedΔ rows skipped")
-        print(f"{'runtime':<24}{'prompt tok/s':>14}{'decode tok/s':>14}{'weights MiB':>13}{'FFN MiB':>10}{'RSS Δ MiB':>11}")
+        print(f"{'runtime':<24}{'prompt tok/s':>14}{'decode tok/s':>14}{'weights MiB':>13}{'FFN MiB':>10}{'RSS Δ MiB':>11}{'anon Δ MiB':>12}")
         for name, (sp, mem) in rows.items():
             print(f"{name:<24}{sp['prompt_tok_per_s']:>14.1f}{sp['decode_tok_per_s']:>14.1f}"
-                  f"{mem['weights_bytes'] / 2**20:>13.2f}{mem['ffn_bytes'] / 2**20:>10.2f}{mem['rss_delta'] / 2**20:>11.2f}")
+                  f"{mem['weights_bytes'] / 2**20:>13.2f}{mem['ffn_bytes'] / 2**20:>10.2f}{mem['rss_delta'] / 2**20:>11.2f}"
+                  f"{mem['anon_delta'] / 2**20:>12.2f}")
         print(f"  (SeedΔ file: gate/up/down K=64, XOR base, row scale, dense stripped; file {built.stat().st_size / 2**20:.2f} MiB"
               f" vs {path.stat().st_size / 2**20:.2f} MiB)" if built.is_file() else "")
 

@@ -292,6 +292,21 @@ def rss_bytes() -> int | None:
         return None
 
 
+def rss_anon_bytes() -> int | None:
+    """Anonymous (private, not file-backed) resident memory of this process, from /proc/self/status.
+
+    Unlike the whole RSS it leaves out shared-library code that a load happens to touch for the
+    first time (torch kernels: several MiB), so its change over a load is the memory the model holds."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class Loaded:
     model: Any
@@ -299,18 +314,24 @@ class Loaded:
     load_seconds: float
     rss_before: int | None
     rss_after: int | None
+    anon_before: int | None = None
+    anon_after: int | None = None
 
     def memory(self) -> dict[str, Any]:
-        delta = None if self.rss_before is None or self.rss_after is None else self.rss_after - self.rss_before
+        def delta(before: int | None, after: int | None) -> int | None:
+            return None if before is None or after is None else after - before
+
         return {
             "weights_bytes": int(self.model.weight_nbytes()),
             "ffn_bytes": int(self.model.ffn_nbytes()),
             "rss_before_load_bytes": self.rss_before,
             "rss_after_load_bytes": self.rss_after,
-            "rss_load_delta_bytes": delta,
+            "rss_load_delta_bytes": delta(self.rss_before, self.rss_after),
+            "rss_anon_load_delta_bytes": delta(self.anon_before, self.anon_after),
             "method": "weights_bytes = sum of nbytes of every tensor the loaded model holds (float32 after "
                       "dequantization; SeedΔ sparse: int32 indices + float32 values + base); rss_* = process "
-                      "resident set size (psutil or /proc/self/statm) just before and after loading in this process",
+                      "resident set size (psutil or /proc/self/statm) just before and after loading in this process; "
+                      "rss_anon_* = its anonymous part (RssAnon), without library code pages touched by the load",
         }
 
 
@@ -318,13 +339,13 @@ def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materiali
     from seeddelta.model import load_model, load_tokenizer
 
     trim_heap()
-    before = rss_bytes()
+    before, anon_before = rss_bytes(), rss_anon_bytes()
     t0 = time.perf_counter()
     model = load_model(path, use_seeddelta=use_seeddelta, mode=mode)
     seconds = time.perf_counter() - t0
     trim_heap()
-    after = rss_bytes()
-    return Loaded(model, load_tokenizer(path), seconds, before, after)
+    after, anon_after = rss_bytes(), rss_anon_bytes()
+    return Loaded(model, load_tokenizer(path), seconds, before, after, anon_before, anon_after)
 
 
 def decode_speed(model: Any, prompt: Sequence[int], n_new: int = 16) -> dict[str, float]:
