@@ -110,6 +110,8 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
         "file_bytes": {"original": os.path.getsize(model), "seeddelta": os.path.getsize(sd)},
         "weight_memory_bytes": {"original": kld["base"]["memory"]["weights_bytes"],
                                 "seeddelta": kld["model"]["memory"]["weights_bytes"]},
+        "resident_memory_load_delta_bytes": {"original": kld["base"]["memory"]["rss_anon_load_delta_bytes"],
+                                             "seeddelta": kld["model"]["memory"]["rss_anon_load_delta_bytes"]},
         "cos_mean_x_w_by_kind": by_kind,
         "ppl": {"ctx": kld["ctx"], "original": kld["ppl_base"], "seeddelta": kld["ppl_model"]},
         "paired_delta_nll": kld["delta_nll"],
@@ -124,6 +126,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
 
 def _print(s: dict[str, Any]) -> None:
     fb, mem, ppl = s["file_bytes"], s["weight_memory_bytes"], s["ppl"]
+    rss = s["resident_memory_load_delta_bytes"]
     g = s["greedy"]
 
     def change(a: int, b: int) -> str:
@@ -138,6 +141,8 @@ def _print(s: dict[str, Any]) -> None:
         f"weights encoded / stripped : {s['weights_encoded']} / {s['weights_stripped']}",
         f"file size                  : {change(fb['original'], fb['seeddelta'])}",
         f"weight memory (loaded)     : {change(mem['original'], mem['seeddelta'])}",
+        *([f"resident memory (measured) : {change(rss['original'], rss['seeddelta'])}"]
+          if rss["original"] and rss["seeddelta"] else []),
         f"perplexity at ctx {ppl['ctx']:<8} : {ppl['original']['ppl']:.4f} ± {ppl['original']['se']:.4f} -> "
         f"{ppl['seeddelta']['ppl']:.4f} ± {ppl['seeddelta']['se']:.4f}",
         f"paired ΔNLL (ln PPL ratio) : {s['paired_delta_nll']['mean']:+.5f} ± {s['paired_delta_nll']['se']:.5f}",
