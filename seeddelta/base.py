@@ -115,7 +115,7 @@ class XorCirculantBase:
 
     def _block_op(self, v: torch.Tensor) -> torch.Tensor:
         """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype, runtime order.
-        Torch for speed; the element operations are those of `fwht`, so results match numpy exactly."""
+        Torch for speed (`fwht_torch`, within its stated rounding bound of the numpy butterfly)."""
         L = v.shape[-1]
 
         def diag(a: np.ndarray) -> torch.Tensor:

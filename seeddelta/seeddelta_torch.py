@@ -20,7 +20,9 @@ Two evaluation modes:
 * ``materialized`` — the dense Ŵ (n_out × n_in) is reconstructed once at load time in float64
   (base chain applied to the identity, residual scattered, row scale) and stored as float32;
   the forward is a plain matmul.
-* ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs and the
+* ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs (`fwht_torch`:
+  H_a ⊗ H_b as two small matrix products, not the original's butterflies; same transform, its own
+  stated rounding bound) and the
   residual as a CSR sparse × dense product (int32 indices, float32 values).
 
 Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors raise a
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.hadamard import fwht_torch
 
 KINDS = ("ffn_gate", "ffn_up", "ffn_down")
 SUFFIXES = (
@@ -50,26 +53,6 @@ _INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 MODES = ("materialized", "sparse")
-
-
-def fwht(v: torch.Tensor) -> torch.Tensor:
-    """Unnormalised natural-order Walsh–Hadamard transform over the last dimension (length 2^m).
-
-    Same butterfly as spec §2.2: for len = 1, 2, 4, …: (a, b) -> (a + b, a - b) on pairs
-    (i + j, i + j + len). Returns a new tensor equal to ``v @ H`` (H symmetric).
-    """
-    n = v.shape[-1]
-    if n & (n - 1):
-        raise ValueError(f"fwht: length {n} is not a power of two")
-    lead = v.shape[:-1]
-    h = 1
-    while h < n:
-        w = v.reshape(*lead, n // (2 * h), 2, h)
-        a = w[..., 0, :]
-        b = w[..., 1, :]
-        v = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return v
 
 
 @dataclass
@@ -287,13 +270,13 @@ class _BaseOp:
         v = v * self.d1
         if self.p1 is not None:
             v = self._gather(v, self.p1)
-        v = fwht(v)
+        v = fwht_torch(v)
         if self.depth2:
             if self.d2 is not None:
                 v = v * self.d2
             if self.p2 is not None:
                 v = self._gather(v, self.p2)
-            v = fwht(v)
+            v = fwht_torch(v)
         if self.d3 is not None:
             v = v * self.d3
         return v

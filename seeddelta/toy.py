@@ -22,11 +22,11 @@ from seeddelta.codec import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.errors import SeedDeltaError
 from seeddelta.hadamard import is_pow2, next_pow2
 from seeddelta.metrics import compare_rows
+from seeddelta.testing.tolerances import U32, fwht_chain_bound
 
 PATTERNS = ("identity", "diag", "lowrank", "circulant", "block", "identity_delta", "xor")
 BASES = ("none", "xor_circulant", "lowrank", "circulant")
 U16 = 2.0**-11  # unit roundoff of float16
-U32 = 2.0**-24  # unit roundoff of float32
 F16_SUBNORMAL_HALF_SPACING = 2.0**-25  # max absolute rounding error below float16's normal range
 DELTA_PER_ROW = 3  # non-zeros injected per row by identity_delta (the user's A5)
 
@@ -294,7 +294,7 @@ def _summary(rel: np.ndarray, cos: np.ndarray, ratio: np.ndarray) -> dict[str, f
 def _functional_deviation(sdw: SeedDeltaWeight, W_hat: np.ndarray, n_x: int, seed: int) -> float:
     """Fast path (float32 chain, sparse residual) against the closed form (dense float64).
 
-    Bound per output: (2·log2 L + 2)·u32·‖d2‖₁·‖x‖₁ for the Hadamard chain (each FWHT stage adds
+    Bound per output: (2·levels(L) + 2)·u32·‖d2‖₁·‖x‖₁ for the Hadamard chain (each FWHT addition adds
     ≤ u·Σ|·|), (K + 2)·u32·Σ|v·x| for the residual sum, u32·|y| for the row scale, and
     (n_in + r)·u32·|U||V||x| for a low-rank base."""
     rng = np.random.default_rng([seed, 7])
@@ -307,7 +307,7 @@ def _functional_deviation(sdw: SeedDeltaWeight, W_hat: np.ndarray, n_x: int, see
     if isinstance(base, XorCirculantBase) and base.d2 is not None:
         L = base.d2.shape[1]
         d2_l1 = np.abs(base.d2.astype(np.float64)).sum(axis=1).max()
-        bound += (2 * math.log2(max(L, 2)) + 2) * U32 * d2_l1 * x_abs.sum(axis=1, keepdims=True)
+        bound += fwht_chain_bound(L, U32) * d2_l1 * x_abs.sum(axis=1, keepdims=True)
     elif isinstance(base, LowRankBase):
         lowrank = np.abs(base.u.astype(np.float64)) @ np.abs(base.v.astype(np.float64))
         bound += (sdw.n_in + base.u.shape[1] + 2) * U32 * (x_abs @ lowrank.T)

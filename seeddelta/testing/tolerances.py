@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from seeddelta.hadamard import fwht_torch_levels
+
 # Unit roundoffs (half an ulp of 1.0): IEEE round-to-nearest error bound for one conversion.
 U16 = 2.0**-11
 U32 = 2.0**-24
@@ -12,7 +14,8 @@ F16_SUBNORMAL_ABS = 2.0**-25
 F64_METRIC_ATOL = 1e-10
 
 
-def fwht_chain_bound(log2_l: int, u: float) -> float:
-    """Relative bound of the Hadamard chain H·D·H·P evaluated in a float type with unit roundoff u:
-    each of the 2·log2 L butterfly stages adds at most u·Σ|·|, plus one rounding per diagonal product."""
-    return (2 * log2_l + 2) * u
+def fwht_chain_bound(length: int, u: float) -> float:
+    """Relative bound of the Hadamard chain H·D·H·P evaluated by `fwht_torch` in a float type with
+    unit roundoff u: each of its additions (fwht_torch_levels(L) per transform) adds at most u·Σ|·|,
+    plus one rounding per diagonal product."""
+    return (2 * fwht_torch_levels(length) + 2) * u
