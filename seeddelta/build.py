@@ -590,6 +590,24 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
                        seconds)
 
 
+def size_warnings(result: BuildResult) -> list[str]:
+    """What a user compressing for size must hear: stripped weights whose SeedΔ tensors take more
+    bytes than the dense (possibly quantized) weights they replace, or SeedΔ added with nothing stripped."""
+    encoded = [r for r in result.results if r.entry is not None and r.entry.get("emit")]
+    stripped = [r for r in encoded if r.strip]
+    out = []
+    grew = [r for r in stripped if r.added_bytes > r.stripped_bytes]
+    if grew:
+        added = sum(r.added_bytes for r in grew)
+        dense = sum(r.stripped_bytes for r in grew)
+        out.append(f"{len(grew)} of {len(stripped)} stripped weight(s) take more bytes as SeedΔ ({added} B) than "
+                   f"as the dense weights they replace ({dense} B, {added / dense:.2f}x): lower K to save space")
+    if encoded and not stripped:
+        out.append("no dense weight stripped: the file holds SeedΔ on top of every dense weight "
+                   "(--strip-dense replaces them)")
+    return out
+
+
 def summary_line(result: BuildResult, opts: BuildOptions) -> str:
     n_emit = sum(1 for r in result.results if r.entry is not None and r.entry.get("emit"))
     n_strip = sum(1 for r in result.results if r.strip)
@@ -603,5 +621,5 @@ def summary_line(result: BuildResult, opts: BuildOptions) -> str:
 
 __all__: Sequence[str] = [
     "BuildOptions", "BuildResult", "Resolver", "TensorConfig", "WeightResult", "baseline_resolver",
-    "run_build", "summary_line", "tensor_seed", "validate_options",
+    "run_build", "size_warnings", "summary_line", "tensor_seed", "validate_options",
 ]

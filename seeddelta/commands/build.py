@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seeddelta.build import BuildOptions, run_build, summary_line
+from seeddelta.build import BuildOptions, run_build, size_warnings, summary_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -71,5 +71,7 @@ def run(args: argparse.Namespace) -> int:
         deterministic_report=args.deterministic_report, progress=not args.quiet,
     )
     result = run_build(opts)
+    for message in size_warnings(result):
+        print(f"warning: {message}", file=sys.stderr)
     print(summary_line(result, opts), file=sys.stdout)
     return 0

@@ -246,3 +246,17 @@ def test_ffn_proxy_is_exact_at_full_budget_and_reports_why_it_is_unavailable(tmp
     assert small["ffn_up"]["ffn_proxy_l2_mean"] > 0
     assert run("nox", "--K", "4")[0]["ffn_proxy_reason"] == "proxy_requires_eval_x"
     assert run("base", "--K", "4", "--eval-x", "2", "--base")[0]["ffn_proxy_reason"] == "proxy_requires_coo"
+
+
+def test_size_warnings_say_when_seeddelta_costs_more_bytes_than_it_strips(tmp_path, model, capsys):
+    # F16 dense row: 2·n_in B; COO row: K·(2 B i16 index + 2 B f16 value) = 4·K B.
+    # So SeedΔ is larger exactly when K > n_in/2: n_in is 64 (gate/up) and 96 (down).
+    def build(name: str, *flags: str) -> str:
+        rc, _, err = _run(capsys, "-i", str(model.path), "-o", str(tmp_path / name), "-q", *flags)
+        assert rc == 0, err
+        return err
+
+    assert "take more bytes" not in build("small.gguf", "--K", "31", "--strip-dense")  # 124 B < 128 B per row
+    err = build("large.gguf", "--K", "40", "--strip-dense")  # gate/up: 160 B > 128 B; down: 160 B < 192 B
+    assert "4 of 6 stripped weight(s) take more bytes" in err, err
+    assert "no dense weight stripped" in build("kept.gguf", "--K", "8")
