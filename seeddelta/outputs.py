@@ -98,7 +98,7 @@ def dumps_strict(obj: Any) -> str:
 def write_text_atomic(path: str | os.PathLike[str], text: str, what: str = "output") -> None:
     """Write `text` (UTF-8) so that `path` holds either its old content or all of the new one."""
     with AtomicOutput(path, what) as out:
-        with open(out.tmp, "w", encoding="utf-8") as fh:
+        with open(out.tmp, "w", encoding="utf-8", newline="") as fh:  # newlines exactly as given
             fh.write(text)
 
 

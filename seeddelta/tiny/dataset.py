@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from seeddelta.outputs import write_text_atomic
+
 TASKS = ("copy", "sum", "brackets")
 COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
@@ -193,19 +195,15 @@ def write_heldout(outdir: Path, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     val, test = make_heldout(seed)
     val_path, test_path = outdir / VAL_FILE, outdir / TEST_FILE
-    tmp = val_path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write("".join(s.text for s in val))
-    tmp.replace(val_path)
-    tmp = test_path.with_suffix(".tmp")
+    write_text_atomic(val_path, "".join(s.text for s in val))
     counters = dict.fromkeys(TASKS, 0)
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        for s in test:
-            rid = f"{s.task}-{counters[s.task]:03d}"
-            counters[s.task] += 1
-            f.write(json.dumps({"id": rid, "task": s.task, "prompt": s.prompt, "answer": s.answer},
-                               ensure_ascii=True) + "\n")
-    tmp.replace(test_path)
+    lines = []
+    for s in test:
+        rid = f"{s.task}-{counters[s.task]:03d}"
+        counters[s.task] += 1
+        lines.append(json.dumps({"id": rid, "task": s.task, "prompt": s.prompt, "answer": s.answer},
+                                ensure_ascii=True) + "\n")
+    write_text_atomic(test_path, "".join(lines))
     return val_path, test_path
 
 

@@ -2,19 +2,20 @@
 
 2-D weights are written F16, norms F32; arrays are (n_out, n_in), which GGUF stores as
 ne = [n_in, n_out] as llama.cpp expects. Q/K need no permutation: the training-side RoPE already
-uses llama.cpp's NORM (adjacent-pair) layout. The file is written to a temporary name and moved into
-place with os.replace.
+uses llama.cpp's NORM (adjacent-pair) layout. The file is written to a temporary name and renamed into
+place (`outputs.AtomicOutput`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.outputs import AtomicOutput
 from seeddelta.tiny.model import TinyConfig, TinyLlama
 from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
 
@@ -31,8 +32,13 @@ def export_gguf(model: TinyLlama, tok: SPMTokenizer, out: Path | str, name: str 
         raise SeedDeltaError(f"tokenizer has {tok.n_vocab} pieces, model {cfg.n_vocab}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    with AtomicOutput(out, "tiny GGUF") as target:
+        _write(gguf.GGUFWriter(target.tmp, ARCH), model, tok, name, extra_kv)
+    return out
+
+
+def _write(w: Any, model: TinyLlama, tok: SPMTokenizer, name: str, extra_kv: dict[str, str] | None) -> None:
+    cfg = model.cfg
     w.add_name(name)
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(cfg.n_embd)
@@ -58,8 +64,6 @@ def export_gguf(model: TinyLlama, tok: SPMTokenizer, out: Path | str, name: str 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, out)
-    return out
 
 
 def export_checkpoint(ckpt: Path | str, out: Path | str, name: str = "seeddelta-tiny") -> Path:

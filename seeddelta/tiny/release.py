@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.outputs import write_text_atomic
 from seeddelta.tiny import DATA_DIR
 from seeddelta.tiny.evaluate import evaluate_model
 from seeddelta.tiny.export import export_gguf, load_gguf_model
@@ -111,8 +112,6 @@ def release(ckpt: Path, outdir: Path = DATA_DIR, name: str = "seeddelta-tiny", n
         t["total_wall_seconds"] = round(t["wall_seconds"] + parent["training"].get(
             "total_wall_seconds", parent["training"]["wall_seconds"]), 1)
     path = outdir / "manifest.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n", "manifest")
     log(f"wrote {path}")
     return manifest
