@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.outputs import AtomicOutput
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.model import TinyConfig, TinyLlama
 from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
@@ -129,16 +129,19 @@ def build(cfg: TrainConfig, tok: SPMTokenizer) -> tuple[TinyLlama, torch.optim.O
 def save_checkpoint(path: Path, model: TinyLlama, opt: torch.optim.Optimizer, cfg: TrainConfig,
                     state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({
+    _save_atomic(path, {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "train_config": cfg.to_dict(),
         "model_config": model.cfg.to_dict(),
         "state": state,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }, tmp)
-    os.replace(tmp, path)
+    })
+
+
+def _save_atomic(path: Path, obj: dict) -> None:
+    with AtomicOutput(path, "checkpoint") as out:
+        torch.save(obj, out.tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -269,10 +272,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
             rec["val_nll512"] = round(val, 5)
             if state["best_val"] is None or val < state["best_val"]:
                 state["best_val"], state["best_step"] = val, state["step"]
-                torch.save({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                            "train_config": cfg.to_dict(), "state": dict(state)},
-                           run_dir / "best.pt.tmp")
-                os.replace(run_dir / "best.pt.tmp", run_dir / "best.pt")
+                _save_atomic(run_dir / "best.pt", {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                                                   "train_config": cfg.to_dict(), "state": dict(state)})
         if rec:
             line = " ".join(f"{k}={v}" for k, v in rec.items())
             log(line)
