@@ -232,6 +232,51 @@ def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
                      n / secs[0] if secs[0] > 0 else float("nan"), n / secs[1] if secs[1] > 0 else float("nan"))
 
 
+class LayerDrift:
+    """Where the candidate's error enters and grows: after every block, the relative L2 distance
+    ‖h_model − h_base‖ / ‖h_base‖, the cosine and the norm ratio of the two residual streams, per token, over every
+    position of every window. Attach to both models, then run base before model on each window
+    (as `kl_divergence` does)."""
+
+    def __init__(self, base: Any, model: Any) -> None:
+        self.base, self.model = base, model
+        self.n_layer = len(base.layers)
+        self._h: dict[int, torch.Tensor] = {}
+        self.rel: list[list[np.ndarray]] = [[] for _ in range(self.n_layer)]
+        self.cos: list[list[np.ndarray]] = [[] for _ in range(self.n_layer)]
+        self.ratio: list[list[np.ndarray]] = [[] for _ in range(self.n_layer)]
+
+    @staticmethod
+    def applies(base: Any, model: Any) -> bool:
+        return len(base.layers) == len(model.layers) and base.config.n_embd == model.config.n_embd
+
+    def _keep(self, layer: int, h: torch.Tensor) -> None:
+        self._h[layer] = h.to(torch.float64)
+
+    def _compare(self, layer: int, h: torch.Tensor) -> None:
+        hb, hm = self._h.pop(layer), h.to(torch.float64)
+        nb, nm = hb.norm(dim=-1).clamp_min(1e-300), hm.norm(dim=-1).clamp_min(1e-300)
+        self.rel[layer].append(((hm - hb).norm(dim=-1) / nb).numpy())
+        self.cos[layer].append(((hm * hb).sum(-1) / (nb * nm)).numpy())
+        self.ratio[layer].append((nm / nb).numpy())
+
+    def __enter__(self) -> LayerDrift:
+        self.base.layer_observer, self.model.layer_observer = self._keep, self._compare
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.base.layer_observer = self.model.layer_observer = None
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self.n_layer):
+            rel, cos = np.concatenate(self.rel[i]), np.concatenate(self.cos[i])
+            out.append({"layer": i, "rel_l2_mean": float(rel.mean()), "rel_l2_p95": float(np.percentile(rel, 95)),
+                        "cos_mean": float(cos.mean()), "cos_p05": float(np.percentile(cos, 5)),
+                        "norm_ratio_mean": float(np.concatenate(self.ratio[i]).mean())})
+        return out
+
+
 # ---------------------------------------------------------------------------------- imatrix
 def collect_imatrix(model: Any, windows: Windows) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σx² per input column and row counts at the inputs of every ffn_gate/ffn_up/ffn_down.

@@ -34,6 +34,7 @@ from seeddelta.seeddelta_torch import (
 
 SUPPORTED_ARCHS = ("llama",)
 FfnObserver = Callable[[int, str, torch.Tensor], None]
+LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, residual stream after the block)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class LlamaModel:
         self.path = path
         self.metadata = metadata or {}
         self.ffn_observer: FfnObserver | None = None
+        self.layer_observer: LayerObserver | None = None
         c = config
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
         if rope_freqs is not None:
@@ -254,6 +256,8 @@ class LlamaModel:
             if obs is not None:
                 obs(i, "ffn_down", a)
             h = h + layer.ffn["ffn_down"](a)
+            if self.layer_observer is not None:
+                self.layer_observer(i, h)
         if cache is not None:
             cache.n = past + t
         h = self._rms(h[logits_start:], self.output_norm)

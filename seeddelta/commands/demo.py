@@ -117,6 +117,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
         "paired_delta_nll": kld["delta_nll"],
         "kld": kld["kld"],
         "same_top_p": kld["same_top_p"],
+        "layer_drift": kld.get("layer_drift", []),
         "greedy": {"verdict": greedy["verdict"], "original": greedy["base"]["result"]["tasks"],
                    "seeddelta": greedy["result"]["tasks"]},
         "seconds": round(seconds, 1),
@@ -127,6 +128,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
 def _print(s: dict[str, Any]) -> None:
     fb, mem, ppl = s["file_bytes"], s["weight_memory_bytes"], s["ppl"]
     rss = s["resident_memory_load_delta_bytes"]
+    drift = " ".join(f"{r['layer']}:{r['rel_l2_mean']:.2f}" for r in s["layer_drift"])
     g = s["greedy"]
 
     def change(a: int, b: int) -> str:
@@ -148,6 +150,7 @@ def _print(s: dict[str, Any]) -> None:
         f"paired ΔNLL (ln PPL ratio) : {s['paired_delta_nll']['mean']:+.5f} ± {s['paired_delta_nll']['se']:.5f}",
         f"mean KLD, p99              : {s['kld']['mean']:.5f} ± {s['kld']['se']:.5f}, {s['kld']['p99']:.4f}",
         f"same top-1                 : {s['same_top_p']['mean']:.2%} ± {s['same_top_p']['se']:.2%}",
+        *([f"hidden state after block   : {drift} (blk:relative L2 distance, mean per token)"] if drift else []),
         f"greedy accuracy (original) : {acc(g['original'])}",
         f"greedy accuracy (SeedΔ)    : {acc(g['seeddelta'])}",
         f"greedy pack                : {g['verdict']['result']} {'; '.join(g['verdict'].get('reasons', []))}",

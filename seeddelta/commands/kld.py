@@ -1,4 +1,5 @@
-"""`seeddelta kld`: KL(base ‖ model) on llama-perplexity's windows, same-top-p, Δp and paired ΔNLL.
+"""`seeddelta kld`: KL(base ‖ model) on llama-perplexity's windows, same-top-p, Δp and paired ΔNLL,
+and where the difference enters: the hidden state's drift after every block.
 
 KL is exact in float64 over the full vocabulary for every scored token.
 """
@@ -41,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {model_path} "
           f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
-    res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
+    drift = ev.LayerDrift(base.model, cand.model) if ev.LayerDrift.applies(base.model, cand.model) else None
+    if drift is not None:
+        with drift:
+            res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
+    else:
+        res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
     s = res.summary()
     k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]
     print(f"Mean    KLD: {k['mean']:10.6f} ± {k['se']:.6f}")
@@ -52,10 +58,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"Mean ΔNLL (paired, ln PPL ratio): {dn['mean']:+.6f} ± {dn['se']:.6f}")
     print(f"PPL base: {s['ppl_base']['ppl']:.4f} ± {s['ppl_base']['se']:.4f}   "
           f"PPL model: {s['ppl_model']['ppl']:.4f} ± {s['ppl_model']['se']:.4f}")
+    if drift is not None:
+        s["layer_drift"] = drift.summary()
+        print("Hidden state after each block, model vs base, per token:")
+        print(f"  {'block':<8}{'rel L2 mean':>12}{'rel L2 p95':>12}{'cos mean':>10}{'norm ratio':>12}")
+        for row in s["layer_drift"]:
+            print(f"  blk.{row['layer']:<4}{row['rel_l2_mean']:12.5f}{row['rel_l2_p95']:12.5f}{row['cos_mean']:10.5f}"
+                  f"{row['norm_ratio_mean']:12.4f}")
     if args.json:
         s.update({"chunks": res.n_chunk, "ctx": res.n_ctx, "text": str(text_path),
                   "base": ev.model_info(base), "model": ev.model_info(cand),
                   "method": "KL(base||model) = sum_v p_v (log p_v - log q_v), float64 over the full vocabulary, "
-                            "llama-perplexity windows (second half scored)"})
+                            "llama-perplexity windows (second half scored); layer_drift: residual stream after each "
+                            "block, ||h_model - h_base|| / ||h_base|| and cosine per token over every window position"})
         write_json_atomic(args.json, s)
     return 0
