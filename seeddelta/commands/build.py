@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from seeddelta.build import BuildOptions, run_build, size_warnings, summary_line
 
@@ -20,6 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output GGUF (never the input)")
     p.add_argument("--layers", default=None, metavar="A-B|LIST",
                    help="layers to encode: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
+    add_encoding_args(p)
+    p.add_argument("--strip-dense", action="store_true", help="drop the dense weight of every encoded tensor")
+    p.add_argument("--policy", default=None, metavar="FILE", help="policy JSON (not implemented yet)")
+    p.add_argument("--policy-strict", action="store_true", help="unknown policy keys are errors")
+    p.add_argument("--eval-cols", type=int, default=0, metavar="N",
+                   help="output rows sampled for the metrics; >= n_out: every row (0: no metrics)")
+    p.add_argument("--eval-x", type=int, default=0, metavar="N", help="random inputs for functional metrics (0)")
+    p.add_argument("--report-json", default=None, metavar="PATH", help="write report.json")
+    p.add_argument("--deterministic-report", action="store_true",
+                   help="leave the wall-clock `timing` object out of the report (byte-identical reports)")
+    p.add_argument("--overwrite-existing", action="store_true",
+                   help="re-encode weights that already have SeedΔ tensors (they are replaced)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(handler=run)
+
+
+def add_encoding_args(p: argparse.ArgumentParser) -> None:
+    """How each weight is encoded: the flags `build` and `sweep` share."""
     p.add_argument("--scheme", choices=("coo", "block"), default="coo", help="residual encoding (default coo)")
     p.add_argument("--block", type=int, default=32, metavar="N", help="block size for scheme block, 1..4096 (32)")
     p.add_argument("--K", type=int, default=32, metavar="N", help="residual budget per output row (32)")
@@ -39,36 +58,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="rows sampled per block for the base fit, <= 0: all (2048)")
     p.add_argument("--base-perm-trials", type=int, default=1, metavar="N",
                    help="permutation trials per block: identity + N-1 random (1)")
-    p.add_argument("--strip-dense", action="store_true", help="drop the dense weight of every encoded tensor")
-    p.add_argument("--policy", default=None, metavar="FILE", help="policy JSON (not implemented yet)")
-    p.add_argument("--policy-strict", action="store_true", help="unknown policy keys are errors")
-    p.add_argument("--eval-cols", type=int, default=0, metavar="N",
-                   help="output rows sampled for the metrics; >= n_out: every row (0: no metrics)")
-    p.add_argument("--eval-x", type=int, default=0, metavar="N", help="random inputs for functional metrics (0)")
-    p.add_argument("--report-json", default=None, metavar="PATH", help="write report.json")
-    p.add_argument("--deterministic-report", action="store_true",
-                   help="leave the wall-clock `timing` object out of the report (byte-identical reports)")
     p.add_argument("--seed", type=int, default=1234, metavar="N", help="seed (1234)")
     p.add_argument("--delta-norm-clamp-down", type=float, default=0.0, metavar="F",
                    help="clamp ||Δ|| of ffn_down to F·||W||_F (0: off)")
     p.add_argument("-t", "--threads", type=int, default=0, metavar="N", help="worker threads (0: one per CPU)")
-    p.add_argument("--overwrite-existing", action="store_true",
-                   help="re-encode weights that already have SeedΔ tensors (they are replaced)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(handler=run)
+
+
+ENCODING_FIELDS = ("scheme", "block", "K", "K_gate", "K_up", "K_down", "idx_type", "val_type", "row_scale", "imatrix",
+                   "imatrix_eps", "imatrix_power", "base", "base_max_samples", "base_perm_trials", "seed",
+                   "delta_norm_clamp_down", "threads")
+
+
+def encoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """BuildOptions fields set by `add_encoding_args`."""
+    return {name: getattr(args, name) for name in ENCODING_FIELDS}
 
 
 def run(args: argparse.Namespace) -> int:
     opts = BuildOptions(
-        input=args.input, output=args.output, layers=args.layers, scheme=args.scheme, block=args.block, K=args.K,
-        K_gate=args.K_gate, K_up=args.K_up, K_down=args.K_down, idx_type=args.idx_type, val_type=args.val_type,
-        row_scale=args.row_scale, imatrix=args.imatrix, imatrix_eps=args.imatrix_eps,
-        imatrix_power=args.imatrix_power, base=args.base, base_max_samples=args.base_max_samples,
-        base_perm_trials=args.base_perm_trials, strip_dense=args.strip_dense, policy=args.policy,
+        input=args.input, output=args.output, layers=args.layers, strip_dense=args.strip_dense, policy=args.policy,
         policy_strict=args.policy_strict, eval_cols=args.eval_cols, eval_x=args.eval_x,
-        report_json=args.report_json, seed=args.seed, delta_norm_clamp_down=args.delta_norm_clamp_down,
-        threads=args.threads, overwrite_existing=args.overwrite_existing,
-        deterministic_report=args.deterministic_report, progress=not args.quiet,
+        report_json=args.report_json, overwrite_existing=args.overwrite_existing,
+        deterministic_report=args.deterministic_report, progress=not args.quiet, **encoding_options(args),
     )
     result = run_build(opts)
     for message in size_warnings(result):

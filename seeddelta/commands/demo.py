@@ -5,8 +5,10 @@
    (never the evaluation text: calibrating on it would leak into the scores);
 3. `seeddelta build`: SeedΔ on every FFN weight (XOR base, row scale, imatrix, strip);
 4. the SeedΔ model against the original on the same tokens (`seeddelta kld`: both
-   perplexities, paired ΔNLL, KL divergence, same top-1), the greedy task pack (exact match and
-   collapse flags, compressed model actually in use), file size and weight memory.
+   perplexities, paired ΔNLL, KL divergence, same top-1, the hidden state's drift after every
+   block), the greedy task pack (exact match and collapse flags, compressed model actually in
+   use), file size and weight memory;
+5. `seeddelta sweep`: the same encoding on one layer at a time, which layers are safe.
 
 Every step goes through the public commands, writing JSON into --out; the summary is printed
 and written to <out>/summary.json. Exit status 1 if harness A fails; a greedy verdict FAIL is a
@@ -81,14 +83,17 @@ def run(args: argparse.Namespace) -> int:
     _step("imatrix", ["imatrix", "-m", str(model), "-f", str(out / "calibration.txt"), "-o", str(out / "imatrix.gguf"),
                       "-c", str(args.ctx_size)])
     sd = out / "model_seeddelta.gguf"
-    _step("build", ["build", "-i", str(model), "-o", str(sd), "--base", "--row-scale", "--imatrix", str(out / "imatrix.gguf"),
-                    "--K-gate", str(args.K_gate), "--K-up", str(args.K_up), "--K-down", str(args.K_down),
+    encoding = ["--base", "--row-scale", "--imatrix", str(out / "imatrix.gguf"),
+                "--K-gate", str(args.K_gate), "--K-up", str(args.K_up), "--K-down", str(args.K_down)]
+    _step("build", ["build", "-i", str(model), "-o", str(sd), *encoding,
                     "--strip-dense", "--eval-cols", "4096", "--eval-x", "32", "--report-json", str(out / "report.json")])
     _step("perplexity and KL divergence", ["kld", "--base", str(model), "-m", str(sd), "-c", str(args.ctx_size), "--sparse",
                                            "--chunks", str(args.chunks), "--json", str(out / "kld.json")])
     _step("greedy pack", ["greedy", "-m", str(sd), "--base", str(model), "--limit", str(args.limit),
                           "--json", str(out / "greedy.json")],
           allowed=(0, 1))  # 1 = verdict FAIL: reported in the summary, not an error of the demo
+    _step("one layer at a time", ["sweep", "-m", str(model), "-c", str(args.ctx_size), "--chunks", str(args.chunks),
+                                  "--json", str(out / "sweep.json"), *encoding])
     summary = _summary(out, model, sd, time.perf_counter() - t0)
     write_json_atomic(out / "summary.json", summary)
     _print(summary)
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]:
     report = _load(out / "report.json")
-    kld, greedy = _load(out / "kld.json"), _load(out / "greedy.json")
+    kld, greedy, sweep = _load(out / "kld.json"), _load(out / "greedy.json"), _load(out / "sweep.json")
     weights = report["weights"]
     by_kind: dict[str, list[float]] = {}
     for w in weights:
@@ -118,6 +123,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
         "kld": kld["kld"],
         "same_top_p": kld["same_top_p"],
         "layer_drift": kld.get("layer_drift", []),
+        "one_layer_at_a_time": sweep["layers"],
         "greedy": {"verdict": greedy["verdict"], "original": greedy["base"]["result"]["tasks"],
                    "seeddelta": greedy["result"]["tasks"]},
         "seconds": round(seconds, 1),
@@ -129,6 +135,7 @@ def _print(s: dict[str, Any]) -> None:
     fb, mem, ppl = s["file_bytes"], s["weight_memory_bytes"], s["ppl"]
     rss = s["resident_memory_load_delta_bytes"]
     drift = " ".join(f"{r['layer']}:{r['rel_l2_mean']:.2f}" for r in s["layer_drift"])
+    one_layer = " ".join(f"{r['layer']}:{r['delta_nll']:+.3f}" for r in s["one_layer_at_a_time"])
     g = s["greedy"]
 
     def change(a: int, b: int) -> str:
@@ -151,6 +158,7 @@ def _print(s: dict[str, Any]) -> None:
         f"mean KLD, p99              : {s['kld']['mean']:.5f} ± {s['kld']['se']:.5f}, {s['kld']['p99']:.4f}",
         f"same top-1                 : {s['same_top_p']['mean']:.2%} ± {s['same_top_p']['se']:.2%}",
         *([f"hidden state after block   : {drift} (blk:relative L2 distance, mean per token)"] if drift else []),
+        f"one layer at a time (ΔNLL) : {one_layer}",
         f"greedy accuracy (original) : {acc(g['original'])}",
         f"greedy accuracy (SeedΔ)    : {acc(g['seeddelta'])}",
         f"greedy pack                : {g['verdict']['result']} {'; '.join(g['verdict'].get('reasons', []))}",

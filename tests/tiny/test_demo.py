@@ -32,6 +32,10 @@ def test_demo_writes_a_summary_consistent_with_its_files_and_never_calibrates_on
     assert summary["kld"] == kld["kld"] and summary["ppl"]["seeddelta"] == kld["ppl_model"]
     # a lossy budget: the SeedΔ model differs from the original, and the summary says by how much
     assert summary["kld"]["mean"] > 0
+    # where: the drift after every block, and the same encoding on one layer at a time
+    assert [r["layer"] for r in summary["layer_drift"]] == list(range(8))
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert summary["one_layer_at_a_time"] == sweep["layers"] and [r["layer"] for r in sweep["layers"]] == list(range(8))
     # calibration text is drawn from the training distribution: no held-out sample may appear in it
     calib = (out / "calibration.txt").read_text()
     assert not [t for t in heldout_texts() if t in calib]
