@@ -39,3 +39,22 @@ def test_a_lossless_encoding_changes_nothing(tmp_path, capsys):
     assert abs(row["delta_nll"]) < 1e-5 and row["kld_mean"] < 1e-5, row
     # the stored SeedΔ entries (i16 index + f32 value, 6 B) are larger than the F16 weights they replace (2 B)
     assert row["bytes_saved"] < 0
+
+
+def test_per_kind_units_encode_exactly_one_tensor_each(tmp_path, capsys):
+    assert main(["sweep", "--layers", "5", "--per-kind", "--K", "32", "--json", str(tmp_path / "k.json"),
+                 "--chunks", "1"]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["layers"]
+    assert [(r["layer"], r["kinds"]) for r in rows] == [(5, ["ffn_gate"]), (5, ["ffn_up"]), (5, ["ffn_down"])]
+    # closed form of the bytes: the F16 weight stripped (2·n_out·n_in) minus the COO stored for it
+    # (n_out·K entries of an i16 index and an f16 value, 4 B), nothing else touched
+    gate_up = 2 * 768 * 192 - 768 * 32 * 4
+    down = 2 * 192 * 768 - 192 * 32 * 4
+    assert [r["bytes_saved"] for r in rows] == [gate_up, gate_up, down]
+    assert len({r["delta_nll"] for r in rows}) == 3, "three different files, three different effects"
+
+
+def test_bad_kinds_is_one_line_exit_2(capsys):
+    assert main(["sweep", "--kinds", "gate,bogus", "--chunks", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kinds" in err[0], err
