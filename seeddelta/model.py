@@ -124,9 +124,7 @@ class KVCache:
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
+    wqkv: torch.Tensor  # attn_q, attn_k, attn_v stacked by rows: one matmul per token instead of three
     wo: torch.Tensor
     ffn_norm: torch.Tensor
     ffn: dict[str, Any] = field(default_factory=dict)  # kind -> projection
@@ -175,7 +173,7 @@ class LlamaModel:
         if self.rope_freqs is not None:
             tensors.append(self.rope_freqs)
         for layer in self.layers:
-            tensors += [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.ffn_norm]
+            tensors += [layer.attn_norm, layer.wqkv, layer.wo, layer.ffn_norm]
             n += sum(p.nbytes() for p in layer.ffn.values())
         return n + sum(t.numel() * t.element_size() for t in tensors)
 
@@ -231,12 +229,10 @@ class LlamaModel:
         rep = c.n_head // c.n_head_kv
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer.attn_norm)
-            q = torch.nn.functional.linear(x, layer.wq).view(t, c.n_head, c.head_dim)
-            k = torch.nn.functional.linear(x, layer.wk).view(t, c.n_head_kv, c.head_dim)
-            v = torch.nn.functional.linear(x, layer.wv).view(t, c.n_head_kv, c.head_dim)
-            q = self._rope(q, cos, sin).transpose(0, 1)
-            k = self._rope(k, cos, sin).transpose(0, 1)
-            v = v.transpose(0, 1)
+            qkv = torch.nn.functional.linear(x, layer.wqkv).view(t, c.n_head + 2 * c.n_head_kv, c.head_dim)
+            qk = self._rope(qkv[:, : c.n_head + c.n_head_kv], cos, sin).transpose(0, 1)
+            q, k = qk[: c.n_head], qk[c.n_head:]
+            v = qkv[:, c.n_head + c.n_head_kv:].transpose(0, 1)
             if cache is not None:
                 cache.k[i][:, past: past + t] = k
                 cache.v[i][:, past: past + t] = v
@@ -325,9 +321,9 @@ def load_model(path: str | Path, *, use_seeddelta: bool = True, mode: str = "mat
         b = f"blk.{i}."
         layer = _Layer(
             attn_norm=check_shape(b + "attn_norm.weight", dense(b + "attn_norm.weight"), (c.n_embd,)),
-            wq=check_shape(b + "attn_q.weight", dense(b + "attn_q.weight"), (qd, c.n_embd)),
-            wk=check_shape(b + "attn_k.weight", dense(b + "attn_k.weight"), (kvd, c.n_embd)),
-            wv=check_shape(b + "attn_v.weight", dense(b + "attn_v.weight"), (kvd, c.n_embd)),
+            wqkv=torch.cat([check_shape(b + "attn_q.weight", dense(b + "attn_q.weight"), (qd, c.n_embd)),
+                            check_shape(b + "attn_k.weight", dense(b + "attn_k.weight"), (kvd, c.n_embd)),
+                            check_shape(b + "attn_v.weight", dense(b + "attn_v.weight"), (kvd, c.n_embd))]),
             wo=check_shape(b + "attn_output.weight", dense(b + "attn_output.weight"), (c.n_embd, qd)),
             ffn_norm=check_shape(b + "ffn_norm.weight", dense(b + "ffn_norm.weight"), (c.n_embd,)),
         )
