@@ -251,10 +251,10 @@ class LayerDrift:
         return len(base.layers) == len(model.layers) and base.config.n_embd == model.config.n_embd
 
     def _keep(self, layer: int, h: torch.Tensor) -> None:
-        self._h[layer] = h.to(torch.float64)
+        self._h[layer] = h  # a fresh tensor per block (h = h + …), never written again; float64 only when compared
 
     def _compare(self, layer: int, h: torch.Tensor) -> None:
-        hb, hm = self._h.pop(layer), h.to(torch.float64)
+        hb, hm = self._h.pop(layer).to(torch.float64), h.to(torch.float64)
         nb, nm = hb.norm(dim=-1).clamp_min(1e-300), hm.norm(dim=-1).clamp_min(1e-300)
         self.rel[layer].append(((hm - hb).norm(dim=-1) / nb).numpy())
         self.cos[layer].append(((hm * hb).sum(-1) / (nb * nm)).numpy())
