@@ -465,6 +465,10 @@ def add_runtime_args(p: Any) -> None:
     p.add_argument("-t", "--threads", type=int, default=0, metavar="N", help="torch threads (0: torch's default)")
 
 
+def add_model_arg(p: Any, what: str = "GGUF model") -> None:
+    p.add_argument("-m", "--model", default=None, metavar="FILE", help=f"{what} (default: the tiny model)")
+
+
 def add_text_args(p: Any, text_help: str = "UTF-8 text") -> None:
     """-f/-c/--chunks of ppl, kld and imatrix (llama-perplexity's flags)."""
     p.add_argument("-f", "--file", default=None, metavar="TEXT",

@@ -17,7 +17,7 @@ from seeddelta.outputs import write_json_atomic
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("greedy", help="greedy pack: exact match and collapse flags, PASS/FAIL",
                        description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
+    ev.add_model_arg(p)
     p.add_argument("--pack", default=None, metavar="FILE",
                    help="pack in the test-pack JSON-lines format (default: the tiny model's test pack)")
     p.add_argument("--base", default=None, metavar="FILE",

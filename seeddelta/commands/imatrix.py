@@ -16,7 +16,7 @@ from seeddelta import evaluate as ev
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("imatrix", help="FFN input statistics in llama-imatrix's GGUF format",
                        description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
+    ev.add_model_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
     ev.add_text_args(p, "UTF-8 calibration text")
     ev.add_runtime_args(p)

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("kld", help="KL divergence of a model to a base model on a text",
                        description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
-    p.add_argument("-m", "--model", default=None, metavar="FILE", help="candidate GGUF (default: the tiny model)")
+    ev.add_model_arg(p, "candidate GGUF")
     ev.add_text_args(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     ev.add_runtime_args(p)

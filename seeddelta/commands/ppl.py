@@ -15,7 +15,7 @@ from seeddelta.outputs import write_json_atomic
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ppl", help="perplexity of a GGUF model on a text (llama-perplexity's method)",
                        description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
+    ev.add_model_arg(p)
     ev.add_text_args(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-window running estimate")

@@ -31,7 +31,7 @@ from seeddelta.outputs import write_json_atomic
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("sweep", help="SeedΔ on one layer at a time: which layers are safe (B2)",
                        description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("-m", "--model", default=None, metavar="FILE", help="GGUF model (default: the tiny model)")
+    ev.add_model_arg(p)
     ev.add_text_args(p)
     p.add_argument("--layers", default=None, metavar="A-B|LIST", help="layers to sweep (default: all)")
     p.add_argument("--kinds", default="gate,up,down", metavar="LIST",
