@@ -8,7 +8,8 @@
    perplexities, paired ΔNLL, KL divergence, same top-1, the hidden state's drift after every
    block), the greedy task pack (exact match and collapse flags, compressed model actually in
    use), file size and weight memory;
-5. `seeddelta sweep`: the same encoding on one layer at a time, which layers are safe.
+5. `seeddelta sweep --stack`: the same encoding on one layer at a time (which layers are safe), then
+   on the safest layers together, one more at each step (where the cliff is, what it saves).
 
 Every step goes through the public commands, writing JSON into --out; the summary is printed
 and written to <out>/summary.json. Exit status 1 if harness A fails; a greedy verdict FAIL is a
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunks", type=int, default=-1, help="at most N perplexity windows (-1: all)")
     p.add_argument("--limit", type=int, default=0, help="greedy prompts per task (0: the whole pack)")
     p.add_argument("--skip-toy", action="store_true", help="do not run harness A first")
+    p.add_argument("--max-delta-nll", type=float, default=0.01,
+                   help="the chosen subset: the most safest-first layers whose ΔNLL together stays at or below this (0.01)")
     p.add_argument("--strict", action="store_true", help="exit status 1 when the greedy pack FAILs")
     p.set_defaults(handler=run)
 
@@ -93,11 +96,42 @@ def run(args: argparse.Namespace) -> int:
                           "--json", str(out / "greedy.json")],
           allowed=(0, 1))  # 1 = verdict FAIL: reported in the summary, not an error of the demo
     _step("one layer at a time", ["sweep", "-m", str(model), "-c", str(args.ctx_size), "--chunks", str(args.chunks),
-                                  "--json", str(out / "sweep.json"), *encoding])
+                                  "--stack", "--json", str(out / "sweep.json"), *encoding])
+    chosen = _chosen_layers(_load(out / "sweep.json")["stack"], args.max_delta_nll)
+    if chosen:
+        safe = out / "model_seeddelta_chosen.gguf"
+        _step("the chosen layers", ["build", "-i", str(model), "-o", str(safe), *encoding, "--layers", chosen,
+                                    "--strip-dense", "-q"])
+        _step("the chosen layers: KL divergence", ["kld", "--base", str(model), "-m", str(safe), "-c", str(args.ctx_size),
+                                                   "--sparse", "--chunks", str(args.chunks),
+                                                   "--json", str(out / "kld_chosen.json")])
+        _step("the chosen layers: greedy pack", ["greedy", "-m", str(safe), "--base", str(model), "--limit",
+                                                 str(args.limit), "--json", str(out / "greedy_chosen.json")],
+              allowed=(0, 1))
     summary = _summary(out, model, sd, time.perf_counter() - t0)
+    summary["chosen"] = _chosen_summary(out, model, chosen, args.max_delta_nll)
     write_json_atomic(out / "summary.json", summary)
     _print(summary)
     return 1 if args.strict and summary["greedy"]["verdict"]["result"] != "PASS" else 0
+
+
+def _chosen_layers(stack: list[dict[str, Any]], max_delta_nll: float) -> str:
+    """The layers of the longest safest-first prefix whose measured ΔNLL stays within the bound."""
+    within = [i for i, step in enumerate(stack) if step["delta_nll"] <= max_delta_nll]
+    if not within:
+        return ""
+    return ",".join(sorted((s["added"].removeprefix("blk.") for s in stack[: within[-1] + 1]), key=int))
+
+
+def _chosen_summary(out: Path, model: Path, layers: str, max_delta_nll: float) -> dict[str, Any]:
+    if not layers:
+        return {"layers": [], "max_delta_nll": max_delta_nll}
+    kld, greedy = _load(out / "kld_chosen.json"), _load(out / "greedy_chosen.json")
+    path = out / "model_seeddelta_chosen.gguf"
+    return {"layers": [int(x) for x in layers.split(",")], "max_delta_nll": max_delta_nll, "model": str(path),
+            "file_bytes": os.path.getsize(path), "ppl": kld["ppl_model"], "delta_nll": kld["delta_nll"],
+            "kld": kld["kld"], "greedy": {"verdict": greedy["verdict"], "seeddelta": greedy["result"]["tasks"]},
+            "original_file_bytes": os.path.getsize(model)}
 
 
 def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]:
@@ -124,6 +158,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
         "same_top_p": kld["same_top_p"],
         "layer_drift": kld.get("layer_drift", []),
         "one_layer_at_a_time": sweep["layers"],
+        "safest_layers_together": sweep["stack"],
         "greedy": {"verdict": greedy["verdict"], "original": greedy["base"]["result"]["tasks"],
                    "seeddelta": greedy["result"]["tasks"]},
         "seconds": round(seconds, 1),
@@ -131,11 +166,26 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
     }
 
 
+def _chosen_lines(c: dict[str, Any], change: Any, acc: Any) -> list[str]:
+    if not c["layers"]:
+        return [f"chosen layers              : none (no layer alone stays within ΔNLL {c['max_delta_nll']})"]
+    v = c["greedy"]["verdict"]
+    return [
+        f"chosen layers              : {', '.join(map(str, c['layers']))} (safest first, together within ΔNLL "
+        f"{c['max_delta_nll']})",
+        f"  file size                : {change(c['original_file_bytes'], c['file_bytes'])}",
+        f"  paired ΔNLL, mean KLD    : {c['delta_nll']['mean']:+.5f} ± {c['delta_nll']['se']:.5f}, {c['kld']['mean']:.5f}",
+        f"  greedy accuracy (SeedΔ)  : {acc(c['greedy']['seeddelta'])}: {' '.join([v['result'], *v.get('reasons', [])])}",
+    ]
+
+
 def _print(s: dict[str, Any]) -> None:
     fb, mem, ppl = s["file_bytes"], s["weight_memory_bytes"], s["ppl"]
     rss = s["resident_memory_load_delta_bytes"]
     drift = " ".join(f"{r['layer']}:{r['rel_l2_mean']:.2f}" for r in s["layer_drift"])
     one_layer = " ".join(f"{r['layer']}:{r['delta_nll']:+.3f}" for r in s["one_layer_at_a_time"])
+    together = " ".join(f"+{r['added'].removeprefix('blk.')}:{r['delta_nll']:+.3f}/{r['bytes_saved'] / 1e6:.1f}"
+                        for r in s["safest_layers_together"])
     g = s["greedy"]
 
     def change(a: int, b: int) -> str:
@@ -159,12 +209,14 @@ def _print(s: dict[str, Any]) -> None:
         f"same top-1                 : {s['same_top_p']['mean']:.2%} ± {s['same_top_p']['se']:.2%}",
         *([f"hidden state after block   : {drift} (blk:relative L2 distance, mean per token)"] if drift else []),
         f"one layer at a time (ΔNLL) : {one_layer}",
+        f"safest layers together     : {together} (+blk:ΔNLL/MB saved)",
         f"greedy accuracy (original) : {acc(g['original'])}",
         f"greedy accuracy (SeedΔ)    : {acc(g['seeddelta'])}",
         f"greedy pack                : {g['verdict']['result']} {'; '.join(g['verdict'].get('reasons', []))}",
         *([] if g["verdict"]["result"] == "PASS" else [
             "                             (a measured result: this budget costs too much quality; "
             "--strict turns it into exit status 1)"]),
+        *_chosen_lines(s["chosen"], change, acc),
         f"files                      : {s['out']}/ (summary.json, report.json, kld.json, greedy.json, …)",
         f"total time                 : {s['seconds']:.1f} s",
     ]

@@ -58,3 +58,25 @@ def test_bad_kinds_is_one_line_exit_2(capsys):
     assert main(["sweep", "--kinds", "gate,bogus", "--chunks", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--kinds" in err[0], err
+
+
+def test_stack_adds_the_safest_units_one_at_a_time(tmp_path, capsys):
+    enc = ["--K", "24"]
+    assert main(["sweep", "--layers", "1,2,6", "--stack", "--json", str(tmp_path / "s.json"), *WINDOWS, *enc]) == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    rows, stack = data["layers"], data["stack"]
+    order = sorted(rows, key=lambda r: r["delta_nll"])
+    assert [s["added"] for s in stack] == [f"blk.{r['layer']}" for r in order]
+    # step 1 is the safest unit's own file: the same measurement to the last bit
+    assert stack[0]["delta_nll"] == order[0]["delta_nll"] and stack[0]["kld_mean"] == order[0]["kld_mean"]
+    # bytes are additive over units: each tensor's stripped and added bytes do not depend on the others
+    running = 0
+    for step, unit in zip(stack, order, strict=True):
+        running += unit["bytes_saved"]
+        assert step["bytes_saved"] == running
+    # the last step is all three layers: what build --layers 1,2,6 + kld measure by another route
+    sd, kld = tmp_path / "all.gguf", tmp_path / "all.json"
+    assert main(["build", "-i", MODEL, "-o", str(sd), "--layers", "1,2,6", "--strip-dense", "-q", *enc]) == 0
+    assert main(["kld", "--base", MODEL, "-m", str(sd), "--sparse", "--json", str(kld), *WINDOWS]) == 0
+    assert stack[-1]["delta_nll"] == json.loads(kld.read_text())["delta_nll"]["mean"]
+    assert "one more at each step" in capsys.readouterr().out
