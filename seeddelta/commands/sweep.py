@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=run)
 
 
+CACHE_LIMIT_BYTES = 2 << 30  # above this the base's logits are recomputed for every unit instead
+
+
 def _cached(fn: ev.Logits) -> ev.Logits:
     """The base's logits per window, computed once (windows are keyed by their token bytes)."""
     memo: dict[bytes, Any] = {}
@@ -84,7 +87,14 @@ class _Measure:
     def __init__(self, args: argparse.Namespace, model_path: Path, base: ev.Loaded, windows: ev.Windows,
                  out_dir: Path) -> None:
         self.args, self.model_path, self.windows, self.out_dir = args, model_path, windows, out_dir
-        self.base_logits = _cached(ev.model_logits(base.model))
+        logits = ev.model_logits(base.model)
+        cache_bytes = windows.n_scored * base.model.config.n_vocab * 4  # float32 logits of every scored position
+        if cache_bytes <= CACHE_LIMIT_BYTES:
+            self.base_logits = _cached(logits)
+        else:
+            print(f"note: the base's logits would take {cache_bytes / 2**30:.1f} GiB; recomputing them for every unit "
+                  "(fewer --chunks caches them)", file=sys.stderr)
+            self.base_logits = logits
 
     def __call__(self, chosen: frozenset[Pair], name: str) -> dict[str, Any]:
         path = self.out_dir / f"{name}.gguf"
