@@ -80,3 +80,16 @@ def test_stack_adds_the_safest_units_one_at_a_time(tmp_path, capsys):
     assert main(["kld", "--base", MODEL, "-m", str(sd), "--sparse", "--json", str(kld), *WINDOWS]) == 0
     assert stack[-1]["delta_nll"] == json.loads(kld.read_text())["delta_nll"]["mean"]
     assert "one more at each step" in capsys.readouterr().out
+
+
+def test_without_the_logits_cache_the_rows_are_the_same(tmp_path, capsys, monkeypatch):
+    from seeddelta.commands import sweep
+
+    def rows(name: str) -> list[dict]:
+        assert main(["sweep", "--layers", "2", "--K", "24", "--json", str(tmp_path / name), *WINDOWS]) == 0
+        return json.loads((tmp_path / name).read_text())["layers"]
+
+    cached = rows("cached.json")
+    monkeypatch.setattr(sweep, "CACHE_LIMIT_BYTES", 0)
+    assert rows("recomputed.json") == cached  # the base's forward is deterministic: same numbers either way
+    assert "recomputing them for every unit" in capsys.readouterr().err
