@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -477,12 +477,20 @@ def add_text_args(p: Any, text_help: str = "UTF-8 text") -> None:
     p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
 
 
-def text_windows(args: Any, tokenizer: Any) -> tuple[Path, str, Windows]:
-    """The text named by -f (or the default) and its llama-perplexity windows under `tokenizer`."""
+class TextWindows(NamedTuple):
+    path: Path
+    text: str
+    tokens: list[int]
+    windows: Windows
+
+
+def text_windows(args: Any, tokenizer: Any) -> TextWindows:
+    """The text named by -f (or the default), its tokens and its llama-perplexity windows under `tokenizer`."""
     text_path = Path(args.file) if args.file else default_text()
     text = read_text(text_path)
     tokens = tokenize_text(tokenizer, text)
-    return text_path, text, make_windows(tokens, args.ctx, args.chunks, window_bos(tokenizer), what=str(text_path))
+    windows = make_windows(tokens, args.ctx, args.chunks, window_bos(tokenizer), what=str(text_path))
+    return TextWindows(text_path, text, tokens, windows)
 
 
 def apply_threads(args: Any) -> None:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()
     loaded = ev.load_from_args(args, model_path)
-    text_path, _, windows = ev.text_windows(args, loaded.tokenizer)
+    text_path, _, _, windows = ev.text_windows(args, loaded.tokenizer)
     t0 = time.perf_counter()
     sums, counts = ev.collect_imatrix(loaded.model, windows)
     seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ KL is exact in float64 over the full vocabulary for every scored token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from seeddelta import evaluate as ev
@@ -36,17 +37,14 @@ def run(args: argparse.Namespace) -> int:
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
                              f"model {model_path} has {cand.model.config.n_vocab}")
-    text_path, text, windows = ev.text_windows(args, base.tokenizer)
-    if ev.tokenize_text(cand.tokenizer, text) != ev.tokenize_text(base.tokenizer, text):
+    text_path, text, tokens, windows = ev.text_windows(args, base.tokenizer)
+    if ev.tokenize_text(cand.tokenizer, text) != tokens:
         raise SeedDeltaError(f"base {args.base} and model {model_path} tokenize {text_path} differently")
     print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {model_path} "
           f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
     drift = ev.LayerDrift(base.model, cand.model) if ev.LayerDrift.applies(base.model, cand.model) else None
-    if drift is not None:
-        with drift:
-            res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
-    else:
+    with drift if drift is not None else contextlib.nullcontext():
         res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
     s = res.summary()
     k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()
     loaded = ev.load_from_args(args, model_path)
-    text_path, _, windows = ev.text_windows(args, loaded.tokenizer)
+    text_path, _, _, windows = ev.text_windows(args, loaded.tokenizer)
     m = loaded.model
     print(f"seeddelta ppl: {model_path}: {m.n_seeddelta} SeedΔ projection(s) of {len(m.projections())}"
           f"{' (' + m.metadata['mode'] + ')' if m.n_seeddelta else ''}; {windows.n_text_tokens} tokens, "

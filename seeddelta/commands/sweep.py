@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = _kinds(args.kinds)
     model_path = Path(args.model) if args.model else ev.default_model()
     base = ev.load(model_path, use_seeddelta=False)
-    text_path, _, windows = ev.text_windows(args, base.tokenizer)
+    text_path, _, _, windows = ev.text_windows(args, base.tokenizer)
     layers = parse_layers(args.layers, len(base.model.layers))
     units = [(layer, (kind,)) for layer in layers for kind in kinds] if args.per_kind else [(layer, kinds) for layer in layers]
     print(f"seeddelta sweep: {model_path}, {len(units)} unit(s), {windows.n_chunk} window(s) of {windows.n_ctx}, "
