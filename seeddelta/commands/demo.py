@@ -9,7 +9,9 @@
    block), the greedy task pack (exact match and collapse flags, compressed model actually in
    use), file size and weight memory;
 5. `seeddelta sweep --stack`: the same encoding on one layer at a time (which layers are safe), then
-   on the safest layers together, one more at each step (where the cliff is, what it saves).
+   on the safest layers together, one more at each step (where the cliff is, what it saves);
+6. the chosen layers (the longest stack step within --max-delta-nll) built, measured with `kld`
+   and run through the greedy pack.
 
 Every step goes through the public commands, writing JSON into --out; the summary is printed
 and written to <out>/summary.json. Exit status 1 if harness A fails; a greedy verdict FAIL is a
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _chosen_layers(stack: list[dict[str, Any]], max_delta_nll: float) -> str:
-    """The layers of the longest safest-first prefix whose measured ΔNLL stays within the bound."""
+    """The layers of the longest stack step (safest-first prefix) whose own measured ΔNLL is within
+    the bound; "" when no step is."""
     within = [i for i, step in enumerate(stack) if step["delta_nll"] <= max_delta_nll]
     if not within:
         return ""
@@ -168,7 +171,7 @@ def _summary(out: Path, model: Path, sd: Path, seconds: float) -> dict[str, Any]
 
 def _chosen_lines(c: dict[str, Any], change: Any, acc: Any) -> list[str]:
     if not c["layers"]:
-        return [f"chosen layers              : none (no layer alone stays within ΔNLL {c['max_delta_nll']})"]
+        return [f"chosen layers              : none (no stack step stays within ΔNLL {c['max_delta_nll']})"]
     v = c["greedy"]["verdict"]
     return [
         f"chosen layers              : {', '.join(map(str, c['layers']))} (safest first, together within ΔNLL "
