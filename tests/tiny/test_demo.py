@@ -39,13 +39,13 @@ def test_demo_writes_a_summary_consistent_with_its_files_and_never_calibrates_on
     assert summary["safest_layers_together"] == sweep["stack"] and len(sweep["stack"]) == 8
     # the chosen subset is the longest safest-first prefix within the ΔNLL bound, and its files say so
     chosen = summary["chosen"]
-    prefix = [s for s in sweep["stack"] if s["delta_nll"] <= chosen["max_delta_nll"]]
-    if chosen["layers"]:
-        last = max(i for i, s in enumerate(sweep["stack"]) if s["delta_nll"] <= chosen["max_delta_nll"])
-        assert sorted(chosen["layers"]) == sorted(int(s["added"][4:]) for s in sweep["stack"][: last + 1])
+    within = [i for i, s in enumerate(sweep["stack"]) if s["delta_nll"] <= chosen["max_delta_nll"]]
+    if within:
+        expected = sorted(int(s["added"].removeprefix("blk.")) for s in sweep["stack"][: within[-1] + 1])
+        assert chosen["layers"] == expected
         assert chosen["file_bytes"] == os.path.getsize(out / "model_seeddelta_chosen.gguf") < summary["file_bytes"]["original"]
     else:
-        assert not prefix
+        assert chosen["layers"] == []
     # calibration text is drawn from the training distribution: no held-out sample may appear in it
     calib = (out / "calibration.txt").read_text()
     assert not [t for t in heldout_texts() if t in calib]
