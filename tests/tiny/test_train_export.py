@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -218,3 +219,19 @@ def test_data_offset_gives_new_batches_from_the_same_stream(tok):
     # step 2 of a run offset by 5 reads the stream position of step 7; step 7 reads a new one
     assert torch.equal(make_batch(shifted, 2, tok, set())[0], x0)
     assert not torch.equal(make_batch(shifted, 7, tok, set())[0], x0)
+
+
+def test_release_finds_the_warm_start_parents_history_by_sha256(tmp_path, monkeypatch):
+    from seeddelta.errors import SeedDeltaError
+    from seeddelta.tiny import release
+
+    monkeypatch.setattr(release, "DATA_DIR", tmp_path / "none")  # only the outdir's manifest counts here
+    parent = {"gguf": {"sha256": "ab" * 32}, "training": {"steps": 6000, "tokens": 12},
+              "evaluation": {"greedy": {"copy": 1.0}, "ppl": {"512": 2.6}, "items": []}}
+    (tmp_path / "manifest.json").write_text(json.dumps(parent))
+    got = release._parent_training({"path": "p.gguf", "sha256": "ab" * 32}, tmp_path)
+    assert got == {"path": "p.gguf", "sha256": "ab" * 32, "training": parent["training"],
+                   "evaluation": {"greedy": {"copy": 1.0}, "ppl": {"512": 2.6}}}
+    assert release._parent_training(None, tmp_path) is None
+    with pytest.raises(SeedDeltaError, match="has no manifest"):
+        release._parent_training({"path": "q.gguf", "sha256": "cd" * 32}, tmp_path)
