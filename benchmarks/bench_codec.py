@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from seeddelta.codec import EncodeConfig, encode
+from seeddelta.codec.encode import EncodeConfig, encode
 
 N_OUT, N_IN, K = 14336, 4096, 256
 

@@ -64,8 +64,8 @@ def _speed(model, n_vocab: int) -> dict[str, float]:
 
 _MEM_SNIPPET = """
 import json, sys
-from seeddelta.evaluate import rss_anon_bytes, rss_bytes, trim_heap
-from seeddelta.model import load_model
+from seeddelta.evaluation.scoring import rss_anon_bytes, rss_bytes, trim_heap
+from seeddelta.runtime.model import load_model
 trim_heap(); before, anon_before = rss_bytes(), rss_anon_bytes()
 m = load_model(sys.argv[1], mode=sys.argv[2])
 trim_heap(); after, anon_after = rss_bytes(), rss_anon_bytes()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     from seeddelta.cli import main as cli
-    from seeddelta.model import load_model
+    from seeddelta.runtime.model import load_model
 
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)

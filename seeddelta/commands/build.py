@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any
 
-from seeddelta.build import BuildOptions, run_build, size_warnings, summary_line
+from seeddelta.builder.pipeline import BuildOptions, run_build, size_warnings, summary_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

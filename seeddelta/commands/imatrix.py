@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from seeddelta import evaluate as ev
+from seeddelta.evaluation import scoring as ev
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeddelta.imatrix import write_imatrix
+    from seeddelta.gguf_format.imatrix_file import write_imatrix
 
     ev.apply_threads(args)
     model_path = args.model or ev.default_model()

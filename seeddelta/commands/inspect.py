@@ -10,8 +10,8 @@ import argparse
 import json
 from typing import Any
 
-from seeddelta.gguf_io import GGUFModel
-from seeddelta.seeddelta_file import global_seeddelta_kv, seeddelta_entries
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.seeddelta_tensors import global_seeddelta_kv, seeddelta_entries
 
 
 def inspect_file(path: str) -> dict[str, Any]:

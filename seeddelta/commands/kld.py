@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import sys
 
-from seeddelta import evaluate as ev
+from seeddelta.evaluation import scoring as ev
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_json_atomic
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seeddelta import evaluate as ev
+from seeddelta.evaluation import scoring as ev
 from seeddelta.outputs import write_json_atomic
 
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 
 from seeddelta.outputs import write_json_atomic
-from seeddelta.toy import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
+from seeddelta.harness_a.grid import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -224,7 +224,7 @@ def make_imatrix(
 ) -> dict[str, np.ndarray]:
     """Write an imatrix (llama-imatrix GGUF format) for the FFN weights of `model` with random
     positive activation statistics; returns weight name -> mean x² per input (what was meant)."""
-    from seeddelta.imatrix import write_imatrix
+    from seeddelta.gguf_format.imatrix_file import write_imatrix
 
     rng = np.random.default_rng(seed)
     skip_set, wrong_set = set(skip), set(wrong_length)
@@ -250,7 +250,7 @@ def make_imatrix(
 
 # --------------------------------------------------------------------------------------------
 # Independent reference reconstruction of stored SeedΔ arrays (for tests; written from the spec,
-# sharing no code with seeddelta.codec / seeddelta.base / seeddelta.hadamard).
+# sharing no code with seeddelta.codec.encode / seeddelta.codec.base / seeddelta.codec.hadamard).
 # --------------------------------------------------------------------------------------------
 
 

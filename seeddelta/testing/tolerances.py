@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from seeddelta.hadamard import fwht_torch_levels
+from seeddelta.codec.hadamard import fwht_torch_levels
 
 # Unit roundoffs (half an ulp of 1.0): IEEE round-to-nearest error bound for one conversion.
 U16 = 2.0**-11

@@ -17,7 +17,7 @@ import torch
 
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.model import TinyLlama
-from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 MAX_ANSWER_TOKENS = 48
 

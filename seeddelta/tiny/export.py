@@ -17,7 +17,7 @@ import torch
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import AtomicOutput
 from seeddelta.tiny.model import TinyConfig, TinyLlama
-from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 ARCH = "llama"
 FILE_TYPE_MOSTLY_F16 = 1

@@ -23,7 +23,7 @@ from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import AtomicOutput
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.model import TinyConfig, TinyLlama
-from seeddelta.tokenizer import SPMTokenizer, tiny_tokenizer
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 import gguf
 
 from seeddelta.cli import main
-from seeddelta.gguf_io import field_value
+from seeddelta.gguf_format.reader import field_value
 from seeddelta.testing.golden import normalize
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from seeddelta.evaluate import read_text
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.evaluation.scoring import read_text
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 
 try:
@@ -84,7 +84,7 @@ def test_smollm2_tokenization_is_identical() -> None:
 def test_smollm2_f32_logits_agree_with_llama_cpp(tmp_path: Path) -> None:
     import gguf
 
-    from seeddelta.gguf_io import GGUFModel, write_model_copy
+    from seeddelta.gguf_format.reader import GGUFModel, write_model_copy
 
     src = smollm2_path()
     if src is None:

@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from seeddelta.evaluate import make_windows, model_logits, perplexity, read_text, tokenize_text, window_bos
-from seeddelta.evaluate_greedy import greedy_decode
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.evaluation.scoring import make_windows, model_logits, perplexity, read_text, tokenize_text, window_bos
+from seeddelta.evaluation.greedy import greedy_decode
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 
 PATH = smollm2_path()

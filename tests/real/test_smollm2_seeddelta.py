@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from seeddelta.cli import main
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing.models import SMOLLM2_INSTALL, smollm2_path
 
 PATH = smollm2_path()

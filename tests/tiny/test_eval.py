@@ -10,10 +10,11 @@ import pytest
 import torch
 from gguf import GGUFValueType
 
-from seeddelta import codec, gguf_io
+from seeddelta.codec import encode as codec
+from seeddelta.gguf_format import reader as gguf_io
 from seeddelta.cli import main
-from seeddelta.evaluate import make_windows, tokenize_text, window_bos
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.evaluation.scoring import make_windows, tokenize_text, window_bos
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing import synthetic_gguf as synthetic
 
 SHAPE = dict(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, vocab=259)
@@ -121,7 +122,7 @@ def test_kld_identical_is_zero_and_lossy_is_positive(env: dict[str, str], capsys
 
 
 def test_imatrix_matches_inputs_recorded_at_the_projections(env: dict[str, str], capsys, tmp_path) -> None:
-    from seeddelta.imatrix import read_imatrix
+    from seeddelta.gguf_format.imatrix_file import read_imatrix
 
     out = tmp_path / "imat.gguf"
     assert main(["imatrix", "-m", env["dense"], "-f", env["text"], "-o", str(out), "-c", "64", "--chunks", "3"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seeddelta.evaluate_greedy import PackItem, greedy_decode, repetition_loop, run_pack, verdict
+from seeddelta.evaluation.greedy import PackItem, greedy_decode, repetition_loop, run_pack, verdict
 
 V = 128
 BOS, EOS = 1, 2

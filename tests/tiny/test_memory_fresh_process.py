@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from seeddelta.cli import main
-from seeddelta.evaluate import rss_anon_bytes
+from seeddelta.evaluation.scoring import rss_anon_bytes
 from seeddelta.tiny import default_model_path
 
 _LOAD = """
 import json, sys
-from seeddelta.evaluate import load
+from seeddelta.evaluation.scoring import load
 m = load(sys.argv[1], mode=sys.argv[2]).memory()
 print(json.dumps(m))
 """

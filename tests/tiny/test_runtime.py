@@ -1,4 +1,4 @@
-"""The torch runtime (seeddelta.model) against a from-scratch float64 numpy forward written here.
+"""The torch runtime (seeddelta.runtime.model) against a from-scratch float64 numpy forward written here.
 
 The reference reads the same GGUF with gguf.GGUFReader (+ gguf.quants.dequantize) and computes
 llama.cpp's LLAMA graph in float64: RMSNorm, RoPE NORM built as explicit 2×2 rotations of the
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing import synthetic_gguf as synthetic
 
 U32 = 2.0 ** -24
@@ -182,7 +182,7 @@ def test_tokenizer_from_synthetic_gguf_round_trips_bytes(model_f32: str) -> None
 def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
     from gguf import GGUFValueType
 
-    from seeddelta import gguf_io
+    from seeddelta.gguf_format import reader as gguf_io
     p = str(tmp_path / "partial_rope.gguf")
     # head_dim 16, only the first 8 dims rotated (the rest pass through, as llama.cpp's NORM rope)
     gguf_io.write_model_copy(gguf_io.GGUFModel(model_f32), p,

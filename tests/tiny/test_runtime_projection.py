@@ -1,4 +1,4 @@
-"""SeedΔ projections of the runtime (seeddelta.seeddelta_torch) against two independent references:
+"""SeedΔ projections of the runtime (seeddelta.runtime.projections) against two independent references:
 
 * a from-scratch float64 numpy evaluation of spec-builder-runtime §2.2/§3.5/§9.3 written here
   (Hadamard as an explicit Sylvester matrix, gathers by fancy indexing, residual by loops), and
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from seeddelta import codec
+from seeddelta.codec import encode as codec
 from seeddelta.errors import SeedDeltaError
-from seeddelta.hadamard import fwht_torch_levels
-from seeddelta.seeddelta_torch import (
+from seeddelta.codec.hadamard import fwht_torch_levels
+from seeddelta.runtime.projections import (
     MaterializedSeedDeltaProjection,
     SparseSeedDeltaProjection,
     parse_payload,

@@ -12,9 +12,11 @@ import pytest
 import torch
 from gguf import GGUFValueType
 
-from seeddelta import codec, gguf_io, seeddelta_file
+from seeddelta.codec import encode as codec
+from seeddelta.gguf_format import reader as gguf_io
+from seeddelta.gguf_format import seeddelta_tensors as seeddelta_file
 from seeddelta.errors import SeedDeltaError
-from seeddelta.model import load_model
+from seeddelta.runtime.model import load_model
 from seeddelta.testing import synthetic_gguf as synthetic
 
 U32 = 2.0 ** -24

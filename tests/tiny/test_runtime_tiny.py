@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from seeddelta.model import load_model, load_tokenizer
+from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.tiny import export as tiny_export
 from seeddelta.tiny import model as tiny_model
-from seeddelta.tokenizer import tiny_tokenizer  # noqa: E402
+from seeddelta.runtime.tokenizers.spm import tiny_tokenizer  # noqa: E402
 
 U16 = 2.0 ** -11
 U32 = 2.0 ** -24
@@ -69,7 +69,7 @@ def both():
 
 
 def test_committed_model_logits_match_training_side(both) -> None:
-    from seeddelta.evaluate import read_text
+    from seeddelta.evaluation.scoring import read_text
     from seeddelta.tiny.dataset import default_val_text_path
 
     p, train_side, tok, rt = both
@@ -84,7 +84,7 @@ def test_committed_model_logits_match_training_side(both) -> None:
 
 
 def test_committed_model_greedy_answers_match_training_side(both) -> None:
-    from seeddelta.evaluate_greedy import greedy_decode, load_pack
+    from seeddelta.evaluation.greedy import greedy_decode, load_pack
     from seeddelta.tiny.evaluate import greedy_answer
 
     p, train_side, tok, rt = both

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seeddelta.tiny import dataset as ds
-from seeddelta.tokenizer import (
+from seeddelta.runtime.tokenizers.spm import (
     SPACE,
     TYPE_BYTE,
     TYPE_CONTROL,

@@ -13,8 +13,8 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
 from seeddelta.cli import main
-from seeddelta.report import WEIGHT_FIELD_NAMES
-from seeddelta.seeddelta_file import read_seeddelta_file
+from seeddelta.builder.report import WEIGHT_FIELD_NAMES
+from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_file
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
 
 N_EMBD, N_FF, N_LAYER = 64, 160, 2  # n_ff not a power of two; GQA (4 heads, 2 kv heads)
@@ -263,7 +263,7 @@ def test_block_scheme_with_a_partial_last_block(tmp_path):
 def test_in_memory_arrays_survive_write_and_read_exactly(tmp_path):
     import io
 
-    from seeddelta.build import BuildOptions, run_build
+    from seeddelta.builder.pipeline import BuildOptions, run_build
 
     m = make_llama_gguf(tmp_path / "in.gguf", n_layer=1, n_embd=N_EMBD, n_ff=N_FF, seed=8)
     opts = BuildOptions(input=m.path, output=str(tmp_path / "o.gguf"), K=9, base=True, row_scale=True,

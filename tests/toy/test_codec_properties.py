@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seeddelta.codec import EncodeConfig, encode
-from seeddelta.metrics import compare_rows
+from seeddelta.codec.encode import EncodeConfig, encode
+from seeddelta.codec.metrics import compare_rows
 from seeddelta.testing.tolerances import F16_SUBNORMAL_ABS, U16, U32, U64, fwht_chain_bound
 
 seeds = st.integers(0, 2**31 - 1)

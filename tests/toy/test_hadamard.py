@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from seeddelta.hadamard import fwht, fwht_torch, fwht_torch_levels, hadamard_matrix, next_pow2
+from seeddelta.codec.hadamard import fwht, fwht_torch, fwht_torch_levels, hadamard_matrix, next_pow2
 from seeddelta.testing.tolerances import U32
 
 

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-import seeddelta.codec
+import seeddelta.codec.encode
 from seeddelta.cli import main
-from seeddelta.toy import ToyCase, default_grid, run_case
+from seeddelta.harness_a.grid import ToyCase, default_grid, run_case
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,10 @@ def test_exact_cases_are_exact_in_float32():
 
 def test_broken_codec_is_caught(monkeypatch):
     """The oracle is independent: a selection that keeps the smallest entries must fail."""
-    import seeddelta.residual as residual
+    import seeddelta.codec.residual as residual
 
     real = residual.topk_indices
-    monkeypatch.setattr(seeddelta.codec, "coo_select", lambda r, k, s: real(-np.abs(r), k))
+    monkeypatch.setattr(seeddelta.codec.encode, "coo_select", lambda r, k, s: real(-np.abs(r), k))
     results = [run_case(c) for c in default_grid()[:40]]
     assert any(not r.passed for r in results), "a codec keeping the smallest entries passed the oracle"
 

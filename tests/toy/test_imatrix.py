@@ -10,7 +10,7 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGMLQuantizationType
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.imatrix import imatrix_scale, read_imatrix, write_imatrix
+from seeddelta.gguf_format.imatrix_file import imatrix_scale, read_imatrix, write_imatrix
 from seeddelta.testing.synthetic_gguf import make_llama_gguf
 
 

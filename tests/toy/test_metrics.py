@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seeddelta.base import XorCirculantBase
-from seeddelta.codec import EncodeConfig, SeedDeltaWeight, encode
-from seeddelta.metrics import bits_per_weight, compare_rows, cost_model, evaluate_weight
+from seeddelta.codec.base import XorCirculantBase
+from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
+from seeddelta.codec.metrics import bits_per_weight, compare_rows, cost_model, evaluate_weight
 from seeddelta.testing.tolerances import F64_METRIC_ATOL, U32
 
 

@@ -1,4 +1,4 @@
-"""Pure-math checks of the evaluation definitions (seeddelta.evaluate) on fake models with closed forms.
+"""Pure-math checks of the evaluation definitions (seeddelta.evaluation.scoring) on fake models with closed forms.
 
 Expected values are computed here by hand from the definitions (llama-perplexity, field-anchors
 §2.1), never taken from the code under test.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.evaluate import (
+from seeddelta.evaluation.scoring import (
     kl_divergence,
     make_windows,
     mean_se,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seeddelta.codec import SeedDeltaWeight
+from seeddelta.codec.encode import SeedDeltaWeight
 
 _TINY = 1e-20  # the original's floor on squared norms (spec §6.1)
 

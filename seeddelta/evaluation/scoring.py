@@ -381,7 +381,7 @@ class Loaded:
 
 
 def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> Loaded:
-    from seeddelta.model import load_model, load_tokenizer
+    from seeddelta.runtime.model import load_model, load_tokenizer
 
     trim_heap()
     before, anon_before = rss_bytes(), rss_anon_bytes()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seeddelta.base import (
+from seeddelta.codec.base import (
     Base,
     Geometry,
     XorCirculantBase,
@@ -29,8 +29,8 @@ from seeddelta.base import (
     xor_base_from_tensors,
 )
 from seeddelta.errors import SeedDeltaError
-from seeddelta.residual import block_select, block_values, coo_select, n_blocks_total
-from seeddelta.storage import index_type_for, store_indices, store_values
+from seeddelta.codec.residual import block_select, block_values, coo_select, n_blocks_total
+from seeddelta.codec.storage import index_type_for, store_indices, store_values
 
 SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")

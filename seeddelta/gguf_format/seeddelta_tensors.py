@@ -16,7 +16,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_io import (
+from seeddelta.gguf_format.reader import (
     SEEDDELTA_SUFFIXES,
     GGUFModel,
     _tensor_shape,
@@ -163,7 +163,7 @@ class SeedDeltaFile:
 
 def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
     """Read every SeedΔ weight of a file (ours or the original's) as codec objects plus its keys."""
-    from seeddelta.codec import SeedDeltaWeight
+    from seeddelta.codec.encode import SeedDeltaWeight
 
     model = GGUFModel(path, require_llama=False)
     entries = seeddelta_entries(model)

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from seeddelta.base import CirculantBase, LowRankBase, XorCirculantBase
-from seeddelta.codec import EncodeConfig, SeedDeltaWeight, encode
+from seeddelta.codec.base import CirculantBase, LowRankBase, XorCirculantBase
+from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.errors import SeedDeltaError
-from seeddelta.hadamard import is_pow2, next_pow2
-from seeddelta.metrics import compare_rows
+from seeddelta.codec.hadamard import is_pow2, next_pow2
+from seeddelta.codec.metrics import compare_rows
 from seeddelta.testing.tolerances import U32, fwht_chain_bound
 
 PATTERNS = ("identity", "diag", "lowrank", "circulant", "block", "identity_delta", "xor")

@@ -8,7 +8,7 @@ RMSNorm and output projection (``output.weight``, or the token embedding when ti
 GGUF files written by llama.cpp's converter store attn_q/attn_k already permuted for NORM rope.
 
 All weights are dequantized with ``gguf.quants.dequantize`` to float32 at load; compute is
-float32. The FFN projections are either dense or SeedΔ (see `seeddelta.seeddelta_torch`).
+float32. The FFN projections are either dense or SeedΔ (see `seeddelta.runtime.projections`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.seeddelta_torch import (
+from seeddelta.runtime.projections import (
     KINDS,
     MODES,
     SUFFIXES,
@@ -365,11 +365,11 @@ def load_tokenizer(path: str | Path) -> Any:
     reader = gguf.GGUFReader(p)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind == "llama":
-        from seeddelta.tokenizer import SPMTokenizer
+        from seeddelta.runtime.tokenizers.spm import SPMTokenizer
 
         return SPMTokenizer.from_gguf(reader)
     if kind == "gpt2":
-        from seeddelta.bpe_tokenizer import BPETokenizer
+        from seeddelta.runtime.tokenizers.bpe import BPETokenizer
 
         return BPETokenizer.from_gguf(reader)
     raise SeedDeltaError(f"{p}: tokenizer.ggml.model {kind!r} is not supported (llama or gpt2)")

@@ -80,7 +80,7 @@ def imatrix_scale(values: np.ndarray, eps: float = 1e-8, power: float = 1.0) -> 
 
 
 def _field(reader: Any, key: str) -> Any:
-    from seeddelta.gguf_io import field_value
+    from seeddelta.gguf_format.reader import field_value
 
     fld = reader.fields.get(key)
     return None if fld is None else field_value(fld)
@@ -88,7 +88,7 @@ def _field(reader: Any, key: str) -> Any:
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an imatrix (GGUF, or the legacy binary format)."""
-    from seeddelta.gguf_io import open_gguf
+    from seeddelta.gguf_format.reader import open_gguf
 
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -191,7 +191,7 @@ def write_imatrix(
 
     `sums[w]` is Σ x_i² over all accumulated rows for weight `w` (shape (n_in,)); `counts[w]` the
     number of rows. Written atomically (temporary file + rename)."""
-    from seeddelta.gguf_io import KV, _new_writer, _set_kv
+    from seeddelta.gguf_format.reader import KV, _new_writer, _set_kv
     from seeddelta.outputs import AtomicOutput
 
     if set(sums) != set(counts):

@@ -1,6 +1,6 @@
 """SeedΔ projections for the torch runtime, built directly from the raw GGUF tensors.
 
-This is the runtime's own path (independent of `seeddelta.codec`), following the runtime
+This is the runtime's own path (independent of `seeddelta.codec.encode`), following the runtime
 semantics of spec-builder-runtime §9 / §2.2:
 
     y = s ⊙ (W0·x + Δ·x)
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.hadamard import fwht_torch
+from seeddelta.codec.hadamard import fwht_torch
 
 KINDS = ("ffn_gate", "ffn_up", "ffn_down")
 SUFFIXES = (

@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from seeddelta.hadamard import fwht, fwht_torch, is_pow2, next_pow2
-from seeddelta.storage import val_dtype
+from seeddelta.codec.hadamard import fwht, fwht_torch, is_pow2, next_pow2
+from seeddelta.codec.storage import val_dtype
 
 
 class Base(Protocol):

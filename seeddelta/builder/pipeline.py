@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_io import (
+from seeddelta.gguf_format.reader import (
     KINDS,
     KV,
     SEEDDELTA_SUFFIXES,
@@ -35,9 +35,9 @@ from seeddelta.gguf_io import (
     weight_name,
     write_model_copy,
 )
-from seeddelta.imatrix import Imatrix, read_imatrix
+from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
 from seeddelta.layers import parse_layers
-from seeddelta.report import ffn_score, resid_object, tile_fields, top_level, weight_entry, write_report
+from seeddelta.builder.report import ffn_score, resid_object, tile_fields, top_level, weight_entry, write_report
 
 # Baseline gating thresholds of the original (Appendix A.1 step 5): (min_mean, min_p05).
 BASELINE_THRESHOLDS = {"ffn_gate": (0.45, 0.30), "ffn_up": (0.45, 0.30), "ffn_down": (0.25, 0.15)}
@@ -305,8 +305,8 @@ def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw:
 def _encode_one(
     model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, imatrix: Imatrix | None,
 ) -> WeightResult:
-    from seeddelta.codec import EncodeConfig, encode
-    from seeddelta.metrics import cost_model, evaluate_weight
+    from seeddelta.codec.encode import EncodeConfig, encode
+    from seeddelta.codec.metrics import cost_model, evaluate_weight
 
     t0 = time.perf_counter()
     name = weight_name(layer, kind)

@@ -1,0 +1,1 @@
+"""The builder (`seeddelta build`): plan → encode → assemble → write, and report.json."""

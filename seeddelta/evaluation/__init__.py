@@ -1,0 +1,1 @@
+"""Evaluation on loaded models: windows, perplexity and KL divergence, hidden-state drift, greedy pack, sweep, memory."""

@@ -1,0 +1,1 @@
+"""The torch runtime: llama forward pass, SeedΔ projections (materialized and sparse), tokenizers."""
