@@ -23,21 +23,27 @@ from typing import Any, TextIO
 import numpy as np
 from gguf import GGUFValueType
 
+from seeddelta.builder.report import (
+    ffn_score,
+    resid_object,
+    tile_fields,
+    top_level,
+    weight_entry,
+    write_report,
+)
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import (
+from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.schema import (
     KINDS,
-    KV,
     SEEDDELTA_SUFFIXES,
-    GGUFModel,
-    same_file,
     seeddelta_tensor_name,
     tensor_kv_prefix,
     weight_name,
-    write_model_copy,
 )
-from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
+from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.layers import parse_layers
-from seeddelta.builder.report import ffn_score, resid_object, tile_fields, top_level, weight_entry, write_report
+from seeddelta.outputs import same_file
 
 # Baseline gating thresholds of the original (Appendix A.1 step 5): (min_mean, min_p05).
 BASELINE_THRESHOLDS = {"ffn_gate": (0.45, 0.30), "ffn_up": (0.45, 0.30), "ffn_down": (0.25, 0.15)}

@@ -28,9 +28,9 @@ from seeddelta.codec.base import (
     fit_xor_circulant,
     xor_base_from_tensors,
 )
-from seeddelta.errors import SeedDeltaError
 from seeddelta.codec.residual import block_select, block_values, coo_select, n_blocks_total
 from seeddelta.codec.storage import index_type_for, store_indices, store_values
+from seeddelta.errors import SeedDeltaError
 
 SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")

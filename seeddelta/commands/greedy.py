@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seeddelta.evaluation import scoring as ev
 from seeddelta.evaluation import greedy as eg
+from seeddelta.evaluation import scoring as ev
 from seeddelta.outputs import write_json_atomic
 
 

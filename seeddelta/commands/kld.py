@@ -10,8 +10,8 @@ import argparse
 import contextlib
 import sys
 
-from seeddelta.evaluation import scoring as ev
 from seeddelta.errors import SeedDeltaError
+from seeddelta.evaluation import scoring as ev
 from seeddelta.outputs import write_json_atomic
 
 

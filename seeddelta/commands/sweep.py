@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from seeddelta.evaluation import scoring as ev
 from seeddelta.builder.pipeline import BuildOptions, Resolver, baseline_resolver, run_build
 from seeddelta.commands.build import add_encoding_args, encoding_options
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import KINDS
+from seeddelta.evaluation import scoring as ev
+from seeddelta.gguf_format.schema import KINDS
 from seeddelta.layers import parse_layers
 from seeddelta.outputs import write_json_atomic
 

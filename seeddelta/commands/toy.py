@@ -6,8 +6,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from seeddelta.outputs import write_json_atomic
 from seeddelta.harness_a.grid import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
+from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType
+from gguf import GGUFReader, GGUFValueType
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import field_value, open_gguf
+from seeddelta.gguf_format.writer import KV, new_writer, set_kv
+from seeddelta.outputs import AtomicOutput
 
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
@@ -79,17 +82,13 @@ def imatrix_scale(values: np.ndarray, eps: float = 1e-8, power: float = 1.0) -> 
     return s.astype(np.float32)
 
 
-def _field(reader: Any, key: str) -> Any:
-    from seeddelta.gguf_format.reader import field_value
-
+def _field(reader: GGUFReader, key: str) -> Any:
     fld = reader.fields.get(key)
     return None if fld is None else field_value(fld)
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an imatrix (GGUF, or the legacy binary format)."""
-    from seeddelta.gguf_format.reader import open_gguf
-
     p = os.fspath(path)
     if not os.path.exists(p):
         raise SeedDeltaError(f"imatrix file not found: {p}")
@@ -191,9 +190,6 @@ def write_imatrix(
 
     `sums[w]` is Σ x_i² over all accumulated rows for weight `w` (shape (n_in,)); `counts[w]` the
     number of rows. Written atomically (temporary file + rename)."""
-    from seeddelta.gguf_format.reader import KV, _new_writer, _set_kv
-    from seeddelta.outputs import AtomicOutput
-
     if set(sums) != set(counts):
         only = sorted(set(sums) ^ set(counts))
         raise SeedDeltaError(f"write_imatrix: sums and counts name different weights: {', '.join(only[:5])}")
@@ -209,11 +205,11 @@ def write_imatrix(
             raise SeedDeltaError(f"write_imatrix: negative count for {name}")
         prepared.append((name, s, np.array([count], dtype=np.float32)))
     with AtomicOutput(path, "imatrix") as out:
-        writer = _new_writer(out.tmp, "imatrix", 32)
-        _set_kv(writer, KV("general.type", "imatrix", GGUFValueType.STRING))
-        _set_kv(writer, KV(KEY_DATASETS, [str(d) for d in datasets], GGUFValueType.ARRAY, GGUFValueType.STRING))
-        _set_kv(writer, KV(KEY_CHUNK_COUNT, int(chunk_count), GGUFValueType.UINT32))
-        _set_kv(writer, KV(KEY_CHUNK_SIZE, int(chunk_size), GGUFValueType.UINT32))
+        writer = new_writer(out.tmp, "imatrix", 32)
+        set_kv(writer, KV("general.type", "imatrix", GGUFValueType.STRING))
+        set_kv(writer, KV(KEY_DATASETS, [str(d) for d in datasets], GGUFValueType.ARRAY, GGUFValueType.STRING))
+        set_kv(writer, KV(KEY_CHUNK_COUNT, int(chunk_count), GGUFValueType.UINT32))
+        set_kv(writer, KV(KEY_CHUNK_SIZE, int(chunk_size), GGUFValueType.UINT32))
         # llama-imatrix sorts the weight names and writes in_sum2 then counts for each
         for name, s, c in prepared:
             writer.add_tensor(name + SUM_SUFFIX, s)

@@ -1,78 +1,33 @@
-"""GGUF input/output for SeedΔ: read llama-like models, write SeedΔ files, read them back.
+"""The one way into a GGUF file: `open_gguf` checks existence, magic, truncation and byte order
+once and turns every failure into one `SeedDeltaError` line; `GGUFModel` is a llama-like model
+opened read-only (memory-mapped) on top of it.
 
-Everything goes through the `gguf` package (`GGUFReader`, `GGUFWriter`, `gguf.quants`); no
-hand-written GGUF parsing. Conventions (spec-builder-runtime §1.2, §8):
-
-* a dense weight `blk.N.T.weight` has ggml shape `ne = [n_in, n_out]`; we hand it out as a
-  float32 numpy array `(n_out, n_in)` (one output per row);
-* SeedΔ tensors are named `blk.N.T.<suffix>` with the suffixes of `SEEDDELTA_SUFFIXES` and
-  written in the order of §8.1;
-* writing copies every KV pair of the input byte-for-byte (its raw encoding, so value types
-  are preserved exactly), then sets the `seeddelta.*` keys; every input tensor is copied
-  byte-for-byte in its original type unless it is dropped (stripped dense weights, replaced
-  SeedΔ tensors); the output is written to a temporary file next to the target and renamed.
+Everything goes through the `gguf` package (`GGUFReader`, `gguf.quants`); no hand-written GGUF
+parsing. A dense weight `blk.N.T.weight` has ggml shape `ne = [n_in, n_out]`; it is handed out as a
+float32 numpy array `(n_out, n_in)` (one output per row).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import stat
-import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGUFReader, GGUFValueType
+from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.outputs import AtomicOutput, same_file
-
-KINDS: tuple[str, ...] = ("ffn_gate", "ffn_up", "ffn_down")
-
-# Output order of one weight's SeedΔ tensors (spec §8.1): residual idx, residual val, row scale, base.
-SEEDDELTA_SUFFIXES: tuple[str, ...] = (
-    "d_idx", "d_val", "b_idx", "b_val", "d_row_scale",
-    "base_d1", "base_d2", "base_d3", "base_perm1", "base_perm2",
+from seeddelta.gguf_format.schema import (
+    BLK_NAME,
+    KINDS,
+    SEEDDELTA_SUFFIXES,
+    SUPPORTED_ARCHITECTURES,
+    parse_seeddelta_name,
+    seeddelta_tensor_name,
+    weight_name,
 )
-RESIDUAL_SUFFIXES: tuple[str, ...] = ("d_idx", "d_val", "b_idx", "b_val")
-
-# Architectures whose loader in the original accepts SeedΔ tensors in the dense-FFN branch
-# (spec §8.6), as spelled in GGUF's `general.architecture`. All are llama-like: per layer
-# dense `ffn_gate`, `ffn_up`, `ffn_down`.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "llama", "refact", "minicpm", "granite", "granitemoe", "mistral3", "llama-embed",
-    "baichuan", "qwen2", "qwen2vl", "dream", "gemma2", "gemma3", "gemma-embedding",
-)
-
-_SEEDDELTA_NAME = re.compile(
-    r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(" + "|".join(SEEDDELTA_SUFFIXES) + r")$"
-)
-_BLK_NAME = re.compile(r"^blk\.(\d+)\.")
-
-
-def weight_name(layer: int, kind: str) -> str:
-    return f"blk.{layer}.{kind}.weight"
-
-
-def seeddelta_tensor_name(layer: int, kind: str, suffix: str) -> str:
-    return f"blk.{layer}.{kind}.{suffix}"
-
-
-def tensor_kv_prefix(layer: int, kind: str) -> str:
-    return f"seeddelta.blk.{layer}.{kind}"
-
-
-def parse_seeddelta_name(name: str) -> tuple[int, str, str] | None:
-    """(layer, kind, suffix) of a SeedΔ tensor name, None for any other name."""
-    match = _SEEDDELTA_NAME.match(name)
-    if match is None:
-        return None
-    return int(match.group(1)), match.group(2), match.group(3)
 
 
 def _p(path: str | os.PathLike[str]) -> str:
@@ -146,6 +101,19 @@ def tensor_nbytes(tensor: ReaderTensor) -> int:
     return int(tensor.n_bytes)
 
 
+def dequantize_tensor(tensor: ReaderTensor, path: str = "") -> np.ndarray:
+    """Any tensor as a private, writable float32 numpy array in numpy order (reversed ggml shape).
+
+    Always a copy: an F32 tensor would otherwise be a view of the read-only memory map."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    try:
+        values = dequantize(tensor.data, qtype)
+    except NotImplementedError:
+        raise SeedDeltaError(f"{path}: tensor {tensor.name} has type {qtype.name}, which gguf cannot dequantize") from None
+    shape = tuple(reversed(_tensor_shape(tensor)))
+    return np.array(values, dtype=np.float32, copy=True, order="C").reshape(shape)
+
+
 class GGUFModel:
     """A GGUF model opened read-only (memory-mapped; the file is never modified)."""
 
@@ -201,7 +169,7 @@ class GGUFModel:
         return int(value)
 
     def _n_layer(self) -> int:
-        from_names = [int(m.group(1)) for name in self.tensors if (m := _BLK_NAME.match(name))]
+        from_names = [int(m.group(1)) for name in self.tensors if (m := BLK_NAME.match(name))]
         n = 1 + max(from_names) if from_names else 0
         kv = self._arch_int("block_count")
         return max(n, kv or 0)
@@ -282,17 +250,9 @@ class GGUFModel:
         tensor = self.tensors.get(name)
         if tensor is None:
             raise SeedDeltaError(f"{self.path}: tensor {name} not found")
-        shape = _tensor_shape(tensor)
-        if len(shape) != 2:
-            raise SeedDeltaError(f"{self.path}: tensor {name} is not 2-D (ggml shape {list(shape)})")
-        qtype = GGMLQuantizationType(tensor.tensor_type)
-        try:
-            values = dequantize(tensor.data, qtype)
-        except NotImplementedError:
-            raise SeedDeltaError(
-                f"{self.path}: tensor {name} has type {qtype.name}, which gguf cannot dequantize"
-            ) from None
-        out = np.array(values, dtype=np.float32, copy=True).reshape(shape[1], shape[0])
+        if len(tensor.shape) != 2:
+            raise SeedDeltaError(f"{self.path}: tensor {name} is not 2-D (ggml shape {list(_tensor_shape(tensor))})")
+        out = dequantize_tensor(tensor, self.path)
         if check_finite and not np.isfinite(out).all():
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             rows = np.nonzero(~np.isfinite(out).all(axis=1))[0]
@@ -303,171 +263,3 @@ class GGUFModel:
 
     def ffn_weight(self, layer: int, kind: str) -> np.ndarray:
         return self.dense(weight_name(layer, kind))
-
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KV:
-    """A key to set in the output, with its exact GGUF value type."""
-
-    key: str
-    value: Any
-    type: GGUFValueType
-    sub_type: GGUFValueType | None = None
-
-
-@dataclass
-class _RawKV:
-    raw: bytes  # type tag + encoded value, copied from the input
-
-
-class _Writer(GGUFWriter):
-    """GGUFWriter that writes copied KV values byte-for-byte and accepts empty typed arrays."""
-
-    def write_kv_data_to_file(self) -> None:
-        from gguf.gguf_writer import WriterState
-
-        if self.state is not WriterState.HEADER:
-            raise ValueError(f"Expected output file to contain the header, got {self.state}")
-        assert self.fout is not None and len(self.fout) == 1
-        buf = bytearray()
-        for key, val in self.kv_data[0].items():
-            buf += self._pack_val(key, GGUFValueType.STRING, add_vtype=False)
-            if isinstance(val.value, _RawKV):
-                buf += val.value.raw
-            elif val.type == GGUFValueType.ARRAY and len(val.value) == 0:
-                assert val.sub_type is not None
-                buf += self._pack("I", GGUFValueType.ARRAY) + self._pack("I", val.sub_type) + self._pack("Q", 0)
-            else:
-                buf += self._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
-        self.fout[0].write(buf)
-        self.flush()
-        self.state = WriterState.KV_DATA
-
-
-def _new_writer(path: str, arch: str, alignment: int) -> _Writer:
-    writer = _Writer(path, arch)
-    writer.kv_data[0].clear()  # the caller decides every key, including general.architecture
-    writer.data_alignment = int(alignment)
-    return writer
-
-
-def _set_kv(writer: GGUFWriter, kv: KV) -> None:
-    from gguf.gguf_writer import GGUFValue
-
-    kv_data = writer.kv_data[0]
-    kv_data.pop(kv.key, None)  # setting an existing key removes it and appends the new value (§8.1)
-    value = kv.value
-    if kv.type == GGUFValueType.BOOL:
-        value = bool(value)
-    elif kv.type in (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
-                     GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64):
-        value = int(value)
-    elif kv.type in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-        value = float(value)
-    kv_data[kv.key] = GGUFValue(value=value, type=kv.type, sub_type=kv.sub_type)
-
-
-def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
-    return tensor.data, GGMLQuantizationType(tensor.tensor_type)
-
-
-def write_model_copy(
-    src: GGUFModel,
-    out_path: str | os.PathLike[str],
-    *,
-    drop_tensors: Iterable[str] = (),
-    add_tensors: Sequence[tuple[str, np.ndarray]] = (),
-    drop_keys: Iterable[str] = (),
-    set_keys: Sequence[KV] = (),
-) -> None:
-    """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
-    then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
-    order and type, then `add_tensors` (numpy order; dtype float16/float32/int16/int32) in the
-    given order. The alignment of `src` is kept."""
-    drop_t = set(drop_tensors)
-    drop_k = set(drop_keys)
-    if same_file(src.path, out_path):
-        raise SeedDeltaError(f"output {_p(out_path)} is the input file; choose another -o")
-    out = AtomicOutput(out_path)
-    try:
-        writer = _new_writer(out.tmp, src.arch, src.alignment)
-        from gguf.gguf_writer import GGUFValue
-
-        for key, fld in src.reader.fields.items():
-            if key.startswith("GGUF.") or key in drop_k:
-                continue
-            writer.kv_data[0][key] = GGUFValue(value=_RawKV(field_raw_value(fld)), type=fld.types[0])
-        for kv in set_keys:
-            _set_kv(writer, kv)
-        names = set()
-        for tensor in src.reader.tensors:
-            if tensor.name in drop_t:
-                continue
-            data, qtype = _tensor_for_copy(tensor)
-            writer.add_tensor(tensor.name, data, raw_dtype=qtype)
-            names.add(tensor.name)
-        for name, array in add_tensors:
-            if name in names:
-                raise SeedDeltaError(f"internal: tensor {name} would be written twice")
-            arr = np.ascontiguousarray(array)
-            if arr.dtype not in (np.float16, np.float32, np.int16, np.int32):
-                raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {arr.dtype}")
-            writer.add_tensor(name, arr)
-            names.add(name)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        out.commit()
-    except OSError as exc:
-        raise SeedDeltaError(f"cannot write {_p(out_path)}: {exc.strerror or exc}") from None
-    finally:
-        out.discard()
-
-
-def iter_kv(model: GGUFModel) -> Iterator[tuple[str, Any, list[GGUFValueType]]]:
-    for key, fld in model.reader.fields.items():
-        if not key.startswith("GGUF."):
-            yield key, field_value(fld), list(fld.types)
-
-
-def quant_block(qtype: GGMLQuantizationType) -> tuple[int, int]:
-    """(elements per block, bytes per block) of a ggml type."""
-    return GGML_QUANT_SIZES[qtype]
-
-
-def file_size(path: str | os.PathLike[str]) -> int:
-    return os.stat(_p(path)).st_size
-
-
-def file_fingerprint(path: str | os.PathLike[str]) -> tuple[int, int, int]:
-    """(size, mtime_ns, inode) — used to prove an input was not modified."""
-    st = os.stat(_p(path))
-    return st.st_size, st.st_mtime_ns, st.st_ino if stat.S_ISREG(st.st_mode) else 0
-
-
-def describe_types(model: GGUFModel) -> Mapping[str, int]:
-    """Tensor count per ggml type name."""
-    counts: dict[str, int] = {}
-    for t in model.reader.tensors:
-        name = GGMLQuantizationType(t.tensor_type).name
-        counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-__all__ = [
-    "KINDS", "KV", "SEEDDELTA_SUFFIXES", "RESIDUAL_SUFFIXES", "SUPPORTED_ARCHITECTURES",
-    "GGUFModel", "field_value", "file_fingerprint", "file_size", "open_gguf",
-    "parse_seeddelta_name", "seeddelta_tensor_name", "tensor_kv_prefix", "weight_name",
-    "write_model_copy"
-]

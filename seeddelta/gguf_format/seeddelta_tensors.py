@@ -16,14 +16,11 @@ from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import (
+from seeddelta.gguf_format.reader import GGUFModel, _tensor_shape, field_value, tensor_nbytes
+from seeddelta.gguf_format.schema import (
     SEEDDELTA_SUFFIXES,
-    GGUFModel,
-    _tensor_shape,
-    field_value,
     seeddelta_tensor_name,
     tensor_kv_prefix,
-    tensor_nbytes,
     weight_name,
 )
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from seeddelta.codec.base import CirculantBase, LowRankBase, XorCirculantBase
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
-from seeddelta.errors import SeedDeltaError
 from seeddelta.codec.hadamard import is_pow2, next_pow2
 from seeddelta.codec.metrics import compare_rows
+from seeddelta.errors import SeedDeltaError
 from seeddelta.testing.tolerances import U32, fwht_chain_bound
 
 PATTERNS = ("identity", "diag", "lowrank", "circulant", "block", "identity_delta", "xor")

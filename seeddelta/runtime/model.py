@@ -7,8 +7,8 @@ Semantics follow llama.cpp's LLAMA graph: token embedding; per block RMSNorm →
 RMSNorm and output projection (``output.weight``, or the token embedding when tied). No biases.
 GGUF files written by llama.cpp's converter store attn_q/attn_k already permuted for NORM rope.
 
-All weights are dequantized with ``gguf.quants.dequantize`` to float32 at load; compute is
-float32. The FFN projections are either dense or SeedΔ (see `seeddelta.runtime.projections`).
+The file is opened once, through `seeddelta.gguf_format.reader` (the tokenizer reuses that reader);
+all weights are dequantized to float32 at load; compute is float32. The FFN projections are either dense or SeedΔ (see `seeddelta.runtime.projections`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ import numpy as np
 import torch
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import GGUFModel, dequantize_tensor
+from seeddelta.gguf_format.schema import KINDS, RUNTIME_ARCHITECTURES, SEEDDELTA_SUFFIXES
 from seeddelta.runtime.projections import (
-    KINDS,
     MODES,
-    SUFFIXES,
     DenseProjection,
     SeedDeltaPayload,
     make_projection,
     parse_payload,
 )
+from seeddelta.runtime.tokenizers import Tokenizer
+from seeddelta.runtime.tokenizers.bpe import BPETokenizer
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer
 
-SUPPORTED_ARCHS = ("llama",)
 FfnObserver = Callable[[int, str, torch.Tensor], None]
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, residual stream after the block)
 
@@ -53,59 +55,46 @@ class LlamaConfig:
     n_ctx_train: int
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def _read_config(gguf_model: GGUFModel) -> LlamaConfig:
+    path, arch = gguf_model.path, gguf_model.arch
+    if arch not in RUNTIME_ARCHITECTURES:
+        raise SeedDeltaError(f"{path}: general.architecture is {arch!r}; the runtime runs "
+                             f"{', '.join(RUNTIME_ARCHITECTURES)} only")
 
-
-def _read_config(reader: Any, path: str) -> LlamaConfig:
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise SeedDeltaError(f"{path}: general.architecture is {arch!r}; only {', '.join(SUPPORTED_ARCHS)} is supported")
+    def _field(key: str, default: Any = None) -> Any:
+        return gguf_model.get(key, default)
 
     def req(key: str) -> Any:
-        v = _field(reader, f"{arch}.{key}")
+        v = _field(f"{arch}.{key}")
         if v is None:
             raise SeedDeltaError(f"{path}: metadata key {arch}.{key} is missing")
         return v
 
     n_embd = int(req("embedding_length"))
     n_head = int(req("attention.head_count"))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    head_dim = int(_field(f"{arch}.attention.key_length", n_embd // n_head))
+    scaling = _field(f"{arch}.rope.scaling.type")
     freq_scale = 1.0
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise SeedDeltaError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (only linear)")
-        freq_scale = 1.0 / float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
+        freq_scale = 1.0 / float(_field(f"{arch}.rope.scaling.factor", 1.0))
+    tokens = gguf_model.reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(_field(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
     return LlamaConfig(
         n_vocab=n_vocab,
         n_embd=n_embd,
         n_ff=int(req("feed_forward_length")),
         n_layer=int(req("block_count")),
         n_head=n_head,
-        n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        n_head_kv=int(_field(f"{arch}.attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=int(_field(f"{arch}.rope.dimension_count", head_dim)),
+        rope_theta=float(_field(f"{arch}.rope.freq_base", 10000.0)),
         rope_freq_scale=freq_scale,
         rms_eps=float(req("attention.layer_norm_rms_epsilon")),
-        n_ctx_train=int(_field(reader, f"{arch}.context_length", 2048)),
+        n_ctx_train=int(_field(f"{arch}.context_length", 2048)),
     )
-
-
-def _dequant(t: Any) -> np.ndarray:
-    """float32 array in numpy order (n_out, n_in) for a weight tensor of any ggml type."""
-    import gguf
-
-    data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-    # always a private, writable copy: F32 data would otherwise be a view of the read-only memory map
-    return np.array(data, dtype=np.float32, copy=True, order="C").reshape(shape)
 
 
 @dataclass
@@ -264,40 +253,33 @@ class LlamaModel:
 
 def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for suf in SUFFIXES:
+    for suf in SEEDDELTA_SUFFIXES:
         t = tensors.get(f"blk.{layer}.{kind}.{suf}")
         if t is not None:
             out[suf] = np.array(t.data)  # copy out of the memory map, dtype and numpy shape as stored
     return out
 
 
-def load_model(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> LlamaModel:
+def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode: str = "materialized") -> LlamaModel:
     """Load a llama GGUF. SeedΔ tensors, when present and `use_seeddelta`, replace the dense FFN matmul.
 
     mode: "materialized" (dense Ŵ built at load) or "sparse" (no dense copy of SeedΔ weights).
     A stripped dense weight (``seeddelta.strip_dense`` true and ``blk.N.T.weight`` absent) runs
     through SeedΔ; it cannot run dense (SeedDeltaError).
     """
-    import gguf
-
     if mode not in MODES:
         raise SeedDeltaError(f"SeedΔ mode {mode!r} unknown (expected one of {', '.join(MODES)})")
-    p = str(path)
-    if not Path(p).is_file():
-        raise SeedDeltaError(f"model file not found: {p}")
-    try:
-        reader = gguf.GGUFReader(p)
-    except Exception as exc:  # gguf raises ValueError/struct errors on non-GGUF input
-        raise SeedDeltaError(f"{p}: not a readable GGUF file ({exc})") from exc
-    cfg = _read_config(reader, p)
-    tensors = {t.name: t for t in reader.tensors}
-    strip_dense = bool(_field(reader, "seeddelta.strip_dense", False) is True)
+    gguf_model = path if isinstance(path, GGUFModel) else GGUFModel(path, what="model")
+    p = gguf_model.path
+    cfg = _read_config(gguf_model)
+    tensors = gguf_model.tensors
+    strip_dense = gguf_model.get("seeddelta.strip_dense", False) is True
 
     def dense(name: str) -> torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise SeedDeltaError(f"{p}: tensor {name} is missing")
-        return torch.from_numpy(_dequant(t))
+        return torch.from_numpy(dequantize_tensor(t, p))
 
     def check_shape(name: str, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if tuple(w.shape) != shape:
@@ -338,38 +320,29 @@ def load_model(path: str | Path, *, use_seeddelta: bool = True, mode: str = "mat
             elif wname in tensors:
                 layer.ffn[kind] = DenseProjection(check_shape(wname, dense(wname), (n_out, n_in)), f"{b}{kind}")
             elif strip_dense:
-                has_sd = any(f"{b}{kind}.{s}" in tensors for s in SUFFIXES)
+                has_sd = any(f"{b}{kind}.{s}" in tensors for s in SEEDDELTA_SUFFIXES)
                 why = "SeedΔ is disabled" if has_sd else "the file has no SeedΔ tensors for it"
                 raise SeedDeltaError(f"{p}: {wname} is stripped (seeddelta.strip_dense) and cannot run dense: {why}")
             else:
                 raise SeedDeltaError(f"{p}: tensor {wname} is missing")
         layers.append(layer)
     meta = {
-        "architecture": _field(reader, "general.architecture"),
-        "name": _field(reader, "general.name"),
+        "architecture": gguf_model.arch,
+        "name": gguf_model.get("general.name"),
         "strip_dense": strip_dense,
-        "seeddelta_enabled": bool(_field(reader, "seeddelta.enabled", False) is True),
+        "seeddelta_enabled": gguf_model.get("seeddelta.enabled", False) is True,
         "mode": mode,
         "use_seeddelta": use_seeddelta,
     }
     return LlamaModel(cfg, tok_embd, output, output_norm, layers, rope_freqs, path=p, metadata=meta)
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path | GGUFModel) -> Tokenizer:
     """The tokenizer described by a GGUF's metadata: SPM ("llama") or GPT-2 byte-level BPE ("gpt2")."""
-    import gguf
-
-    p = str(path)
-    if not Path(p).is_file():
-        raise SeedDeltaError(f"model file not found: {p}")
-    reader = gguf.GGUFReader(p)
-    kind = _field(reader, "tokenizer.ggml.model")
+    gguf_model = path if isinstance(path, GGUFModel) else GGUFModel(path, what="model")
+    kind = gguf_model.get("tokenizer.ggml.model")
     if kind == "llama":
-        from seeddelta.runtime.tokenizers.spm import SPMTokenizer
-
-        return SPMTokenizer.from_gguf(reader)
+        return SPMTokenizer.from_gguf(gguf_model.reader)
     if kind == "gpt2":
-        from seeddelta.runtime.tokenizers.bpe import BPETokenizer
-
-        return BPETokenizer.from_gguf(reader)
-    raise SeedDeltaError(f"{p}: tokenizer.ggml.model {kind!r} is not supported (llama or gpt2)")
+        return BPETokenizer.from_gguf(gguf_model.reader)
+    raise SeedDeltaError(f"{gguf_model.path}: tokenizer.ggml.model {kind!r} is not supported (llama or gpt2)")

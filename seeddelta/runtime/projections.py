@@ -41,14 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seeddelta.errors import SeedDeltaError
 from seeddelta.codec.hadamard import fwht_torch
+from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.schema import SEEDDELTA_SUFFIXES
 
-KINDS = ("ffn_gate", "ffn_up", "ffn_down")
-SUFFIXES = (
-    "d_idx", "d_val", "b_idx", "b_val", "d_row_scale",
-    "base_d1", "base_d2", "base_d3", "base_perm1", "base_perm2",
-)
 _INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
@@ -150,11 +146,11 @@ def _fail(name: str, msg: str) -> SeedDeltaError:
 
 
 def parse_payload(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> SeedDeltaPayload | None:
-    """Validate the SeedΔ tensors of one weight (keys = suffixes in `SUFFIXES`).
+    """Validate the SeedΔ tensors of one weight (keys = suffixes in `SEEDDELTA_SUFFIXES`).
 
     Returns None when there are no SeedΔ tensors at all; raises SeedDeltaError on a malformed set.
     """
-    present = {k: v for k, v in arrays.items() if k in SUFFIXES and v is not None}
+    present = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
     if not present:
         return None
 

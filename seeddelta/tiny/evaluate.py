@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.model import TinyLlama
-from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 MAX_ANSWER_TOKENS = 48
 

@@ -16,8 +16,8 @@ import torch
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import AtomicOutput
-from seeddelta.tiny.model import TinyConfig, TinyLlama
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
+from seeddelta.tiny.model import TinyConfig, TinyLlama
 
 ARCH = "llama"
 FILE_TYPE_MOSTLY_F16 = 1

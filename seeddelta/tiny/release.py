@@ -18,11 +18,11 @@ import torch
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_text_atomic
+from seeddelta.runtime.tokenizers.spm import tiny_tokenizer
 from seeddelta.tiny import DATA_DIR
 from seeddelta.tiny.evaluate import evaluate_model
 from seeddelta.tiny.export import export_gguf, load_gguf_model
 from seeddelta.tiny.train import load_checkpoint, model_from_checkpoint
-from seeddelta.runtime.tokenizers.spm import tiny_tokenizer
 
 TARGETS = {"copy": 0.95, "brackets": 0.95, "sum": 0.80, "ppl_ratio_2048_over_512": 1.05}
 

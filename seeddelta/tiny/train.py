@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import AtomicOutput
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.model import TinyConfig, TinyLlama
-from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 
 @dataclass

@@ -84,7 +84,8 @@ def test_smollm2_tokenization_is_identical() -> None:
 def test_smollm2_f32_logits_agree_with_llama_cpp(tmp_path: Path) -> None:
     import gguf
 
-    from seeddelta.gguf_format.reader import GGUFModel, write_model_copy
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.writer import write_model_copy
 
     src = smollm2_path()
     if src is None:

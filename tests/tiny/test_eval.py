@@ -10,10 +10,11 @@ import pytest
 import torch
 from gguf import GGUFValueType
 
-from seeddelta.codec import encode as codec
-from seeddelta.gguf_format import reader as gguf_io
 from seeddelta.cli import main
+from seeddelta.codec import encode as codec
 from seeddelta.evaluation.scoring import make_windows, tokenize_text, window_bos
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing import synthetic_gguf as synthetic
 
@@ -29,14 +30,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     synthetic.make_llama_gguf(dense, dtype="F16", std=0.25, seed=21, **SHAPE)
     # no "▁" prefix and BOS added, like the tiny model's vocabulary (synthetic files lack the keys)
     lossy = str(d / "lossy.gguf")
-    m = gguf_io.GGUFModel(dense)
+    m = GGUFModel(dense)
     add = []
     for layer in range(m.n_layer):
         for kind in KINDS:
             sdw = codec.encode(m.ffn_weight(layer, kind), codec.EncodeConfig(K=8, base="xor_circulant"))
             add += [(f"blk.{layer}.{kind}.{s}", a) for s, a in sdw.tensors().items()]
-    gguf_io.write_model_copy(m, lossy, add_tensors=add,
-                             set_keys=[gguf_io.KV("seeddelta.enabled", True, GGUFValueType.BOOL)])
+    write_model_copy(m, lossy, add_tensors=add,
+                             set_keys=[KV("seeddelta.enabled", True, GGUFValueType.BOOL)])
     text = d / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     return {"dense": dense, "lossy": lossy, "text": str(text), "dir": str(d)}

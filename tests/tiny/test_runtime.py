@@ -166,7 +166,7 @@ def test_missing_tensor_and_bad_file_are_clear_errors(tmp_path) -> None:
         load_model(p)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(SeedDeltaError, match="not a readable GGUF"):
+    with pytest.raises(SeedDeltaError, match="is not a GGUF file"):
         load_model(bad)
     with pytest.raises(SeedDeltaError, match="not found"):
         load_model(tmp_path / "nope.gguf")
@@ -182,11 +182,12 @@ def test_tokenizer_from_synthetic_gguf_round_trips_bytes(model_f32: str) -> None
 def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
     from gguf import GGUFValueType
 
-    from seeddelta.gguf_format import reader as gguf_io
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.writer import KV, write_model_copy
     p = str(tmp_path / "partial_rope.gguf")
     # head_dim 16, only the first 8 dims rotated (the rest pass through, as llama.cpp's NORM rope)
-    gguf_io.write_model_copy(gguf_io.GGUFModel(model_f32), p,
-                             set_keys=[gguf_io.KV("llama.rope.dimension_count", 8, GGUFValueType.UINT32)])
+    write_model_copy(GGUFModel(model_f32), p,
+                             set_keys=[KV("llama.rope.dimension_count", 8, GGUFValueType.UINT32)])
     m = load_model(p)
     assert m.config.rope_dim == 8
     ref = ref_forward(p, TOKENS)

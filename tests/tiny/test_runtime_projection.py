@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from seeddelta.codec import encode as codec
-from seeddelta.errors import SeedDeltaError
 from seeddelta.codec.hadamard import fwht_torch_levels
+from seeddelta.errors import SeedDeltaError
 from seeddelta.runtime.projections import (
     MaterializedSeedDeltaProjection,
     SparseSeedDeltaProjection,

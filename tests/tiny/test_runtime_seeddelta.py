@@ -13,9 +13,10 @@ import torch
 from gguf import GGUFValueType
 
 from seeddelta.codec import encode as codec
-from seeddelta.gguf_format import reader as gguf_io
-from seeddelta.gguf_format import seeddelta_tensors as seeddelta_file
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_weights
+from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.runtime.model import load_model
 from seeddelta.testing import synthetic_gguf as synthetic
 
@@ -31,7 +32,7 @@ def tol_for(ref: np.ndarray) -> float:
 
 def write_seeddelta_copy(src: str, dst: str, cfg: dict, *, strip: bool = False, kinds=KINDS) -> dict:
     """Encode every FFN weight of `src` with the codec and write `dst`; returns (layer, kind) -> weight."""
-    m = gguf_io.GGUFModel(src)
+    m = GGUFModel(src)
     add, drop, weights = [], [], {}
     for layer in range(m.n_layer):
         for kind in kinds:
@@ -40,9 +41,9 @@ def write_seeddelta_copy(src: str, dst: str, cfg: dict, *, strip: bool = False, 
             add += [(f"blk.{layer}.{kind}.{suf}", arr) for suf, arr in sdw.tensors().items()]
             if strip:
                 drop.append(f"blk.{layer}.{kind}.weight")
-    keys = [gguf_io.KV("seeddelta.enabled", True, GGUFValueType.BOOL),
-            gguf_io.KV("seeddelta.strip_dense", strip, GGUFValueType.BOOL)]
-    gguf_io.write_model_copy(m, dst, drop_tensors=drop, add_tensors=add, set_keys=keys)
+    keys = [KV("seeddelta.enabled", True, GGUFValueType.BOOL),
+            KV("seeddelta.strip_dense", strip, GGUFValueType.BOOL)]
+    write_model_copy(m, dst, drop_tensors=drop, add_tensors=add, set_keys=keys)
     return weights
 
 
@@ -79,7 +80,7 @@ def test_modes_agree_with_each_other_and_with_the_codec(files: dict[str, str]) -
     tol = tol_for(y_mat)
     assert np.max(np.abs(y_mat - y_sparse)) <= tol
     # the same model with every SeedΔ projection replaced by the codec's own apply()
-    weights = seeddelta_file.read_seeddelta_weights(files["lossy"])
+    weights = read_seeddelta_weights(files["lossy"])
     assert len(weights) == 3 * SHAPE["n_layer"]
     for (layer, kind), sdw in weights.items():
         proj = sparse.layers[layer].ffn[kind]
@@ -124,10 +125,10 @@ def test_stripped_file_cannot_run_dense(files: dict[str, str]) -> None:
 
 
 def test_stripped_file_without_seeddelta_tensors_is_a_clear_error(files: dict[str, str], tmp_path) -> None:
-    m = gguf_io.GGUFModel(files["dense"])
+    m = GGUFModel(files["dense"])
     dst = str(tmp_path / "broken.gguf")
-    gguf_io.write_model_copy(m, dst, drop_tensors=["blk.1.ffn_down.weight"],
-                             set_keys=[gguf_io.KV("seeddelta.strip_dense", True, GGUFValueType.BOOL)])
+    write_model_copy(m, dst, drop_tensors=["blk.1.ffn_down.weight"],
+                             set_keys=[KV("seeddelta.strip_dense", True, GGUFValueType.BOOL)])
     with pytest.raises(SeedDeltaError, match=r"blk\.1\.ffn_down\.weight is stripped.*no SeedΔ tensors"):
         load_model(dst)
 

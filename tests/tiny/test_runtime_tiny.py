@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from seeddelta.runtime.model import load_model, load_tokenizer
+from seeddelta.runtime.tokenizers.spm import tiny_tokenizer  # noqa: E402
 from seeddelta.tiny import export as tiny_export
 from seeddelta.tiny import model as tiny_model
-from seeddelta.runtime.tokenizers.spm import tiny_tokenizer  # noqa: E402
 
 U16 = 2.0 ** -11
 U32 = 2.0 ** -24

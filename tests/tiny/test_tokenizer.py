@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from seeddelta.tiny import dataset as ds
 from seeddelta.runtime.tokenizers.spm import (
     SPACE,
     TYPE_BYTE,
@@ -14,6 +13,7 @@ from seeddelta.runtime.tokenizers.spm import (
     SPMTokenizer,
     tiny_tokenizer,
 )
+from seeddelta.tiny import dataset as ds
 
 
 @pytest.fixture(scope="module")

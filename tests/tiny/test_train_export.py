@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny import dataset as ds
 from seeddelta.tiny.export import export_gguf, load_gguf_model
 from seeddelta.tiny.model import TinyConfig, TinyLlama, apply_rope_norm, rope_cache
 from seeddelta.tiny.train import TrainConfig, make_batch, train
-from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 
 SMALL = {"n_layer": 2, "n_embd": 32, "n_ff": 64, "n_head": 2, "n_head_kv": 2, "n_ctx": 64}
 VAL = ds.load_val_text()[:3000]

@@ -13,7 +13,7 @@ from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType as Q
 
 from seeddelta.cli import main
-from seeddelta.gguf_format.reader import file_fingerprint
+from seeddelta.testing.files import file_fingerprint
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 
 

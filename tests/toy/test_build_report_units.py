@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from seeddelta.builder.report import dumps, ffn_score, fnv1a64, policy_hash, tile_fields, weight_entry
 from seeddelta.errors import SeedDeltaError
 from seeddelta.layers import format_layers, parse_layers
-from seeddelta.builder.report import dumps, ffn_score, fnv1a64, policy_hash, tile_fields, weight_entry
 
 
 @pytest.mark.parametrize("spec,expected", [

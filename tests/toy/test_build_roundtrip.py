@@ -12,8 +12,8 @@ import pytest
 from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
-from seeddelta.cli import main
 from seeddelta.builder.report import WEIGHT_FIELD_NAMES
+from seeddelta.cli import main
 from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_file
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
 

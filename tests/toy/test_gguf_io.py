@@ -11,7 +11,8 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import KV, GGUFModel, open_gguf, write_model_copy
+from seeddelta.gguf_format.reader import GGUFModel, open_gguf
+from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.outputs import same_file
 from seeddelta.testing.synthetic_gguf import decoded, make_llama_gguf
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import open_gguf
 
 SPACE = "\u2581"
 
@@ -176,11 +177,9 @@ class SPMTokenizer:
 
     @classmethod
     def from_gguf(cls, reader_or_path: Any) -> SPMTokenizer:
-        import gguf
-
         reader = reader_or_path
         if isinstance(reader_or_path, (str, Path)):
-            reader = gguf.GGUFReader(str(reader_or_path))
+            reader = open_gguf(reader_or_path, "model")
 
         def field(key: str) -> Any:
             return reader.fields.get(key)

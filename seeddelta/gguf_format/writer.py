@@ -1,0 +1,143 @@
+"""Writing GGUF files: a model's copy with tensors dropped or added and keys set, atomically.
+
+Every KV pair of the input is copied byte-for-byte (its raw encoding, so value types are preserved
+exactly), then the new keys are set; every input tensor is copied byte-for-byte in its original type
+unless dropped (stripped dense weights, replaced SeedΔ tensors); the output is written to a
+temporary file next to the target and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter
+from gguf.constants import GGMLQuantizationType
+from gguf.gguf_reader import ReaderTensor
+
+from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import GGUFModel, field_raw_value
+from seeddelta.outputs import AtomicOutput, same_file
+
+
+@dataclass(frozen=True)
+class KV:
+    """A key to set in the output, with its exact GGUF value type."""
+
+    key: str
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass
+class _RawKV:
+    raw: bytes  # type tag + encoded value, copied from the input
+
+
+class _Writer(GGUFWriter):
+    """GGUFWriter that writes copied KV values byte-for-byte and accepts empty typed arrays."""
+
+    def write_kv_data_to_file(self) -> None:
+        from gguf.gguf_writer import WriterState
+
+        if self.state is not WriterState.HEADER:
+            raise ValueError(f"Expected output file to contain the header, got {self.state}")
+        assert self.fout is not None and len(self.fout) == 1
+        buf = bytearray()
+        for key, val in self.kv_data[0].items():
+            buf += self._pack_val(key, GGUFValueType.STRING, add_vtype=False)
+            if isinstance(val.value, _RawKV):
+                buf += val.value.raw
+            elif val.type == GGUFValueType.ARRAY and len(val.value) == 0:
+                assert val.sub_type is not None
+                buf += self._pack("I", GGUFValueType.ARRAY) + self._pack("I", val.sub_type) + self._pack("Q", 0)
+            else:
+                buf += self._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type)
+        self.fout[0].write(buf)
+        self.flush()
+        self.state = WriterState.KV_DATA
+
+
+def new_writer(path: str, arch: str, alignment: int) -> _Writer:
+    writer = _Writer(path, arch)
+    writer.kv_data[0].clear()  # the caller decides every key, including general.architecture
+    writer.data_alignment = int(alignment)
+    return writer
+
+
+def set_kv(writer: GGUFWriter, kv: KV) -> None:
+    from gguf.gguf_writer import GGUFValue
+
+    kv_data = writer.kv_data[0]
+    kv_data.pop(kv.key, None)  # setting an existing key removes it and appends the new value (§8.1)
+    value = kv.value
+    if kv.type == GGUFValueType.BOOL:
+        value = bool(value)
+    elif kv.type in (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
+                     GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64):
+        value = int(value)
+    elif kv.type in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+        value = float(value)
+    kv_data[kv.key] = GGUFValue(value=value, type=kv.type, sub_type=kv.sub_type)
+
+
+def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
+    return tensor.data, GGMLQuantizationType(tensor.tensor_type)
+
+
+def write_model_copy(
+    src: GGUFModel,
+    out_path: str | os.PathLike[str],
+    *,
+    drop_tensors: Iterable[str] = (),
+    add_tensors: Sequence[tuple[str, np.ndarray]] = (),
+    drop_keys: Iterable[str] = (),
+    set_keys: Sequence[KV] = (),
+) -> None:
+    """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
+    then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
+    order and type, then `add_tensors` (numpy order; dtype float16/float32/int16/int32) in the
+    given order. The alignment of `src` is kept."""
+    drop_t = set(drop_tensors)
+    drop_k = set(drop_keys)
+    if same_file(src.path, out_path):
+        raise SeedDeltaError(f"output {os.fspath(out_path)} is the input file; choose another -o")
+    out = AtomicOutput(out_path)
+    try:
+        writer = new_writer(out.tmp, src.arch, src.alignment)
+        from gguf.gguf_writer import GGUFValue
+
+        for key, fld in src.reader.fields.items():
+            if key.startswith("GGUF.") or key in drop_k:
+                continue
+            writer.kv_data[0][key] = GGUFValue(value=_RawKV(field_raw_value(fld)), type=fld.types[0])
+        for kv in set_keys:
+            set_kv(writer, kv)
+        names = set()
+        for tensor in src.reader.tensors:
+            if tensor.name in drop_t:
+                continue
+            data, qtype = _tensor_for_copy(tensor)
+            writer.add_tensor(tensor.name, data, raw_dtype=qtype)
+            names.add(tensor.name)
+        for name, array in add_tensors:
+            if name in names:
+                raise SeedDeltaError(f"internal: tensor {name} would be written twice")
+            arr = np.ascontiguousarray(array)
+            if arr.dtype not in (np.float16, np.float32, np.int16, np.int32):
+                raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {arr.dtype}")
+            writer.add_tensor(name, arr)
+            names.add(name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        out.commit()
+    except OSError as exc:
+        raise SeedDeltaError(f"cannot write {os.fspath(out_path)}: {exc.strerror or exc}") from None
+    finally:
+        out.discard()
