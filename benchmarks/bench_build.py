@@ -12,7 +12,8 @@ import sys
 import tempfile
 import time
 
-from seeddelta.builder.pipeline import BuildOptions, TensorConfig, run_build
+from seeddelta.builder.options import BuildOptions, TensorConfig
+from seeddelta.builder.pipeline import run_build
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 
 N_LAYER, N_EMBD, N_FF, N_HEAD, N_HEAD_KV = 30, 576, 1536, 9, 3

@@ -31,9 +31,9 @@ REPEATS = 3
 
 def _tiny_or_synthetic(tmp: Path) -> tuple[Path, str]:
     try:
-        from seeddelta.tiny import default_model_path
+        from seeddelta.assets import TINY_MODEL
 
-        p = Path(default_model_path())
+        p = TINY_MODEL
         if p.is_file():
             return p, TINY
     except ImportError:
@@ -64,7 +64,7 @@ def _speed(model, n_vocab: int) -> dict[str, float]:
 
 _MEM_SNIPPET = """
 import json, sys
-from seeddelta.evaluation.scoring import rss_anon_bytes, rss_bytes, trim_heap
+from seeddelta.evaluation.memory import rss_anon_bytes, rss_bytes, trim_heap
 from seeddelta.runtime.model import load_model
 trim_heap(); before, anon_before = rss_bytes(), rss_anon_bytes()
 m = load_model(sys.argv[1], mode=sys.argv[2])
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
               f" vs {path.stat().st_size / 2**20:.2f} MiB)" if built.is_file() else "")
 
         try:
-            from seeddelta.tiny.dataset import default_val_text_path
+            from seeddelta.assets import TINY_VAL_TEXT
 
-            text = Path(default_val_text_path())
+            text = TINY_VAL_TEXT
         except ImportError:
             text = None
         if text is not None and text.is_file() and what != SYNTHETIC:

@@ -1,6 +1,9 @@
-"""The `seeddelta` command. Each subcommand lives in its own module under seeddelta.commands
-and exposes `register(subparsers)`; that module's handler receives the parsed namespace and
-returns an exit status."""
+"""seeddelta: compress the FFN weights of GGUF (llama.cpp) models into a structured base plus a sparse
+top-K residual (SeedΔ), and measure — before spending hours on a large model — whether the maths is
+right, where the error accumulates, and what a setting saves and costs.
+
+Each subcommand lives in its own module under seeddelta.commands and exposes `register(subparsers)`;
+its handler receives the parsed namespace and returns an exit status."""
 
 from __future__ import annotations
 
@@ -23,20 +26,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="seeddelta", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = _Parser(prog="seeddelta", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"seeddelta.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"seeddelta.commands.{name}":
-                continue  # command not implemented yet
-            raise
-        module.register(sub)
+        # a missing command module is a broken installation: let the ImportError say so
+        importlib.import_module(f"seeddelta.commands.{name}").register(sub)
     return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

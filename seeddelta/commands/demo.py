@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seeddelta.commands.common import describe, model_path
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_json_atomic, write_text_atomic
 
@@ -36,7 +37,8 @@ CALIBRATION_SAMPLES = 400  # ≈ 25k tokens: enough for stable Σx² per input c
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job on the built-in tiny model (see README)")
+    p = sub.add_parser("demo", help="the main job on the built-in tiny model (see README)",
+                       description=describe(__doc__))
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("-m", "--model", help="GGUF model (default: the tiny model shipped in the package)")
     p.add_argument("--K-gate", type=int, default=64, help="budget per row of ffn_gate (n_in 192 on the tiny model)")
@@ -74,9 +76,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeddelta.tiny import default_model_path
-
-    model = Path(args.model) if args.model else default_model_path()
+    model = model_path(args)
     if not model.is_file():
         raise SeedDeltaError(f"model not found: {model}")
     out = Path(args.out)

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from seeddelta.commands.common import Subparsers
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.seeddelta_tensors import global_seeddelta_kv, seeddelta_entries
 
@@ -99,7 +100,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("inspect", help="list the SeedΔ tensors of a GGUF",
                        description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("file", metavar="FILE.gguf")

@@ -10,42 +10,56 @@ import argparse
 import contextlib
 import sys
 
+from seeddelta.commands.common import (
+    Subparsers,
+    add_model_arg,
+    add_runtime_args,
+    add_text_args,
+    apply_threads,
+    describe,
+    load_from_args,
+    model_path,
+    windows_from_args,
+)
 from seeddelta.errors import SeedDeltaError
-from seeddelta.evaluation import scoring as ev
+from seeddelta.evaluation.drift import LayerDrift
+from seeddelta.evaluation.memory import load, model_info
+from seeddelta.evaluation.scoring import kl_divergence, model_logits
+from seeddelta.evaluation.windows import tokenize_text
 from seeddelta.outputs import write_json_atomic
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("kld", help="KL divergence of a model to a base model on a text",
-                       description=__doc__.split("\n")[0] if __doc__ else None)
+                       description=describe(__doc__))
     p.add_argument("--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
-    ev.add_model_arg(p, "candidate GGUF")
-    ev.add_text_args(p)
+    add_model_arg(p, "candidate GGUF")
+    add_text_args(p)
     p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
-    ev.add_runtime_args(p)
+    add_runtime_args(p)
     p.add_argument("--base-seeddelta", action="store_true",
                    help="let the base use its own SeedΔ tensors too (default: the base runs dense)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    ev.apply_threads(args)
-    model_path = args.model or ev.default_model()
-    base = ev.load(args.base, use_seeddelta=bool(args.base_seeddelta),
+    apply_threads(args)
+    path = model_path(args)
+    base = load(args.base, use_seeddelta=bool(args.base_seeddelta),
                    mode="sparse" if args.sparse else "materialized")
-    cand = ev.load_from_args(args, model_path)
+    cand = load_from_args(args, path)
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
-                             f"model {model_path} has {cand.model.config.n_vocab}")
-    text_path, text, tokens, windows = ev.text_windows(args, base.tokenizer)
-    if ev.tokenize_text(cand.tokenizer, text) != tokens:
-        raise SeedDeltaError(f"base {args.base} and model {model_path} tokenize {text_path} differently")
-    print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {model_path} "
+                             f"model {path} has {cand.model.config.n_vocab}")
+    text_path, text, tokens, windows = windows_from_args(args, base.tokenizer)
+    if tokenize_text(cand.tokenizer, text) != tokens:
+        raise SeedDeltaError(f"base {args.base} and model {path} tokenize {text_path} differently")
+    print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {path} "
           f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
-    drift = ev.LayerDrift(base.model, cand.model) if ev.LayerDrift.applies(base.model, cand.model) else None
+    drift = LayerDrift(base.model, cand.model) if LayerDrift.applies(base.model, cand.model) else None
     with drift if drift is not None else contextlib.nullcontext():
-        res = ev.kl_divergence(ev.model_logits(base.model), ev.model_logits(cand.model), windows)
+        res = kl_divergence(model_logits(base.model), model_logits(cand.model), windows)
     s = res.summary()
     k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]
     print(f"Mean    KLD: {k['mean']:10.6f} ± {k['se']:.6f}")
@@ -65,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['norm_ratio_mean']:12.4f}")
     if args.json:
         s.update({"chunks": res.n_chunk, "ctx": res.n_ctx, "text": str(text_path),
-                  "base": ev.model_info(base), "model": ev.model_info(cand),
+                  "base": model_info(base), "model": model_info(cand),
                   "method": "KL(base||model) = sum_v p_v (log p_v - log q_v), float64 over the full vocabulary, "
                             "llama-perplexity windows (second half scored); layer_drift: residual stream after each "
                             "block, ||h_model - h_base|| / ||h_base|| and cosine per token over every window position"})

@@ -6,10 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from seeddelta.commands.common import Subparsers
 from seeddelta.errors import SeedDeltaError
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("tiny", help="tiny model: dataset, training, export, evaluation")
     sub = p.add_subparsers(dest="tiny_command", metavar="ACTION")
     sub.required = True
@@ -54,9 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
+    from seeddelta.assets import DATA_DIR
     from seeddelta.tiny import dataset as ds
 
-    outdir = args.outdir if args.outdir is not None else ds.DATA_DIR
+    outdir = args.outdir if args.outdir is not None else DATA_DIR
     seed = args.seed if args.seed is not None else ds.DEFAULT_SEED
     val_path, test_path = ds.write_heldout(outdir, seed)
     print(f"wrote {val_path} and {test_path} (seed {seed})")
@@ -97,7 +99,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
-    from seeddelta.tiny import DATA_DIR
+    from seeddelta.assets import DATA_DIR
     from seeddelta.tiny.release import release
 
     m = release(args.ckpt, args.outdir if args.outdir is not None else DATA_DIR, notes=args.notes)

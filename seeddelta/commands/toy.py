@@ -6,11 +6,12 @@ import argparse
 import sys
 from dataclasses import replace
 
+from seeddelta.commands.common import Subparsers
 from seeddelta.harness_a.grid import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
 from seeddelta.outputs import write_json_atomic
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "toy", help="harness A: synthetic matrices checked against independent oracles",
         description="Without --pattern runs the whole grid (every case must match its oracle); "

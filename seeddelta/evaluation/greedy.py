@@ -27,7 +27,11 @@ from typing import Any
 
 import torch
 
+from seeddelta.assets import tiny_test_pack
 from seeddelta.errors import SeedDeltaError
+from seeddelta.runtime.model import LlamaModel
+from seeddelta.runtime.tokenizers import Tokenizer
+from seeddelta.tiny.dataset import load_test_pack
 
 LOOP_MAX_PERIOD = 8
 LOOP_MIN_REPEATS = 4
@@ -46,14 +50,9 @@ class PackItem:
 
 def load_pack(path: str | Path | None = None) -> list[PackItem]:
     """A pack in the tiny test-pack format (JSON lines with id, task, prompt, answer)."""
-    try:
-        from seeddelta.tiny.dataset import default_test_pack_path, load_test_pack
-    except ImportError as exc:
-        raise SeedDeltaError(f"the tiny dataset package is unavailable ({exc})") from None
-    p = Path(path) if path is not None else Path(default_test_pack_path())
+    p = Path(path) if path is not None else tiny_test_pack()
     if not p.is_file():
-        what = "pack file" if path is not None else "default test pack (missing from the installed package)"
-        raise SeedDeltaError(f"{what} not found: {p}")
+        raise SeedDeltaError(f"pack file not found: {p}")
     try:
         recs = load_test_pack(p)
     except (ValueError, KeyError, TypeError) as exc:
@@ -89,7 +88,7 @@ class Decoded:
     decode_seconds: float
 
 
-def greedy_decode(model: Any, tokenizer: Any, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
+def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
     add_bos = bool(getattr(tokenizer, "add_bos", True))
     ids = list(tokenizer.encode(prompt, add_bos=add_bos))
     cache = model.new_cache(len(ids) + max_new)
@@ -116,7 +115,7 @@ def greedy_decode(model: Any, tokenizer: Any, prompt: str, max_new: int = DEFAUL
     return Decoded(out, tokenizer.decode(out), stop, len(ids), t1 - t0, n_decode, t2 - t1)
 
 
-def run_pack(model: Any, tokenizer: Any, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
+def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from seeddelta.assets import TINY_TEST_PACK, TINY_VAL_TEXT
 from seeddelta.outputs import write_text_atomic
 
 TASKS = ("copy", "sum", "brackets")
 COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
 VAL_FILE = "val.txt"
 TEST_FILE = "test.jsonl"
 
@@ -182,14 +182,6 @@ def train_samples(seed: int, step: int, heldout: set[str],
 
 
 # ---------------------------------------------------------------------- shipped files
-def default_val_text_path() -> Path:
-    return DATA_DIR / VAL_FILE
-
-
-def default_test_pack_path() -> Path:
-    return DATA_DIR / TEST_FILE
-
-
 def write_heldout(outdir: Path, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
     """Write val.txt (concatenated validation texts) and test.jsonl; returns the two paths."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +201,7 @@ def write_heldout(outdir: Path, seed: int = DEFAULT_SEED) -> tuple[Path, Path]:
 
 def load_test_pack(path: Path | str | None = None) -> list[TestRecord]:
     """The shipped test pack (or another file in its format) as (id, task, prompt, answer) records."""
-    p = Path(path) if path is not None else default_test_pack_path()
+    p = Path(path) if path is not None else TINY_TEST_PACK
     out = []
     with open(p, encoding="utf-8") as f:
         for line in f:
@@ -220,7 +212,7 @@ def load_test_pack(path: Path | str | None = None) -> list[TestRecord]:
 
 
 def load_val_text(path: Path | str | None = None) -> str:
-    p = Path(path) if path is not None else default_val_text_path()
+    p = Path(path) if path is not None else TINY_VAL_TEXT
     with open(p, encoding="utf-8", newline="") as f:
         return f.read()
 

@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seeddelta.assets import TINY_MODEL
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny import dataset as ds
+from seeddelta.tiny.checkpoint import load_checkpoint, model_from_checkpoint
+from seeddelta.tiny.export import load_gguf_model
 from seeddelta.tiny.model import TinyLlama
 
 MAX_ANSWER_TOKENS = 48
@@ -24,13 +27,8 @@ MAX_ANSWER_TOKENS = 48
 
 def load_eval_model(ckpt: Path | None = None, gguf_path: Path | None = None) -> tuple[TinyLlama, SPMTokenizer]:
     if ckpt is not None:
-        from seeddelta.tiny.train import load_checkpoint, model_from_checkpoint
-
         return model_from_checkpoint(load_checkpoint(ckpt)), tiny_tokenizer()
-    from seeddelta.tiny import default_model_path
-    from seeddelta.tiny.export import load_gguf_model
-
-    return load_gguf_model(gguf_path if gguf_path is not None else default_model_path())
+    return load_gguf_model(gguf_path if gguf_path is not None else TINY_MODEL)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import AtomicOutput
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
+from seeddelta.tiny.checkpoint import load_checkpoint, model_from_checkpoint
 from seeddelta.tiny.model import TinyConfig, TinyLlama
 
 ARCH = "llama"
@@ -67,8 +68,6 @@ def _write(w: Any, model: TinyLlama, tok: SPMTokenizer, name: str, extra_kv: dic
 
 
 def export_checkpoint(ckpt: Path | str, out: Path | str, name: str = "seeddelta-tiny") -> Path:
-    from seeddelta.tiny.train import load_checkpoint, model_from_checkpoint
-
     ck = load_checkpoint(Path(ckpt))
     model = model_from_checkpoint(ck)
     return export_gguf(model, tiny_tokenizer(), out, name=name)

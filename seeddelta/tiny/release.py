@@ -7,7 +7,6 @@ not on the float32 checkpoint, so they describe exactly what is shipped.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -16,23 +15,15 @@ from pathlib import Path
 
 import torch
 
+from seeddelta.assets import DATA_DIR, sha256_file
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_text_atomic
 from seeddelta.runtime.tokenizers.spm import tiny_tokenizer
-from seeddelta.tiny import DATA_DIR
+from seeddelta.tiny.checkpoint import load_checkpoint, model_from_checkpoint
 from seeddelta.tiny.evaluate import evaluate_model
 from seeddelta.tiny.export import export_gguf, load_gguf_model
-from seeddelta.tiny.train import load_checkpoint, model_from_checkpoint
 
 TARGETS = {"copy": 0.95, "brackets": 0.95, "sum": 0.80, "ppl_ratio_2048_over_512": 1.05}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def targets_report(greedy: dict, ppl: dict) -> dict:

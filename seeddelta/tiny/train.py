@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from seeddelta.assets import sha256_file
 from seeddelta.errors import SeedDeltaError
-from seeddelta.outputs import AtomicOutput
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny import dataset as ds
+from seeddelta.tiny.checkpoint import load_checkpoint, save_atomic, save_checkpoint
+from seeddelta.tiny.export import load_gguf_model
 from seeddelta.tiny.model import TinyConfig, TinyLlama
 
 
@@ -126,37 +128,6 @@ def build(cfg: TrainConfig, tok: SPMTokenizer) -> tuple[TinyLlama, torch.optim.O
     return model, opt
 
 
-def save_checkpoint(path: Path, model: TinyLlama, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic(path, {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "train_config": cfg.to_dict(),
-        "model_config": model.cfg.to_dict(),
-        "state": state,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    })
-
-
-def _save_atomic(path: Path, obj: dict) -> None:
-    with AtomicOutput(path, "checkpoint") as out:
-        torch.save(obj, out.tmp)
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.exists():
-        raise SeedDeltaError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def model_from_checkpoint(ck: dict) -> TinyLlama:
-    model = TinyLlama(TinyConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model
-
-
 @torch.no_grad()
 def window_nll(model: TinyLlama, ids: list[int], n_ctx: int, bos_id: int, max_windows: int) -> tuple[float, int]:
     """Sum of NLL and count over llama-perplexity windows (BOS replaces the first token, second half scored)."""
@@ -199,7 +170,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
         if resume:
             raise SeedDeltaError("--init-from starts a new run; it cannot be combined with --resume")
         _warm_start(model, init_from)
-        from seeddelta.tiny.release import sha256_file
         state["init_from"] = {"path": str(init_from), "sha256": sha256_file(init_from)}
         save_checkpoint(ckpt_path, model, opt, cfg, state)  # the run dir names its parent from the start
         log(f"warm start from {init_from}")
@@ -272,7 +242,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
             rec["val_nll512"] = round(val, 5)
             if state["best_val"] is None or val < state["best_val"]:
                 state["best_val"], state["best_step"] = val, state["step"]
-                _save_atomic(run_dir / "best.pt", {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                save_atomic(run_dir / "best.pt", {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                                                    "train_config": cfg.to_dict(), "state": dict(state)})
         if rec:
             line = " ".join(f"{k}={v}" for k, v in rec.items())
@@ -288,8 +258,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, max_steps: int 
 
 
 def _warm_start(model: TinyLlama, gguf_path: Path) -> None:
-    from seeddelta.tiny.export import load_gguf_model
-
     parent, _ = load_gguf_model(gguf_path)
     if parent.cfg != model.cfg:
         raise SeedDeltaError(f"{gguf_path}: model configuration {parent.cfg} differs from the run's {model.cfg}")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from seeddelta.evaluation.scoring import read_text
+from seeddelta.evaluation.windows import read_text
 from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 
@@ -33,10 +33,9 @@ N_CTX = 512
 
 
 def tiny_paths() -> tuple[Path, Path]:
-    from seeddelta.tiny import default_model_path
-    from seeddelta.tiny.dataset import default_val_text_path
+    from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
 
-    m, t = Path(default_model_path()), Path(default_val_text_path())
+    m, t = TINY_MODEL, TINY_VAL_TEXT
     assert m.is_file() and t.is_file(), f"the tiny model and its validation text ship inside the package ({m}, {t})"
     return m, t
 

@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from seeddelta.evaluation.greedy import greedy_decode
-from seeddelta.evaluation.scoring import (
-    make_windows,
-    model_logits,
-    perplexity,
-    read_text,
-    tokenize_text,
-    window_bos,
-)
+from seeddelta.evaluation.scoring import model_logits, perplexity
+from seeddelta.evaluation.windows import make_windows, read_text, tokenize_text, window_bos
 from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
 

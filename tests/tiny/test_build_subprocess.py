@@ -17,7 +17,7 @@ def test_bad_input_through_a_subprocess(tmp_path):
 
 
 def test_output_equal_to_input_refused_by_a_subprocess_input_untouched(tmp_path):
-    from seeddelta.gguf_format.reader import file_fingerprint
+    from seeddelta.testing.files import file_fingerprint
     from seeddelta.testing.synthetic_gguf import make_llama_gguf
 
     m = make_llama_gguf(tmp_path / "in.gguf", n_layer=1, seed=1)

@@ -8,6 +8,7 @@ from itertools import islice
 
 import pytest
 
+from seeddelta.assets import TINY_TEST_PACK, TINY_VAL_TEXT
 from seeddelta.tiny import dataset as ds
 
 TEMPLATE = re.compile(r"### TASK\n(copy|sum|brackets)\n### INPUT\n([^\n]*)\n### OUTPUT\n([^\n]*)\n")
@@ -51,8 +52,8 @@ def heldout():
 def test_shipped_files_are_what_the_generator_writes(tmp_path):
     # the shipped val/test data must be reproducible from the code and the seed, byte for byte
     val_path, test_path = ds.write_heldout(tmp_path, ds.DEFAULT_SEED)
-    assert val_path.read_bytes() == ds.default_val_text_path().read_bytes()
-    assert test_path.read_bytes() == ds.default_test_pack_path().read_bytes()
+    assert val_path.read_bytes() == TINY_VAL_TEXT.read_bytes()
+    assert test_path.read_bytes() == TINY_TEST_PACK.read_bytes()
 
 
 def test_same_seed_same_data_other_seed_other_data(heldout):

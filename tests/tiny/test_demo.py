@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from seeddelta.assets import TINY_MODEL
 from seeddelta.cli import main
-from seeddelta.tiny import default_model_path
 from seeddelta.tiny.dataset import heldout_texts
 
 
@@ -18,7 +17,7 @@ def test_demo_writes_a_summary_consistent_with_its_files_and_never_calibrates_on
     # --strict: the exit status is the verdict's, whatever this budget does to the model
     assert status == (0 if summary["greedy"]["verdict"]["result"] == "PASS" else 1)
 
-    model = Path(default_model_path())
+    model = TINY_MODEL
     sd = out / "model_seeddelta.gguf"
     # sizes come from the files themselves
     assert summary["file_bytes"] == {"original": os.path.getsize(model), "seeddelta": os.path.getsize(sd)}

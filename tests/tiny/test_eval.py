@@ -12,7 +12,7 @@ from gguf import GGUFValueType
 
 from seeddelta.cli import main
 from seeddelta.codec import encode as codec
-from seeddelta.evaluation.scoring import make_windows, tokenize_text, window_bos
+from seeddelta.evaluation.windows import make_windows, tokenize_text, window_bos
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.runtime.model import load_model, load_tokenizer

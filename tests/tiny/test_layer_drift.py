@@ -9,10 +9,10 @@ import json
 
 import pytest
 
+from seeddelta.assets import TINY_MODEL
 from seeddelta.cli import main
-from seeddelta.tiny import default_model_path
 
-MODEL = str(default_model_path())
+MODEL = str(TINY_MODEL)
 
 
 def _kld(tmp_path, candidate: str, name: str) -> dict:

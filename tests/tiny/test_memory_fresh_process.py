@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from seeddelta.assets import TINY_MODEL
 from seeddelta.cli import main
-from seeddelta.evaluation.scoring import rss_anon_bytes
-from seeddelta.tiny import default_model_path
+from seeddelta.evaluation.memory import rss_anon_bytes
 
 _LOAD = """
 import json, sys
-from seeddelta.evaluation.scoring import load
+from seeddelta.evaluation.memory import load
 m = load(sys.argv[1], mode=sys.argv[2]).memory()
 print(json.dumps(m))
 """
@@ -30,7 +30,7 @@ def _fresh_load(path: Path, mode: str) -> dict:
 
 @pytest.mark.skipif(rss_anon_bytes() is None, reason="RssAnon needs Linux /proc/self/status")
 def test_stripped_sparse_load_saves_the_resident_memory_the_weights_account_for(tmp_path):
-    dense = Path(default_model_path())
+    dense = TINY_MODEL
     stripped = tmp_path / "k64.gguf"
     assert main(["build", "-i", str(dense), "-o", str(stripped), "--K", "64", "--strip-dense", "-q"]) == 0
     before, after = _fresh_load(dense, "materialized"), _fresh_load(stripped, "sparse")

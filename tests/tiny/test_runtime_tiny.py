@@ -53,9 +53,9 @@ def test_export_round_trip_within_f16_tolerance(tmp_path: Path) -> None:
 
 
 def committed() -> Path:
-    from seeddelta.tiny import default_model_path
+    from seeddelta.assets import TINY_MODEL
 
-    p = Path(default_model_path())
+    p = TINY_MODEL
     assert p.is_file(), f"the tiny model ships inside the package: {p} is missing"
     return p
 
@@ -69,11 +69,11 @@ def both():
 
 
 def test_committed_model_logits_match_training_side(both) -> None:
-    from seeddelta.evaluation.scoring import read_text
-    from seeddelta.tiny.dataset import default_val_text_path
+    from seeddelta.assets import TINY_VAL_TEXT
+    from seeddelta.evaluation.windows import read_text
 
     p, train_side, tok, rt = both
-    ids = tok.encode(read_text(default_val_text_path()), add_bos=True)[:384]
+    ids = tok.encode(read_text(TINY_VAL_TEXT), add_bos=True)[:384]
     with torch.no_grad():
         ref = train_side(torch.tensor([ids]))[0].double().numpy()
     got = rt.forward(ids).double().numpy()

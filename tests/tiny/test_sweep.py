@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from seeddelta.assets import TINY_MODEL
 from seeddelta.cli import main
-from seeddelta.tiny import default_model_path
 
-MODEL = str(default_model_path())
+MODEL = str(TINY_MODEL)
 WINDOWS = ["--chunks", "2"]
 
 
@@ -83,7 +83,7 @@ def test_stack_adds_the_safest_units_one_at_a_time(tmp_path, capsys):
 
 
 def test_without_the_logits_cache_the_rows_are_the_same(tmp_path, capsys, monkeypatch):
-    from seeddelta.commands import sweep
+    from seeddelta.evaluation import sweep
 
     def rows(name: str) -> list[dict]:
         assert main(["sweep", "--layers", "2", "--K", "24", "--json", str(tmp_path / name), *WINDOWS]) == 0

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from seeddelta.assets import TINY_TEST_PACK, TINY_VAL_TEXT
 from seeddelta.cli import main
-from seeddelta.tiny import dataset as ds
 
 
 def test_tiny_data_writes_the_shipped_files(tmp_path, capsys):
     assert main(["tiny", "data", "--outdir", str(tmp_path)]) == 0
-    assert (tmp_path / "val.txt").read_bytes() == ds.default_val_text_path().read_bytes()
-    assert (tmp_path / "test.jsonl").read_bytes() == ds.default_test_pack_path().read_bytes()
+    assert (tmp_path / "val.txt").read_bytes() == TINY_VAL_TEXT.read_bytes()
+    assert (tmp_path / "test.jsonl").read_bytes() == TINY_TEST_PACK.read_bytes()
     assert "wrote" in capsys.readouterr().out
 
 

@@ -6,20 +6,20 @@ import json
 
 import pytest
 
-from seeddelta.tiny import default_manifest_path, default_model_path
+from seeddelta.assets import TINY_MANIFEST, TINY_MODEL
 from seeddelta.tiny.release import TARGETS, sha256_file, targets_report
 
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    path = default_manifest_path()
+    path = TINY_MANIFEST
     if not path.exists():
         pytest.fail(f"{path} missing: the tiny model has not been released (seeddelta tiny release)")
     return json.loads(path.read_text())
 
 
 def test_shipped_gguf_matches_the_manifest(manifest):
-    path = default_model_path()
+    path = TINY_MODEL
     assert path.exists()
     assert manifest["gguf"]["file"] == path.name
     assert path.stat().st_size == manifest["gguf"]["size_bytes"]
@@ -30,7 +30,7 @@ def test_shipped_gguf_matches_the_manifest(manifest):
 def test_gguf_metadata_agrees_with_the_manifest_configuration(manifest):
     import gguf
 
-    r = gguf.GGUFReader(str(default_model_path()))
+    r = gguf.GGUFReader(str(TINY_MODEL))
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.t")
           and k != "tokenizer.ggml.scores"}
     c = manifest["model_config"]
@@ -74,9 +74,9 @@ def test_recorded_greedy_answers_reproduce_on_a_sample():
     from seeddelta.tiny.evaluate import greedy_answer
     from seeddelta.tiny.export import load_gguf_model
 
-    m = json.loads(default_manifest_path().read_text())
+    m = json.loads(TINY_MANIFEST.read_text())
     got_by_id = {it["id"]: it["got"] for it in m["evaluation"]["items"]}
-    model, tok = load_gguf_model(default_model_path())
+    model, tok = load_gguf_model(TINY_MODEL)
     recs = ds.load_test_pack()
     for task in ds.TASKS:
         for r in [r for r in recs if r.task == task][:4]:

@@ -263,7 +263,8 @@ def test_block_scheme_with_a_partial_last_block(tmp_path):
 def test_in_memory_arrays_survive_write_and_read_exactly(tmp_path):
     import io
 
-    from seeddelta.builder.pipeline import BuildOptions, run_build
+    from seeddelta.builder.options import BuildOptions
+    from seeddelta.builder.pipeline import run_build
 
     m = make_llama_gguf(tmp_path / "in.gguf", n_layer=1, n_embd=N_EMBD, n_ff=N_FF, seed=8)
     opts = BuildOptions(input=m.path, output=str(tmp_path / "o.gguf"), K=9, base=True, row_scale=True,

@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.evaluation.scoring import (
-    kl_divergence,
-    make_windows,
-    mean_se,
-    model_logits,
-    percentiles,
-    perplexity,
-)
+from seeddelta.evaluation.scoring import kl_divergence, mean_se, model_logits, percentiles, perplexity
+from seeddelta.evaluation.windows import make_windows
 
 V = 11  # vocabulary of the fake models
 A = 2.5  # logit given to the predicted token

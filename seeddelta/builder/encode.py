@@ -1,0 +1,198 @@
+"""The encode phase: one FFN weight dequantized, encoded, measured on its stored arrays and decided
+(gating), with its report entry and the tensors to write."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from seeddelta.builder.options import (
+    _METRIC_GROUP,
+    BASELINE_THRESHOLDS,
+    BuildOptions,
+    TensorConfig,
+    tensor_seed,
+)
+from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
+from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
+from seeddelta.codec.metrics import cost_model, evaluate_weight
+from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.imatrix_file import Imatrix
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.schema import KINDS, SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
+
+
+@dataclass
+class WeightResult:
+    """Outcome of one (layer, kind)."""
+
+    layer: int
+    kind: str
+    entry: dict[str, Any] | None  # report entry (None: no entry, e.g. missing tensor without report)
+    tensors: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    strip: bool = False
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    added_bytes: int = 0
+    stripped_bytes: int = 0
+
+
+def _gating(cfg: TensorConfig, kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Gating fields of Appendix A.3 e–f for one trial."""
+    has_x, has_w = bool(metrics.get("has_x")), bool(metrics.get("has_w"))
+    metric = "ffn_score" if kind in ("ffn_gate", "ffn_up") and has_x else cfg.metric
+    if metric == "ffn_score":
+        value = p05 = ffn_score(metrics)
+    else:
+        group = _METRIC_GROUP[metric]
+        value, p05 = float(metrics[f"cos_mean{group}"]), float(metrics[f"cos_p05{group}"])
+    available = True
+    if cfg.gating_enabled:
+        needs_x = metric in ("cos_x", "cos_x_w", "ffn_score")
+        needs_w = metric in ("cos_w", "cos_x_w")
+        available = (not needs_x or has_x) and (not needs_w or has_w)
+    passed = (not cfg.gating_enabled) or (available and value >= cfg.min_mean and p05 >= cfg.min_p05)
+    if not cfg.gating_enabled:
+        decision = "no_gating"
+    elif not available:
+        decision = "metric_unavailable"
+    else:
+        decision = "pass_gating" if passed else "gating_fail"
+    return {
+        "gating_enabled": cfg.gating_enabled, "gating_metric": metric, "gating_value": value, "gating_p05": p05,
+        "gating_min_mean": cfg.min_mean, "gating_min_p05": cfg.min_p05, "gating_pass": passed,
+        "metric_used": metric, "decision": decision,
+    }
+
+
+def _proxy_reason(opts: BuildOptions, kind: str) -> str:
+    if opts.eval_x <= 0:
+        return "proxy_requires_eval_x"
+    if opts.scheme != "coo" or opts.base:
+        return "proxy_requires_coo"
+    if kind == "ffn_down":
+        return "proxy_kind_not_supported"
+    return ""
+
+
+def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw: SeedDeltaWeight) -> dict[str, Any]:
+    """FFN proxy of spec §6.4 (logging only; never changes a decision): replace the current gate or
+    up pre-activation by the stored SeedΔ weight and compare a sampled SwiGLU FFN output.
+
+    As the original: x ~ N(0, I), SiLU, hidden/output subsets, absolute L2, percentiles over x.
+    Unlike the original, the replaced pre-activation is the stored reconstruction including its
+    row scale (the original ignored the row scale)."""
+    reason = _proxy_reason(opts, kind)
+    if reason:
+        return {"ffn_proxy_available": False, "ffn_proxy_reason": reason}
+    names = {k: weight_name(layer, k) for k in KINDS}
+    if not all(model.has(n) for n in names.values()):
+        return {"ffn_proxy_available": False, "ffn_proxy_reason": "proxy_unavailable"}
+    seed = opts.seed + 101 * layer + {"ffn_gate": 1, "ffn_up": 2, "ffn_down": 3}[kind]
+    rng = np.random.default_rng(seed % (1 << 64))
+    gate, up, down = (model.dense(names[k]) for k in KINDS)
+    n_ff, n_embd = gate.shape
+    sample = opts.eval_cols if opts.eval_cols > 0 else 128
+    hidden = rng.permutation(n_ff)[: min(n_ff, sample)]
+    outputs = rng.permutation(n_embd)[: min(n_embd, sample)]
+    n_x = min(opts.eval_x, 128)
+    x = rng.standard_normal((n_x, n_embd)).astype(np.float32).astype(np.float64)
+    g = x @ gate[hidden].astype(np.float64).T  # (n_x, |H|)
+    u = x @ up[hidden].astype(np.float64).T
+    replaced = x @ sdw.dense(hidden).T
+    g_hat, u_hat = (replaced, u) if kind == "ffn_gate" else (g, replaced)
+    w_down = down[np.ix_(outputs, hidden)].astype(np.float64)  # (|O|, |H|)
+
+    def silu(v: np.ndarray) -> np.ndarray:
+        return v / (1.0 + np.exp(-np.clip(v, -500, 500)))
+
+    y = (silu(g) * u) @ w_down.T
+    y_hat = (silu(g_hat) * u_hat) @ w_down.T
+    yy, hh = np.sum(y * y, axis=1), np.sum(y_hat * y_hat, axis=1)
+    ny, nh = np.sqrt(np.maximum(yy, 1e-20)), np.sqrt(np.maximum(hh, 1e-20))
+    cos = np.sum(y * y_hat, axis=1) / (ny * nh)
+    l2 = np.linalg.norm(y - y_hat, axis=1)
+    ratio = (nh / ny)[yy > 0]
+    log_ratio = np.log(ratio[ratio > 0])
+
+    def pct(v: np.ndarray, q: float) -> float:
+        return float(np.percentile(v, q)) if v.size else 0.0
+
+    return {
+        "ffn_proxy_available": True, "ffn_proxy_reason": "", "ffn_proxy_scope": "replace_only_current_tensor",
+        "ffn_proxy_base_used": False, "ffn_proxy_eval_x": n_x, "ffn_proxy_eval_out": int(outputs.size),
+        "ffn_proxy_seed": seed,
+        "ffn_proxy_cos_mean": float(cos.mean()), "ffn_proxy_cos_p05": pct(cos, 5),
+        "ffn_proxy_l2_mean": float(l2.mean()), "ffn_proxy_l2_p95": pct(l2, 95),
+        "ffn_proxy_log_norm_ratio_mean": float(log_ratio.mean()) if log_ratio.size else 0.0,
+        "ffn_proxy_log_norm_ratio_p95": pct(log_ratio, 95),
+    }
+
+
+def encode_weight(
+    model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, imatrix: Imatrix | None,
+) -> WeightResult:
+    t0 = time.perf_counter()
+    name = weight_name(layer, kind)
+    W = model.dense(name)
+    n_out, n_in = W.shape
+    scale = imatrix.scale(name, n_in, opts.imatrix_eps, opts.imatrix_power) if imatrix is not None else None
+    config = EncodeConfig(
+        K=cfg.K, scheme=opts.scheme, block=cfg.block, idx_type=opts.idx_type, val_type=opts.val_type,
+        row_scale=opts.row_scale, base="xor_circulant" if opts.base else "none",
+        base_max_samples=opts.base_max_samples, base_perm_trials=max(1, opts.base_perm_trials),
+        delta_norm_clamp=opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0,
+        seed=tensor_seed(opts.seed, layer, kind, 0),
+    )
+    try:
+        sdw = encode(W, config, scale)
+    except SeedDeltaError as exc:
+        raise SeedDeltaError(f"{name}: {exc}") from None
+    warnings = [f"{name}: {w}" for w in getattr(sdw, "warnings", [])]
+    metrics = evaluate_weight(W, sdw, eval_cols=opts.eval_cols, eval_x=opts.eval_x, imatrix_scale=scale,
+                              seed=tensor_seed(opts.seed, layer, kind, 1))
+    cost = cost_model(sdw)
+    if opts.base and cost.get("base_B") == 1:
+        warnings.append(f"{name}: base has B = 1 block; the original runtime rejects such a base (spec §12 item 2)")
+    gating = _gating(cfg, kind, metrics)
+    emit = cfg.enabled and gating["gating_pass"]
+    strip = emit and cfg.strip_dense
+    tensors = [(seeddelta_tensor_name(layer, kind, s), a) for s, a in sdw.tensors().items()] if emit else []
+    order = {s: i for i, s in enumerate(SEEDDELTA_SUFFIXES)}
+    tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
+    nbytes_sd = int(sdw.nbytes())
+    dense_bytes = model.tensor_nbytes(name)
+    k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, cfg.K), n_in))
+    entry_values: dict[str, Any] = {
+        "layer": layer, "kind": kind, "n_in": n_in, "n_out": n_out, "K_budget": k_budget, "K": int(sdw.K),
+        "block": cfg.block, "n_blocks": int(sdw.n_blocks), **{k: v for k, v in metrics.items()},
+        **cost, **gating,
+        "ffn_score": ffn_score(metrics),
+        **_ffn_proxy(model, opts, layer, kind, sdw),
+        "emit": emit, "strip_dense": strip,
+        **tile_fields(n_out, int(sdw.K)),
+        "autotune_selected_budget": k_budget if emit else 0,
+        "dense_type": model.tensor_type(name).name, "bytes_dense": dense_bytes,
+        "bytes_seeddelta": nbytes_sd, "bits_per_weight": 8.0 * nbytes_sd / (n_in * n_out),
+    }
+    entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
+    result = WeightResult(layer, kind, weight_entry(**entry_values), tensors, strip,
+                          time.perf_counter() - t0, warnings)
+    result.added_bytes = sum(int(a.nbytes) for _, a in tensors)
+    result.stripped_bytes = dense_bytes if strip else 0
+    return result
+
+
+def stub_entry(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig | None, decision: str,
+                n_in: int = 0, n_out: int = 0) -> dict[str, Any]:
+    min_mean, min_p05 = (cfg.min_mean, cfg.min_p05) if cfg is not None else BASELINE_THRESHOLDS[kind]
+    return weight_entry(
+        layer=layer, kind=kind, n_in=n_in, n_out=n_out,
+        gating_enabled=cfg.gating_enabled if cfg is not None else False,
+        gating_metric=cfg.metric if cfg is not None else "cos_x_w",
+        metric_used=cfg.metric if cfg is not None else "cos_x_w",
+        gating_min_mean=min_mean, gating_min_p05=min_p05, decision=decision,
+    )

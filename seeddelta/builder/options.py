@@ -1,0 +1,146 @@
+"""What a build is asked to do: `BuildOptions` (the original's flags) and, per weight, the resolved
+`TensorConfig` a policy or the command line decides; their validation; per-weight seeds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.schema import KINDS
+from seeddelta.outputs import same_file
+
+# Baseline gating thresholds of the original (Appendix A.1 step 5): (min_mean, min_p05).
+BASELINE_THRESHOLDS = {"ffn_gate": (0.45, 0.30), "ffn_up": (0.45, 0.30), "ffn_down": (0.25, 0.15)}
+GATING_METRICS = ("cos", "cos_w", "cos_x", "cos_x_w", "ffn_score")
+_METRIC_GROUP = {"cos": "", "cos_w": "_w", "cos_x": "_x", "cos_x_w": "_x_w"}
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `seeddelta build` takes (names follow the original's flags, §11.1)."""
+
+    input: str
+    output: str
+    layers: str | None = None
+    scheme: str = "coo"
+    block: int = 32
+    K: int = 32
+    K_gate: int = -1
+    K_up: int = -1
+    K_down: int = -1
+    idx_type: str = "i16"
+    val_type: str = "f16"
+    row_scale: bool = False
+    imatrix: str | None = None
+    imatrix_eps: float = 1e-8
+    imatrix_power: float = 1.0
+    base: bool = False
+    base_max_samples: int = 2048
+    base_perm_trials: int = 1
+    strip_dense: bool = False
+    policy: str | None = None
+    policy_strict: bool = False
+    eval_cols: int = 0
+    eval_x: int = 0
+    report_json: str | None = None
+    seed: int = 1234
+    delta_norm_clamp_down: float = 0.0
+    threads: int = 0  # 0: one per CPU
+    overwrite_existing: bool = False
+    deterministic_report: bool = False
+    progress: bool = True
+
+    def kind_K(self, kind: str) -> int:
+        """Effective CLI budget of a kind (Appendix A.1 step 4): --K-<kind> if > 0, else --K."""
+        per = {"ffn_gate": self.K_gate, "ffn_up": self.K_up, "ffn_down": self.K_down}[kind]
+        return per if per > 0 else max(1, self.K)
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """Resolved configuration of one (layer, kind): what a policy decides (Appendix A.2).
+
+    Without a policy the baseline applies: enabled, `--strip-dense`, `--block`, the kind's K,
+    metric `cos_x_w` with the baseline thresholds, gating disabled."""
+
+    enabled: bool
+    strip_dense: bool
+    K: int
+    block: int
+    metric: str = "cos_x_w"
+    gating_enabled: bool = False
+    min_mean: float = 0.45
+    min_p05: float = 0.30
+
+    @property
+    def require_eval_x(self) -> bool:
+        return self.gating_enabled and self.metric in ("cos_x", "cos_x_w", "ffn_score")
+
+    @property
+    def require_imatrix(self) -> bool:
+        return self.gating_enabled and self.metric in ("cos_w", "cos_x_w", "ffn_score")
+
+
+Resolver = Callable[[int, str], TensorConfig]
+
+
+def baseline_resolver(opts: BuildOptions) -> Resolver:
+    def resolve(layer: int, kind: str) -> TensorConfig:
+        min_mean, min_p05 = BASELINE_THRESHOLDS[kind]
+        return TensorConfig(enabled=True, strip_dense=opts.strip_dense, K=opts.kind_K(kind), block=opts.block,
+                            min_mean=min_mean, min_p05=min_p05)
+    return resolve
+
+
+def tensor_seed(seed: int, layer: int, kind: str, stream: int = 0) -> int:
+    """A 32-bit seed for (layer, kind, stream) derived from --seed only."""
+    ss = np.random.SeedSequence([seed % (1 << 32), layer, KINDS.index(kind), stream])
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> None:
+    if opts.scheme not in ("coo", "block"):
+        raise SeedDeltaError(f"--scheme must be coo or block, got {opts.scheme!r}")
+    if opts.scheme == "block" and not 1 <= opts.block <= 4096:
+        raise SeedDeltaError(f"--block must be in 1..4096 for scheme block, got {opts.block}")
+    if opts.block <= 0:
+        raise SeedDeltaError(f"--block must be positive, got {opts.block}")
+    if opts.K <= 0:
+        raise SeedDeltaError(f"--K must be a positive integer, got {opts.K}")
+    for flag, value in (("--K-gate", opts.K_gate), ("--K-up", opts.K_up), ("--K-down", opts.K_down)):
+        if value <= 0 and value != -1:
+            raise SeedDeltaError(f"{flag} must be a positive integer (or -1 for --K), got {value}")
+    if opts.idx_type not in ("i16", "i32"):
+        raise SeedDeltaError(f"--idx-type must be i16 or i32, got {opts.idx_type!r}")
+    if opts.val_type not in ("f16", "f32"):
+        raise SeedDeltaError(f"--val-type must be f16 or f32, got {opts.val_type!r}")
+    if opts.eval_cols < 0 or opts.eval_x < 0:
+        raise SeedDeltaError("--eval-cols and --eval-x must be >= 0")
+    for flag, fvalue in (("--imatrix-eps", opts.imatrix_eps), ("--imatrix-power", opts.imatrix_power),
+                         ("--delta-norm-clamp-down", opts.delta_norm_clamp_down)):
+        if not np.isfinite(fvalue):
+            raise SeedDeltaError(f"{flag} must be a finite number, got {fvalue}")
+    if opts.delta_norm_clamp_down < 0:
+        raise SeedDeltaError(f"--delta-norm-clamp-down must be >= 0, got {opts.delta_norm_clamp_down}")
+    if opts.threads < 0:
+        raise SeedDeltaError(f"-t must be >= 1 (or 0 for one per CPU), got {opts.threads}")
+    if not opts.output:
+        raise SeedDeltaError("-o/--output is required")
+    if same_file(opts.input, opts.output):
+        raise SeedDeltaError(f"-o {opts.output} is the input file; the input is never overwritten, choose another -o")
+    out_dir = os.path.dirname(os.path.abspath(opts.output))
+    if not os.path.isdir(out_dir):
+        raise SeedDeltaError(f"output directory does not exist: {out_dir}")
+    if not os.access(out_dir, os.W_OK):
+        raise SeedDeltaError(f"output directory is not writable: {out_dir}")
+    if opts.report_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(opts.report_json))):
+        raise SeedDeltaError(f"report directory does not exist: {os.path.dirname(os.path.abspath(opts.report_json))}")
+    if opts.policy is not None and not policy_supported:
+        raise SeedDeltaError(
+            "policy support is not implemented yet (the policy issue; spec-policy-eval.md) — run without --policy"
+        )
+    if opts.policy is not None and opts.eval_cols <= 0:
+        raise SeedDeltaError("--policy requires --eval-cols > 0")

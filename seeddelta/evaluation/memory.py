@@ -1,0 +1,111 @@
+"""Loading a model for evaluation, with the resident memory it costs measured around the load."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.runtime.model import LlamaModel, load_model, load_tokenizer
+from seeddelta.runtime.tokenizers import Tokenizer
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), so RSS reflects live data only."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process (psutil when installed, else /proc/self/statm)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def rss_anon_bytes() -> int | None:
+    """Anonymous (private, not file-backed) resident memory of this process, from /proc/self/status.
+
+    Unlike the whole RSS it leaves out shared-library code that a load happens to touch for the
+    first time (torch kernels: several MiB), so its change over a load is the memory the model holds."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass
+class Loaded:
+    model: LlamaModel
+    tokenizer: Tokenizer
+    load_seconds: float
+    rss_before: int | None
+    rss_after: int | None
+    anon_before: int | None = None
+    anon_after: int | None = None
+
+    def memory(self) -> dict[str, Any]:
+        def delta(before: int | None, after: int | None) -> int | None:
+            return None if before is None or after is None else after - before
+
+        return {
+            "weights_bytes": int(self.model.weight_nbytes()),
+            "ffn_bytes": int(self.model.ffn_nbytes()),
+            "rss_before_load_bytes": self.rss_before,
+            "rss_after_load_bytes": self.rss_after,
+            "rss_load_delta_bytes": delta(self.rss_before, self.rss_after),
+            "rss_anon_load_delta_bytes": delta(self.anon_before, self.anon_after),
+            "method": "weights_bytes = sum of nbytes of every tensor the loaded model holds (float32 after "
+                      "dequantization; SeedΔ sparse: int32 indices + float32 values + base); rss_* = process "
+                      "resident set size (psutil or /proc/self/statm) just before and after loading in this process; "
+                      "rss_anon_* = its anonymous part (RssAnon), without library code pages touched by the load",
+        }
+
+
+def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> Loaded:
+    trim_heap()
+    before, anon_before = rss_bytes(), rss_anon_bytes()
+    t0 = time.perf_counter()
+    gguf_model = GGUFModel(path, what="model")  # opened once: the model and the tokenizer read it
+    model = load_model(gguf_model, use_seeddelta=use_seeddelta, mode=mode)
+    seconds = time.perf_counter() - t0
+    trim_heap()
+    after, anon_after = rss_bytes(), rss_anon_bytes()
+    return Loaded(model, load_tokenizer(gguf_model), seconds, before, after, anon_before, anon_after)
+
+
+def model_info(loaded: Loaded) -> dict[str, Any]:
+    m = loaded.model
+    projections = m.projections()
+    return {
+        "path": str(m.path),
+        "seeddelta_projections": int(m.n_seeddelta),
+        "ffn_projections": len(projections),
+        "seeddelta_mode": m.metadata.get("mode") if m.n_seeddelta else None,
+        "use_seeddelta": bool(m.metadata.get("use_seeddelta")),
+        "strip_dense": bool(m.metadata.get("strip_dense")),
+        "load_seconds": loaded.load_seconds,
+        "memory": loaded.memory(),
+    }
