@@ -109,11 +109,6 @@ def run_resolve(args: argparse.Namespace) -> int:
                         K_down=args.K_down, block=args.block, strip_dense=args.strip_dense)
     baseline = baseline_from_options(opts)
     rows = resolve_all(policy, model.n_layer, baseline, model=f"model {model_path}")
-    _print_warnings(policy.warnings)
-    print(f"policy {args.file} (version {policy.version}, {policy.hash}) on {model_path}: "
-          f"{model.n_layer} layers x 3 kinds")
-    for row in rows:
-        print(_line(row.to_json(), with_v2=policy.version >= 2))
     if args.json:
         write_json_atomic(args.json, {
             "policy": args.file, "policy_hash": policy.hash, "version": policy.version, "strict": bool(args.strict),
@@ -125,6 +120,11 @@ def run_resolve(args: argparse.Namespace) -> int:
                          "delta_norm_clamp": dict(baseline.delta_norm_clamp)},
             "tensors": [row.to_json() for row in rows],
         }, "resolution JSON")
+    _print_warnings(policy.warnings)  # after the only write, so a failed write prints nothing but its error
+    print(f"policy {args.file} (version {policy.version}, {policy.hash}) on {model_path}: "
+          f"{model.n_layer} layers x 3 kinds")
+    for row in rows:
+        print(_line(row.to_json(), with_v2=policy.version >= 2))
     return 0
 
 
