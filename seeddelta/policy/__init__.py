@@ -15,7 +15,14 @@ from seeddelta.policy.builder import baseline_from_options, policy_resolver, ten
 from seeddelta.policy.export import export_policy, export_report_file, export_text
 from seeddelta.policy.load import load_policy, parse_policy, policy_from_json
 from seeddelta.policy.resolve import (
-    BASELINE, Baseline, Resolved, check_layers, check_policy, resolve, resolve_all, sources,
+    BASELINE,
+    Baseline,
+    Resolved,
+    check_layers,
+    check_policy,
+    resolve,
+    resolve_all,
+    sources,
 )
 from seeddelta.policy.schema import Autotune, Policy, RangeRule, Rule
 from seeddelta.policy.selector import parse_selector, selector_layers

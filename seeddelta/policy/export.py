@@ -28,7 +28,7 @@ from seeddelta.policy.jsontext import JSONObject, join, json_type, read_json_fil
 from seeddelta.policy.schema import KINDS
 
 
-def _field(entry: JSONObject, path: str, key: str, kind: type, source: str) -> Any:
+def _field(entry: dict[str, Any], path: str, key: str, kind: type, source: str) -> Any:
     if key not in entry:
         raise SeedDeltaError(f"{source}: {path}: report entry has no `{key}`")
     value = entry[key]

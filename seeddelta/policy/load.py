@@ -28,8 +28,25 @@ from typing import Any, NoReturn
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.jsontext import JSONObject, NonFinite, join, json_type, parse_json_text, read_json_file
 from seeddelta.policy.schema import (
-    ALIASES, AUTOTUNE_KEYS, GATING_KEYS, KIND_OF_SHORT, KINDS, MAX_BLOCK, MAX_LAYER_ID, METRIC_ALIASES, METRICS,
-    POLICY_BASE_KINDS, RULE_KEYS_V1, RULE_KEYS_V2, SHORT, TOP_KEYS, VERSIONS, Autotune, Policy, RangeRule, Rule,
+    ALIASES,
+    AUTOTUNE_KEYS,
+    GATING_KEYS,
+    KIND_OF_SHORT,
+    KINDS,
+    MAX_BLOCK,
+    MAX_LAYER_ID,
+    METRIC_ALIASES,
+    METRICS,
+    POLICY_BASE_KINDS,
+    RULE_KEYS_V1,
+    RULE_KEYS_V2,
+    SHORT,
+    TOP_KEYS,
+    VERSIONS,
+    Autotune,
+    Policy,
+    RangeRule,
+    Rule,
 )
 from seeddelta.policy.selector import parse_selector
 from seeddelta.report import policy_hash

@@ -28,7 +28,15 @@ from typing import Any
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.schema import (
-    AUTOTUNE_OFF, BASELINE_THRESHOLDS, KINDS, NEEDS_EVAL_X, NEEDS_IMATRIX, SHORT, Autotune, Policy, Rule,
+    AUTOTUNE_OFF,
+    BASELINE_THRESHOLDS,
+    KINDS,
+    NEEDS_EVAL_X,
+    NEEDS_IMATRIX,
+    SHORT,
+    Autotune,
+    Policy,
+    Rule,
 )
 
 BASELINE = "baseline"

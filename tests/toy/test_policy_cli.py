@@ -157,3 +157,15 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, model4):
 def test_usage_errors_are_one_line_exit_2(capsys):
     rc, out, err = run(capsys, "resolve")
     assert rc == 2 and len(err.splitlines()) == 1 and "required" in err
+
+
+def test_a_real_process_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    f = write(tmp_path / "bad.json", '{"defaults": {"K": {"gate": 1.5}}}')
+    proc = subprocess.run([sys.executable, "-m", "seeddelta", "policy", "check", f], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"seeddelta policy: error: {f}: defaults.K.gate: must be an integer, got 1.5 " \
+                          "(the original silently ignored a K that is not an integer)\n"
