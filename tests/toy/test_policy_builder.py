@@ -97,3 +97,28 @@ def test_export_refuses_duplicate_entries():
     w = {"layer": 1, "kind": "ffn_up", "emit": True, "strip_dense": False, "block": 32, "K_budget": 8}
     with pytest.raises(SeedDeltaError, match=r"weights\[1\]: second entry for blk\.1\.ffn_up \(the first is weights\[0\]\)"):
         export_policy({"weights": [w, dict(w)]})
+
+
+def test_export_of_a_real_build_report_reproduces_its_decisions(tmp_path, capsys):
+    from seeddelta.build import run_build
+    from seeddelta.cli import main
+    from seeddelta.testing.synthetic_gguf import make_llama_gguf
+
+    model = make_llama_gguf(tmp_path / "in.gguf", n_layer=3, n_embd=32, n_ff=48, seed=9)
+    opts = BuildOptions(input=model.path, output=str(tmp_path / "out.gguf"), layers="1", K=5, K_down=9,
+                        strip_dense=True, report_json=str(tmp_path / "report.json"), progress=False, threads=1)
+    report = run_build(opts).report
+    assert main(["policy", "export", str(tmp_path / "report.json"), "-o", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    policy = parse_policy((tmp_path / "p.json").read_text(), strict=True)
+    resolver = policy_resolver(policy, BuildOptions(input="", output=""), n_layer=3)
+    entries = {(w["layer"], w["kind"]): w for w in report["weights"]}
+    assert sorted(entries) == [(1, k) for k in sorted(KINDS)]
+    for layer in range(3):
+        for kind in KINDS:
+            cfg = resolver(layer, kind)
+            w = entries.get((layer, kind))
+            assert cfg.enabled == (w is not None and w["emit"])
+            if w is not None:
+                assert (cfg.strip_dense, cfg.K, cfg.block) == (w["strip_dense"], w["K_budget"], w["block"])
+                assert cfg.K == (9 if kind == "ffn_down" else 5)
