@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
+from seeddelta.commands.common import Subparsers, model_path
 from seeddelta.errors import SeedDeltaError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("policy", help="check, resolve or export a policy JSON",
                        description=__doc__.split("\n")[0] if __doc__ else None)
     actions = p.add_subparsers(dest="policy_action", metavar="ACTION")
@@ -78,18 +78,9 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_model() -> Path:
-    from seeddelta.tiny import default_model_path
-
-    path = Path(default_model_path())
-    if not path.is_file():
-        raise SeedDeltaError(f"no -m MODEL given and the default tiny model {path} does not exist")
-    return path
-
-
 def run_resolve(args: argparse.Namespace) -> int:
-    from seeddelta.build import BuildOptions
-    from seeddelta.gguf_io import GGUFModel
+    from seeddelta.builder.options import BuildOptions
+    from seeddelta.gguf_format.reader import GGUFModel
     from seeddelta.outputs import write_json_atomic
     from seeddelta.policy import baseline_from_options, load_policy, resolve_all
     from seeddelta.policy.schema import MAX_BLOCK
@@ -103,16 +94,16 @@ def run_resolve(args: argparse.Namespace) -> int:
     if not 1 <= args.block <= MAX_BLOCK:
         raise SeedDeltaError(f"--block must be in 1..{MAX_BLOCK}, got {args.block}")
     policy = load_policy(args.file, strict=args.strict)
-    model_path = str(args.model) if args.model else str(_default_model())
-    model = GGUFModel(model_path, what="model")
-    opts = BuildOptions(input=model_path, output="", K=args.K, K_gate=args.K_gate, K_up=args.K_up,
+    model_file = str(model_path(args))
+    model = GGUFModel(model_file, what="model")
+    opts = BuildOptions(input=model_file, output="", K=args.K, K_gate=args.K_gate, K_up=args.K_up,
                         K_down=args.K_down, block=args.block, strip_dense=args.strip_dense)
     baseline = baseline_from_options(opts)
-    rows = resolve_all(policy, model.n_layer, baseline, model=f"model {model_path}")
+    rows = resolve_all(policy, model.n_layer, baseline, model=f"model {model_file}")
     if args.json:
         write_json_atomic(args.json, {
             "policy": args.file, "policy_hash": policy.hash, "version": policy.version, "strict": bool(args.strict),
-            "warnings": list(policy.warnings), "model": model_path, "n_layer": model.n_layer,
+            "warnings": list(policy.warnings), "model": model_file, "n_layer": model.n_layer,
             "baseline": {"enabled": baseline.enabled, "strip_dense": baseline.strip_dense, "block": baseline.block,
                          "K": dict(baseline.K), "metric": baseline.metric,
                          "thresholds": {k: {"min_mean": m, "min_p05": p} for k, (m, p) in baseline.thresholds.items()},
@@ -121,7 +112,7 @@ def run_resolve(args: argparse.Namespace) -> int:
             "tensors": [row.to_json() for row in rows],
         }, "resolution JSON")
     _print_warnings(policy.warnings)  # after the only write, so a failed write prints nothing but its error
-    print(f"policy {args.file} (version {policy.version}, {policy.hash}) on {model_path}: "
+    print(f"policy {args.file} (version {policy.version}, {policy.hash}) on {model_file}: "
           f"{model.n_layer} layers x 3 kinds")
     for row in rows:
         print(_line(row.to_json(), with_v2=policy.version >= 2))

@@ -6,7 +6,7 @@ provenance, the builder's Resolver, canonical export from a report, and the orig
 
     policy = load_policy("p.json", strict=True)
     rows = resolve_all(policy, n_layer=32)          # every layer × kind, with sources
-    resolver = policy_resolver(policy, build_opts)  # for seeddelta.build
+    resolver = policy_resolver(policy, build_opts)  # for seeddelta.builder
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The builder's view of a policy: a `Resolver` giving each (layer, kind) its `TensorConfig`.
 
 `seeddelta build` asks `resolver(layer, kind) -> TensorConfig` for every weight it visits
-(seeddelta.build). Without a policy it uses `baseline_resolver(opts)`; with one, the policy is
+(seeddelta.builder). Without a policy it uses `baseline_resolver(opts)`; with one, the policy is
 resolved on top of the same CLI baseline (`baseline_from_options`), as the original did.
 
 Not wired into the builder yet (its gating loop, autotune schedules and stack cap come with
@@ -11,7 +11,7 @@ the version-2 keys `base`, `row_scale`, `delta_norm_clamp` — stays in `Resolve
 
 from __future__ import annotations
 
-from seeddelta.build import BuildOptions, Resolver, TensorConfig
+from seeddelta.builder.options import BuildOptions, Resolver, TensorConfig
 from seeddelta.policy.resolve import Baseline, Resolved, resolve, resolve_all
 from seeddelta.policy.schema import KINDS, Policy
 

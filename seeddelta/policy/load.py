@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from seeddelta.builder.report import policy_hash
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.jsontext import JSONObject, NonFinite, join, json_type, parse_json_text, read_json_file
 from seeddelta.policy.schema import (
@@ -49,7 +50,6 @@ from seeddelta.policy.schema import (
     Rule,
 )
 from seeddelta.policy.selector import parse_selector
-from seeddelta.report import policy_hash
 
 _LAYER_KEY = re.compile(r"^\d+$")
 

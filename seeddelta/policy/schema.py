@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from seeddelta.gguf_io import KINDS
+from seeddelta.gguf_format.schema import KINDS
 
 # Short kind names used inside `K`, `gating.min_mean` and `gating.min_p05` objects.
 SHORT: Mapping[str, str] = {"ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from seeddelta.build import BuildOptions, TensorConfig, baseline_resolver
+from seeddelta.builder.options import BuildOptions, TensorConfig, baseline_resolver
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy import export_policy, export_text, parse_policy, policy_resolver, resolve_all
 
@@ -100,7 +100,7 @@ def test_export_refuses_duplicate_entries():
 
 
 def test_export_of_a_real_build_report_reproduces_its_decisions(tmp_path, capsys):
-    from seeddelta.build import run_build
+    from seeddelta.builder.pipeline import run_build
     from seeddelta.cli import main
     from seeddelta.testing.synthetic_gguf import make_llama_gguf
 

@@ -11,12 +11,12 @@ import json
 
 import pytest
 
-from seeddelta import build
-from seeddelta.codec import GGUF_BASE_KINDS
+from seeddelta.builder import options as build
+from seeddelta.builder.report import policy_hash
+from seeddelta.codec.encode import GGUF_BASE_KINDS
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy import Baseline, check_policy, parse_policy, resolve, resolve_all
 from seeddelta.policy.schema import METRICS, POLICY_BASE_KINDS
-from seeddelta.report import policy_hash
 
 KINDS = ("ffn_gate", "ffn_up", "ffn_down")
 
