@@ -13,7 +13,8 @@ from gguf.quants import dequantize
 
 from seeddelta.cli import main
 from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_file
-from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
+from seeddelta.testing.oracles import reference_dense
+from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 
 N_EMBD, N_FF, N_LAYER = 128, 352, 3  # 352 = 11·32: not a power of two; wide down has B = 3
 

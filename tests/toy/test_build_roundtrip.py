@@ -15,7 +15,8 @@ from gguf.constants import GGMLQuantizationType as Q
 from seeddelta.builder.report import WEIGHT_FIELD_NAMES
 from seeddelta.cli import main
 from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_file
-from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
+from seeddelta.testing.oracles import reference_dense
+from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 
 N_EMBD, N_FF, N_LAYER = 64, 160, 2  # n_ff not a power of two; GQA (4 heads, 2 kv heads)
 KINDS = ("ffn_gate", "ffn_up", "ffn_down")

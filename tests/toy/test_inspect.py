@@ -15,7 +15,8 @@ from seeddelta.gguf_format.seeddelta_tensors import (
     read_seeddelta_kv,
     read_seeddelta_weights,
 )
-from seeddelta.testing.synthetic_gguf import make_llama_gguf, reference_dense
+from seeddelta.testing.oracles import reference_dense
+from seeddelta.testing.synthetic_gguf import make_llama_gguf
 
 N_EMBD, N_FF = 32, 80  # tall gate/up: L = 32, B = 3; wide down: L = 32, B = 3
 
