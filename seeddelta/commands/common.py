@@ -16,6 +16,7 @@ from seeddelta.assets import tiny_model, tiny_val_text
 from seeddelta.builder.options import BuildOptions
 from seeddelta.evaluation.memory import Loaded, load
 from seeddelta.evaluation.windows import TextWindows, text_windows
+from seeddelta.runtime.tokenizers import Tokenizer
 
 Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
@@ -43,7 +44,7 @@ def add_text_args(p: argparse.ArgumentParser, text_help: str = "UTF-8 text") -> 
     p.add_argument("--chunks", type=int, default=-1, metavar="N", help="at most N windows (-1: all)")
 
 
-def windows_from_args(args: argparse.Namespace, tokenizer: Any) -> TextWindows:
+def windows_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> TextWindows:
     """The text named by -f (or the built-in one) cut into the windows -c/--chunks describe."""
     return text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from seeddelta.builder.options import BuildOptions, Resolver, baseline_resolver
 from seeddelta.builder.pipeline import run_build
@@ -61,9 +62,9 @@ def make_units(layers: Sequence[int], kinds: tuple[str, ...], per_kind: bool) ->
 
 def _cached(fn: Logits) -> Logits:
     """The base's logits per window, computed once (windows are keyed by their token bytes)."""
-    memo: dict[bytes, Any] = {}
+    memo: dict[bytes, torch.Tensor] = {}
 
-    def run(window: np.ndarray, first: int) -> Any:
+    def run(window: np.ndarray, first: int) -> torch.Tensor:
         key = window.tobytes() + first.to_bytes(4, "little")
         if key not in memo:
             memo[key] = fn(window, first)

@@ -15,6 +15,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
+from seeddelta.codec.encode import SeedDeltaWeight
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel, _tensor_shape, field_value, tensor_nbytes
 from seeddelta.gguf_format.schema import (
@@ -152,7 +153,7 @@ def global_seeddelta_kv(model: GGUFModel) -> dict[str, Any]:
 @dataclass
 class SeedDeltaFile:
     path: str
-    weights: dict[tuple[int, str], Any]  # (layer, kind) -> SeedDeltaWeight
+    weights: dict[tuple[int, str], SeedDeltaWeight]
     entries: dict[tuple[int, str], SeedDeltaEntry]
     global_kv: dict[str, Any]
     tensor_kv: dict[tuple[int, str], dict[str, Any]]
@@ -160,11 +161,9 @@ class SeedDeltaFile:
 
 def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
     """Read every SeedΔ weight of a file (ours or the original's) as codec objects plus its keys."""
-    from seeddelta.codec.encode import SeedDeltaWeight
-
     model = GGUFModel(path, require_llama=False)
     entries = seeddelta_entries(model)
-    weights: dict[tuple[int, str], Any] = {}
+    weights: dict[tuple[int, str], SeedDeltaWeight] = {}
     for entry in entries:
         arrays = entry.arrays()
         if entry.scheme == "none":
@@ -188,7 +187,7 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
     )
 
 
-def read_seeddelta_weights(path: str | os.PathLike[str]) -> dict[tuple[int, str], Any]:
+def read_seeddelta_weights(path: str | os.PathLike[str]) -> dict[tuple[int, str], SeedDeltaWeight]:
     """(layer, kind) -> SeedDeltaWeight for every SeedΔ weight in the file."""
     return read_seeddelta_file(path).weights
 
