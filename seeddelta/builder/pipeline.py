@@ -29,6 +29,7 @@ from seeddelta.builder.options import (
     Resolver,
     TensorConfig,
     baseline_resolver,
+    clamp_K,
     validate_options,
 )
 from seeddelta.builder.report import (
@@ -153,7 +154,8 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
         )
     steps: list[tuple[int, str, str, TensorConfig | None]] = []
     keep_existing: set[tuple[int, str]] = set()
-    for layer in parse_layers(opts.layers, model.n_layer):
+    clamped: dict[tuple[str, int, int], int] = {}  # (kind, K asked, n_in) -> weights
+    for layer in parse_layers(opts.layers, model.n_layer, note=lambda m: print(f"warning: {m}", file=log)):
         for kind in KINDS:
             name = weight_name(layer, kind)
             cfg = resolve(layer, kind)
@@ -175,9 +177,15 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
                 continue
             if cfg.K <= 0:
                 raise SeedDeltaError(f"{name}: K must be a positive integer, got {cfg.K}")
+            n_in = int(model.tensors[name].shape[0])
             if imatrix is not None:
-                imatrix.entry(name, int(model.tensors[name].shape[0]))  # fail before any work if it does not match
+                imatrix.entry(name, n_in)  # fail before any work if it does not match
+            if cfg.K > n_in:
+                clamped[(kind, cfg.K, n_in)] = clamped.get((kind, cfg.K, n_in), 0) + 1
             steps.append((layer, kind, "encode", cfg))
+    for (kind, k, n_in), count in sorted(clamped.items()):
+        print(f"warning: K {k} for {kind} exceeds its {n_in} inputs: {count} weight(s) keep all {n_in} entries per "
+              f"row (K {n_in} is stored; the weight is reproduced exactly, at more bytes than dense)", file=log)
     for layer, kind in sorted(keep_existing):
         print(f"warning: blk.{layer}.{kind}: dense weight is absent (stripped); its existing SeedΔ tensors are "
               "kept unchanged", file=log)
@@ -303,6 +311,11 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
     encoded = encode_all(model, opts, plan.tasks, imatrix, log)
+    # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
+    n_in_by_kind: dict[str, int] = {}
+    for layer, kind, _cfg in plan.tasks:
+        n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
+    opts = clamp_K(opts, n_in_by_kind)
     out = assemble(model, opts, plan, encoded, log)
     write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
                      drop_keys=out.drop_keys, set_keys=out.set_keys)
