@@ -49,7 +49,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 @contextmanager
 def _termination_raises() -> Iterator[None]:
     """SIGTERM/SIGHUP raise `Terminated` while a command runs, so its temporary files are removed."""
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, _raise_terminated)

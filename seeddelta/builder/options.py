@@ -101,15 +101,15 @@ def clamp_K(opts: BuildOptions, n_in_by_kind: dict[str, int]) -> BuildOptions:
     if not n_in_by_kind:
         return opts
     widest = max(n_in_by_kind.values())
-    fields = {"K": min(opts.K, widest)}
-    for kind, name in (("ffn_gate", "K_gate"), ("ffn_up", "K_up"), ("ffn_down", "K_down")):
+
+    def used(kind: str, flag: int) -> int:
         n_in = n_in_by_kind.get(kind)
-        value = opts.kind_K(kind)
-        if n_in is not None and value > n_in:
-            fields[name] = n_in
-        elif getattr(opts, name) > 0:
-            fields[name] = min(getattr(opts, name), widest)
-    return replace(opts, **fields)
+        if n_in is not None and opts.kind_K(kind) > n_in:
+            return n_in
+        return min(flag, widest) if flag > 0 else flag  # -1 (follow --K) stays -1
+
+    return replace(opts, K=min(opts.K, widest), K_gate=used("ffn_gate", opts.K_gate), K_up=used("ffn_up", opts.K_up),
+                   K_down=used("ffn_down", opts.K_down))
 
 
 def tensor_seed(seed: int, layer: int, kind: str, stream: int = 0) -> int:

@@ -49,9 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args)
     path = model_path(args)
-    base = load(args.base, use_seeddelta=bool(args.base_seeddelta),
-                   mode="sparse" if args.sparse else "materialized")
-    cand = load_from_args(args, path)
+    cand = load_from_args(args, path)  # the candidate first: a damaged file fails before the base is loaded
+    base = load(args.base, use_seeddelta=bool(args.base_seeddelta), mode="sparse" if args.sparse else "materialized")
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
                              f"model {path} has {cand.model.config.n_vocab}")

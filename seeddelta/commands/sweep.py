@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.imatrix:
         read_imatrix(args.imatrix)
     path = model_path(args)
+    _dense_model_only(path)
     base = load(path, use_seeddelta=False)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer, base.model.config.n_ctx_train)
     units = make_units(parse_layers(args.layers, len(base.model.layers), note=warn), kinds, args.per_kind)
@@ -100,6 +101,21 @@ def run(args: argparse.Namespace) -> int:
                       "NLL_model - NLL_base = ln(PPL ratio); stack step n: the n units with the smallest "
                       "delta_nll encoded together"})
     return 0
+
+
+def _dense_model_only(path: Path) -> None:
+    """sweep encodes a dense model itself: a file that already holds SeedΔ is refused now, not at the first unit
+    (and damaged SeedΔ tensors are named, as every command that runs a model does)."""
+    from seeddelta.errors import SeedDeltaError
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file, seeddelta_entries
+
+    model = GGUFModel(path, what="model")
+    check_seeddelta_file(model)
+    entries = seeddelta_entries(model)
+    if entries:
+        raise SeedDeltaError(f"-m {path} already holds SeedΔ tensors ({len(entries)} weight(s)); sweep encodes a "
+                             "dense model itself: give it the original model")
 
 
 def _each(note: Callable[[str], None], step: Callable[..., None]) -> Callable[[str], None]:

@@ -62,7 +62,7 @@ def register(subparsers: Subparsers) -> None:
               help="training checkpoint (default: runs/tiny/ckpt.pt)")
     add_output_dir(r, "--outdir", type=Path, default=None, metavar="DIR",
                    help="where to write the model and manifest (default: the package's data/tiny)")
-    r.add_argument("--notes", default="", metavar="TEXT", help="free text stored in the manifest")
+    r.add_argument("--notes", default="", metavar="NOTES", help="free text stored in the manifest")
     add_threads_arg(r)
     r.set_defaults(handler=_release)
 

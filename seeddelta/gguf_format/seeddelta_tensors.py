@@ -113,6 +113,10 @@ class SeedDeltaEntry:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Copies of the stored arrays in numpy order with their stored dtypes."""
+        return {suffix: np.array(a, copy=True) for suffix, a in self.views().items()}
+
+    def views(self) -> dict[str, np.ndarray]:
+        """The stored arrays as read-only views of the file (nothing is copied into memory)."""
         out: dict[str, np.ndarray] = {}
         for suffix, tensor in self.tensors.items():
             qtype = GGMLQuantizationType(tensor.tensor_type)
@@ -122,7 +126,7 @@ class SeedDeltaEntry:
                     f"tensor blk.{self.layer}.{self.kind}.{suffix} has type {qtype.name}; "
                     "SeedΔ tensors must be F16, F32, I16 or I32"
                 )
-            out[suffix] = np.array(tensor.data, copy=True)
+            out[suffix] = np.asarray(tensor.data)
         return out
 
 
@@ -254,10 +258,19 @@ def check_seeddelta_arrays(name: str, arrays: dict[str, np.ndarray], n_in: int, 
 def entry_problem(entry: SeedDeltaEntry) -> str | None:
     """Why the stored tensors of `entry` cannot run (None: they are valid)."""
     try:
-        check_seeddelta_arrays(f"blk.{entry.layer}.{entry.kind}", entry.arrays(), entry.n_in, entry.n_out)
+        check_seeddelta_arrays(f"blk.{entry.layer}.{entry.kind}", entry.views(), entry.n_in, entry.n_out)
     except SeedDeltaError as exc:
         return str(exc)
     return None
+
+
+def check_seeddelta_file(model: GGUFModel) -> None:
+    """Every SeedΔ weight of an opened file valid, or one SeedDeltaError naming the file, tensor and problem.
+    Reads the arrays through the memory map (no copy), so it can run before a load is measured."""
+    for entry in seeddelta_entries(model):
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise SeedDeltaError(f"{model.path}: {problem}")
 
 
 def _per_tensor_kv(model: GGUFModel, layer: int, kind: str) -> dict[str, Any]:

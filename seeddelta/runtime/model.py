@@ -313,6 +313,18 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
         return w
 
     c = cfg
+    # every SeedΔ payload is validated before any weight is dequantized: a damaged file fails in a moment
+    payloads: dict[tuple[int, str], SeedDeltaPayload] = {}
+    if use_seeddelta:
+        for i in range(c.n_layer):
+            for kind in KINDS:
+                n_in, n_out = (c.n_ff, c.n_embd) if kind == "ffn_down" else (c.n_embd, c.n_ff)
+                try:
+                    payload = parse_payload(f"blk.{i}.{kind}", _collect_seeddelta(tensors, i, kind), n_in, n_out)
+                except SeedDeltaError as exc:  # name the file too: `kld` loads two
+                    raise SeedDeltaError(f"{p}: {exc}") from None
+                if payload is not None:
+                    payloads[(i, kind)] = payload
     tok_embd = check_shape("token_embd.weight", dense("token_embd.weight"), (c.n_vocab, c.n_embd))
     output = None
     if "output.weight" in tensors:
@@ -338,12 +350,7 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
         for kind in KINDS:
             n_in, n_out = (c.n_ff, c.n_embd) if kind == "ffn_down" else (c.n_embd, c.n_ff)
             wname = f"{b}{kind}.weight"
-            payload: SeedDeltaPayload | None = None
-            if use_seeddelta:
-                try:
-                    payload = parse_payload(f"{b}{kind}", _collect_seeddelta(tensors, i, kind), n_in, n_out)
-                except SeedDeltaError as exc:  # name the file too: `kld` loads two
-                    raise SeedDeltaError(f"{p}: {exc}") from None
+            payload = payloads.pop((i, kind), None)
             if payload is not None:
                 layer.ffn[kind] = make_projection(payload, mode)
             elif wname in tensors:
