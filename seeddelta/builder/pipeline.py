@@ -64,13 +64,20 @@ class BuildResult:
 
 
 class _Progress:
+    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q)."""
+
     def __init__(self, total: int, stream: TextIO | None) -> None:
-        self.total, self.stream, self.done, self.t0 = total, stream, 0, time.perf_counter()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream if stream is not None else sys.stderr,
+                        leave=False, dynamic_ncols=True, disable=True if stream is None else None)
 
     def step(self, label: str) -> None:
-        self.done += 1
-        if self.stream is not None:
-            print(f"[{self.done}/{self.total}] {label}  {time.perf_counter() - self.t0:.1f}s", file=self.stream, flush=True)
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> list[KV]:
@@ -205,20 +212,23 @@ def encode_all(model: GGUFModel, opts: BuildOptions, tasks: list[tuple[int, str,
         return result
 
     encoded: dict[tuple[int, str], WeightResult] = {}
-    if threads <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            res = work(task)
-            encoded[(res.layer, res.kind)] = res
-        return encoded
-    pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
     try:
-        futures = [pool.submit(work, task) for task in tasks]
-        for future in futures:  # in build order; the first error stops the build
-            res = future.result()
-            encoded[(res.layer, res.kind)] = res
+        if threads <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                res = work(task)
+                encoded[(res.layer, res.kind)] = res
+            return encoded
+        pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
+        try:
+            futures = [pool.submit(work, task) for task in tasks]
+            for future in futures:  # in build order; the first error stops the build
+                res = future.result()
+                encoded[(res.layer, res.kind)] = res
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return encoded
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return encoded
+        progress.close()  # also on Ctrl-C: the next line starts on a line of its own
 
 
 def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, encoded: dict[tuple[int, str], WeightResult],
