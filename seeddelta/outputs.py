@@ -85,6 +85,7 @@ def write_error(exc: OSError, path: str | os.PathLike[str], what: str = "output"
 
 # ------------------------------------------------------------------------------------ temp files
 _TMP = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)-[^.]*\.tmp$")
+_TMP_NO_PID = re.compile(r"^\.(?P<base>.+)\.[a-z0-9_]{8}\.tmp$")  # written by versions without the pid
 
 
 def _temp_prefix(target: str) -> str:
@@ -115,10 +116,16 @@ def clean_stale_temps(target: str | os.PathLike[str], note: Any = None) -> list[
     except OSError:
         return removed
     for name in names:
-        m = _TMP.match(name)
-        if m is None or m.group("base") != base or _alive(int(m.group("pid"))):
-            continue
         path = os.path.join(directory, name)
+        m = _TMP.match(name)
+        if m is None:
+            old = _TMP_NO_PID.match(name)
+            if old is not None and old.group("base") == base and note is not None:
+                note(f"{path} looks like a temporary file left by an interrupted run; remove it unless another "
+                     f"seeddelta is writing {t} right now")
+            continue
+        if m.group("base") != base or _alive(int(m.group("pid"))):
+            continue
         try:
             os.unlink(path)
         except OSError:

@@ -181,6 +181,16 @@ def test_a_stale_temp_file_of_the_output_is_removed_and_named(tmp_path, capsys):
     live.unlink()
 
 
+def test_a_temp_file_without_a_writer_pid_is_named_not_removed(tmp_path, capsys):
+    # older versions named temp files without their pid: nothing tells whether a writer is alive
+    report = tmp_path / "report.json"
+    report.write_text('{"weights": []}')
+    old = tmp_path / ".policy.json.k2j4_x9q.tmp"
+    old.write_bytes(b"half")
+    assert main(["policy", "export", str(report), "-o", str(tmp_path / "policy.json")]) == 0
+    assert old.exists() and f"{old} looks like a temporary file left by an interrupted run" in capsys.readouterr().err
+
+
 def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     import seeddelta.outputs as outputs
 
