@@ -106,23 +106,27 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _preflight(args: argparse.Namespace, model: Path, out: Path) -> None:
     """Everything that can be known before the first step: the outputs against the model, the model's
-    header and tokenizer, the context against the evaluation text (a bad option fails now, not after minutes)."""
+    header, the context against the model and the texts (a bad option fails now, not after minutes)."""
     from seeddelta.assets import tiny_val_text
-    from seeddelta.evaluation.windows import read_text, tokenize_text
     from seeddelta.gguf_format.reader import GGUFModel
-    from seeddelta.outputs import check_paths
-    from seeddelta.runtime.model import load_tokenizer
+    from seeddelta.outputs import same_file
 
-    check_paths([("-m", str(model))], [("--out", str(out / name)) for name in OUTPUT_FILES])
+    for name in OUTPUT_FILES:  # (the guard already checked that --out can be created)
+        if same_file(out / name, model):
+            raise SeedDeltaError(f"--out {out} would write {out / name}, which is the input -m {model}; inputs "
+                                 "are never overwritten, choose another --out")
     gguf = GGUFModel(model, what="model")
     n_ctx_train = gguf.get(f"{gguf.arch}.context_length")
-    if isinstance(n_ctx_train, int) and args.ctx_size > n_ctx_train:
-        warn(f"-c {args.ctx_size} is beyond the model's training context ({n_ctx_train} tokens)")
+    if isinstance(n_ctx_train, int) and not isinstance(n_ctx_train, bool) and args.ctx_size > n_ctx_train:
+        raise SeedDeltaError(f"-c {args.ctx_size} is beyond the model's training context ({n_ctx_train} tokens); "
+                             f"the demo measures within it: use -c {n_ctx_train} or less")
+    # a token covers at least one byte, so a text of B bytes has at most B + 1 tokens (BOS): too short
+    # for 2·n_ctx is certain below that (the exact count needs the tokenizer: each step checks it)
     text = tiny_val_text()
-    n_tokens = len(tokenize_text(load_tokenizer(gguf), read_text(text)))
-    if n_tokens < 2 * args.ctx_size:
-        raise SeedDeltaError(f"-c {args.ctx_size}: the evaluation text {text} has {n_tokens} tokens, fewer than "
-                             f"2·n_ctx = {2 * args.ctx_size}; use -c {n_tokens // 2} or less")
+    n_bytes = text.stat().st_size
+    if n_bytes + 1 < 2 * args.ctx_size:
+        raise SeedDeltaError(f"-c {args.ctx_size}: the evaluation text {text} has {n_bytes} bytes, fewer than "
+                             f"the 2·n_ctx = {2 * args.ctx_size} tokens perplexity needs")
 
 
 def run(args: argparse.Namespace) -> int:

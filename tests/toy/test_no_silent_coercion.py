@@ -165,3 +165,19 @@ def test_a_toy_case_larger_than_memory_is_refused_before_allocating(capsys, monk
     # the other side: a case that fits runs
     assert main(["toy", "--pattern", "identity", "--n-in", "64", "--n-out", "64", "-q"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--K-gate", "0"], "argument --K-gate: must be a positive integer, got 0"),
+    (["--chunks", "0"], "argument --chunks: 0 would score nothing"),
+    (["--limit", "-1"], "argument --limit: must be >= 0, got -1"),
+    (["--max-delta-nll", "nan"], "argument --max-delta-nll: must be a finite number, got nan"),
+    (["-c", "4096"], "-c 4096 is beyond the model's training context (2048 tokens)"),
+])
+def test_demo_checks_every_option_before_its_first_step(tmp_path, capsys, argv, needle):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--skip-toy", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("warning: ")]
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()  # no half-made run directory
