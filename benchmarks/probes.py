@@ -59,12 +59,13 @@ def _state(d: Path) -> dict[str, str]:
 
 
 def _fixtures(d: Path) -> None:
+    from gguf import GGUFValueType
+
     from seeddelta.cli import main
     from seeddelta.gguf_format.imatrix_file import write_imatrix
     from seeddelta.gguf_format.reader import GGUFModel
     from seeddelta.gguf_format.writer import KV, write_model_copy
     from seeddelta.testing.synthetic_gguf import make_llama_gguf
-    from gguf import GGUFValueType
 
     m = make_llama_gguf(d / "model.gguf", n_layer=2, n_embd=32, n_ff=64, n_head=2, n_head_kv=1, vocab=300, seed=3)
     (d / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
@@ -100,7 +101,8 @@ def _fixtures(d: Path) -> None:
 
 
 _SLOW_WRITE = """
-import sys, time, gguf
+import signal, sys, time, gguf
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
 real = gguf.GGUFWriter.write_tensors_to_file
 def slow(self, *a, **k):
     real(self, *a, **k)
@@ -154,8 +156,13 @@ def _signal_during_write(sig: int, then: list[str] | None = None) -> Callable[[P
             _, err = proc.communicate()
             return Result(proc.returncode, f"(never reached the write) {err}", time.perf_counter() - t0)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-        rc = proc.returncode
+        try:
+            _, err = proc.communicate(timeout=60)
+            rc: int | None = proc.returncode
+        except subprocess.TimeoutExpired:  # the signal did not stop it
+            proc.kill()
+            _, err = proc.communicate()
+            rc, err = None, f"(still running 60 s after the signal) {err}"
         if then is not None:
             later = subprocess.run(_cmd(then), cwd=d, env=env, capture_output=True, text=True, timeout=900)
             return Result(later.returncode, later.stderr, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ from seeddelta.commands.common import (
     add_output,
     describe,
     encoding_options,
+    layers_arg,
 )
 
 
@@ -25,7 +26,7 @@ def register(sub: Subparsers) -> None:
     )
     add_input(p, "-i", "--input", required=True, metavar="FILE", help="input GGUF")
     add_output(p, "-o", "--output", required=True, metavar="FILE", help="output GGUF (never the input)")
-    p.add_argument("--layers", default=None, metavar="A-B|LIST",
+    p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
                    help="layers to encode: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
     add_encoding_args(p)
     p.add_argument("--strip-dense", action="store_true", help="drop the dense weight of every encoded tensor")

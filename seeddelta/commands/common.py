@@ -106,6 +106,19 @@ def chunks_int(text: str) -> int:
     return value
 
 
+def layers_arg(text: str) -> str:
+    """argparse type of --layers: the syntax of `seeddelta.layers.parse_layers` (the range needs the model)."""
+    import re
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} selects no layer (omit --layers for every layer)")
+    for item in text.split(","):
+        if re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?", item) is None:
+            raise argparse.ArgumentTypeError(f"cannot parse {item.strip()!r} in {text!r} (expected N, A-B or a list "
+                                             "like 3,5,8-10)")
+    return text
+
+
 def finite_float(text: str) -> float:
     import math
 

@@ -42,7 +42,6 @@ from seeddelta.commands.common import (
     model_path,
     nonnegative_int,
     positive_int,
-    warn,
 )
 from seeddelta.errors import SeedDeltaError
 

@@ -25,6 +25,7 @@ from seeddelta.commands.common import (
     describe,
     encoding_options,
     encoding_template,
+    layers_arg,
     model_path,
     progress,
     progress_note,
@@ -38,7 +39,7 @@ def register(sub: Subparsers) -> None:
                        description=describe(__doc__))
     add_model_arg(p)
     add_text_args(p)
-    p.add_argument("--layers", default=None, metavar="A-B|LIST",
+    p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
                    help="layers to sweep: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
     p.add_argument("--kinds", default="gate,up,down", metavar="LIST",
                    help="FFN tensors encoded in each unit: any of gate,up,down (default: all three)")

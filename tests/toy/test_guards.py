@@ -208,7 +208,8 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, capsys, monkey
 
 
 _SLOW_WRITE = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
 import seeddelta.outputs as outputs
 real_fsync = os.fsync
 def slow(fd):
