@@ -167,10 +167,12 @@ def windows_from_args(args: argparse.Namespace, tokenizer: Tokenizer, n_ctx_trai
     from seeddelta.assets import tiny_val_text
     from seeddelta.evaluation.windows import text_windows
 
+    windows = text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    # warned only once the text is usable, so a refused input stays one line
     if n_ctx_train and args.ctx > n_ctx_train:
         warn(f"-c {args.ctx} is beyond the model's training context ({n_ctx_train} tokens): positions past it "
              "are outside what the model was trained on")
-    return text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    return windows
 
 
 def warn(message: str) -> None:
