@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     path = model_path(args)
     template = BuildOptions(input=str(path), output="", progress=False, eval_cols=args.eval_cols, eval_x=args.eval_x,
                             K=k_values[0], **flags)
+    with tempfile.TemporaryDirectory(prefix="seeddelta-scan-") as tmp:  # bad flags: before any work
+        validate_options(replace(template, output=str(Path(tmp) / "probe.gguf")))
     cache = UnitCache(None if args.no_cache else (args.cache or default_cache_dir()))
     base = load(path, use_seeddelta=False)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer)
@@ -80,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"seeddelta scan: {path}, {len(units)} unit(s) (layer x tensor x K), {windows.n_chunk} window(s) of "
           f"{windows.n_ctx}, {windows.n_scored} scored; cache {cache.directory or 'off'}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="seeddelta-scan-") as tmp:
-        validate_options(replace(template, output=str(Path(tmp) / "probe.gguf")))  # bad flags: before any work
         measure = UnitMeasure(path, base, windows, template, Path(tmp), note=_note, cache=cache)
         try:
             rows = run_scan(measure, units, _note)

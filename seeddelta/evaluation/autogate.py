@@ -29,7 +29,7 @@ from seeddelta.evaluation.sweep import UnitMeasure
 from seeddelta.policy.autogate import Filters, Move, MoveQueue, Scan, Tensor, candidates, gap_conflict
 
 Progress = Callable[[str], None]
-FIGURES = ("delta_nll", "delta_nll_se", "ppl_ratio", "kld_mean", "kld_p99", "same_top_p", "bytes_saved",
+FIGURES = ("delta_nll", "delta_nll_se", "ppl_ratio", "kld_mean", "kld_se", "kld_p99", "same_top_p", "bytes_saved",
            "input_bytes", "file_bytes")
 
 

@@ -176,11 +176,6 @@ class UnitMeasure:
         result = self.measure(ks, name)
         return {k: result[k] for k in SWEEP_FIELDS}
 
-    def k_of(self, pairs: Mapping[Pair, int] | frozenset[Pair]) -> dict[Pair, int]:
-        if isinstance(pairs, Mapping):
-            return dict(pairs)
-        return {pair: self.encoding.kind_K(pair[1]) for pair in pairs}
-
     def spec(self, ks: Mapping[Pair, int]) -> dict[str, Any]:
         """Everything the figures of these tensors at these K depend on (the cache key's inputs)."""
         if self._spec_base is None:
@@ -222,13 +217,23 @@ class UnitMeasure:
         layers = ",".join(str(layer) for layer in sorted({layer for layer, _ in chosen}))
         opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=layers, strip_dense=True,
                        progress=False)
-        result = run_build(opts, only(opts, chosen, ks))
+        return self._evaluate(path, run_build(opts, only(opts, chosen, ks)))
+
+    def run_policy(self, policy: str | os.PathLike[str], name: str) -> dict[str, Any]:
+        """The same figures for the file `build --policy` makes with the encoding's flags (not cached:
+        the key would have to hold the policy's resolution)."""
+        path = self.out_dir / f"{name}.gguf"
+        opts = replace(self.encoding, input=str(self.model_path), output=str(path), policy=os.fspath(policy),
+                       progress=False)
+        return self._evaluate(path, run_build(opts))
+
+    def _evaluate(self, path: Path, result: Any) -> dict[str, Any]:
         cand = load(path, mode="sparse")
         s = kl_divergence(self.base_logits, model_logits(cand.model), self.windows).summary()
         out: dict[str, Any] = {
             "delta_nll": s["delta_nll"]["mean"], "delta_nll_se": s["delta_nll"]["se"], "ppl_ratio": s["ppl_ratio"],
-            "kld_mean": s["kld"]["mean"], "kld_p99": s["kld"]["p99"], "same_top_p": s["same_top_p"]["mean"],
-            "bytes_saved": result.bytes_stripped - result.bytes_added,
+            "kld_mean": s["kld"]["mean"], "kld_se": s["kld"]["se"], "kld_p99": s["kld"]["p99"],
+            "same_top_p": s["same_top_p"]["mean"], "bytes_saved": result.bytes_stripped - result.bytes_added,
             "input_bytes": result.input_bytes, "file_bytes": result.output_bytes,
             "weights": [{k: e[k] for k in ENTRY_FIELDS} for e in result.report["weights"] if e["emit"]],
         }
