@@ -5,8 +5,10 @@ any `Resolver` — and check everything that can fail before any work), **encode
 (`builder.encode`: one weight dequantized, encoded at one K and measured on its stored arrays;
 `builder.decide`: in build order, the K schedule tried until gating passes, the stack guard and
 the stack-cost cap), **assemble** (report entries in build order, tensors to drop and add, keys
-to set) and **write** (one atomic copy of the input with those changes; `--policy-export` writes
-the canonical policy of the decisions, which rebuilds the same file byte for byte).
+to set) and **write** (one atomic copy of the input with those changes).
+
+`--policy` files are loaded and turned into a Resolver by `seeddelta.policy.build`, which calls
+`run_build` with it (and writes `--policy-export`): the builder knows resolvers, not policy files.
 
 Deterministic: the seed of every tensor is derived from `--seed`, the layer and the kind
 (`tensor_seed`), never from the order of work or the wall clock, so the same inputs and flags
@@ -50,10 +52,6 @@ from seeddelta.gguf_format.schema import (
 )
 from seeddelta.gguf_format.writer import KV, write_model_copy
 from seeddelta.layers import parse_layers
-from seeddelta.outputs import write_text_atomic
-from seeddelta.policy.builder import policy_resolver
-from seeddelta.policy.export import export_policy, export_text
-from seeddelta.policy.load import load_policy
 
 
 @dataclass
@@ -270,26 +268,21 @@ def _read_policy_bytes(opts: BuildOptions) -> bytes | None:
         raise SeedDeltaError(f"cannot read policy {opts.policy}: {exc.strerror or exc}") from None
 
 
-def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: TextIO | None = None) -> BuildResult:
+def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
+              log: TextIO | None = None, policy_version: int | None = None) -> BuildResult:
     """Build the SeedΔ GGUF (and report) described by `opts`: plan → encode and decide → assemble →
-    write. `--policy` (opts.policy) is loaded and resolved here unless a `resolver` is given.
+    write. `resolver`: each weight's TensorConfig (default: the command line's). `policy_version`:
+    recorded in the report of a build with a policy file (seeddelta.policy.build).
     Raises SeedDeltaError on bad input, before any work where it can be known then."""
     t_start = time.perf_counter()
     log = log if log is not None else sys.stderr
     validate_options(opts)
-    policy = None
-    if opts.policy is not None and resolver is None:
-        policy = load_policy(opts.policy, strict=opts.policy_strict)
-        for warning in policy.warnings:
-            print(f"warning: policy: {warning}", file=log)
     policy_bytes = _read_policy_bytes(opts)
     model = GGUFModel(opts.input)
     imatrix = read_imatrix(opts.imatrix) if opts.imatrix else None
-    if policy is not None:
-        resolver = policy_resolver(policy, opts, n_layer=model.n_layer)
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
-    decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=opts.policy is not None)
+    decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None)
     out = assemble(model, opts, plan, decided, log)
     write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
                      drop_keys=out.drop_keys, set_keys=out.set_keys)
@@ -316,12 +309,10 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
         stack_pass_down=out.pass_down, weights=[r.entry for r in out.results if r.entry is not None],
         input_bytes=model.file_size, output_bytes=output_bytes, bytes_added=out.bytes_added,
         bytes_stripped=out.bytes_stripped, bytes_replaced=out.bytes_replaced, timing=timing,
-        policy_version=policy.version if policy is not None else None,
+        policy_version=policy_version,
     )
     if opts.report_json:
         write_report(opts.report_json, report)
-    if opts.policy_export:
-        write_text_atomic(opts.policy_export, export_text(export_policy(report, opts.output)), "policy export")
     return BuildResult(report, out.results, output_bytes, model.file_size, out.bytes_added, out.bytes_stripped,
                        out.bytes_replaced, seconds)
 

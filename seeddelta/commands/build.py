@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from seeddelta.builder.options import BuildOptions
-from seeddelta.builder.pipeline import run_build, size_warnings, summary_line
+from seeddelta.builder.pipeline import size_warnings, summary_line
 from seeddelta.commands.common import Subparsers, add_encoding_args, describe, encoding_options
 
 
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         report_json=args.report_json, overwrite_existing=args.overwrite_existing,
         deterministic_report=args.deterministic_report, progress=not args.quiet, **encoding_options(args),
     )
-    result = run_build(opts)
+    from seeddelta.policy.build import build
+
+    result = build(opts)
     for message in size_warnings(result):
         print(f"warning: {message}", file=sys.stderr)
     print(summary_line(result, opts), file=sys.stdout)

@@ -223,9 +223,11 @@ class UnitMeasure:
         """The same figures for the file `build --policy` makes with the encoding's flags (not cached:
         the key would have to hold the policy's resolution)."""
         path = self.out_dir / f"{name}.gguf"
+        from seeddelta.policy.build import build
+
         opts = replace(self.encoding, input=str(self.model_path), output=str(path), policy=os.fspath(policy),
                        progress=False)
-        return self._evaluate(path, run_build(opts))
+        return self._evaluate(path, build(opts))
 
     def _evaluate(self, path: Path, result: Any) -> dict[str, Any]:
         cand = load(path, mode="sparse")
