@@ -2,7 +2,7 @@
 where they live, with the figures they were derived from and the rule that derives them.
 
 Setting. The tiny model, its validation text, ctx 512, the first 4 windows (1020 scored tokens);
-the greedy pack's first GREEDY_LIMIT prompts of each task (9 prompts), tolerance 0.05 against the
+the greedy pack's first GREEDY_LIMIT prompts of each task (30 prompts), tolerance 0.05 against the
 base; every policy file built with ENCODING_FLAGS (XOR base, row scale, K 32 unless the policy
 sets K; no imatrix), its dense weights stripped, run in the sparse runtime.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 CTX = 512
 CHUNKS = 4
-GREEDY_LIMIT = 3  # prompts per task (copy, sum, brackets): 9 in all
+GREEDY_LIMIT = 10  # prompts per task (copy, sum, brackets): 30 in all
 GREEDY_TOLERANCE = 0.05
 ENCODING = {"K": 32, "base": True, "row_scale": True}
 ENCODING_FLAGS = ["--K", "32", "--base", "--row-scale"]
