@@ -140,7 +140,14 @@ def run(args: argparse.Namespace) -> int:
     from seeddelta.evaluation.unit_cache import UnitCache, default_cache_dir
     from seeddelta.evaluation.windows import text_windows
     from seeddelta.outputs import write_json_atomic, write_text_atomic
-    from seeddelta.policy.autogate import Filters, band_layers, build_flags, policy_document, read_scan
+    from seeddelta.policy.autogate import (
+        ENCODING_KEYS,
+        Filters,
+        band_layers,
+        build_flags,
+        policy_document,
+        read_scan,
+    )
     from seeddelta.policy.export import export_text
 
     apply_threads(args)
@@ -156,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     text = Path(args.file) if args.file else Path(scan.text)
     k_first = enc["K"][0] if isinstance(enc.get("K"), list) and enc["K"] else 32
     template = BuildOptions(input=str(path), output="", progress=False, eval_cols=scan.eval_cols, eval_x=scan.eval_x,
-                            K=k_first, **{k: v for k, v in enc.items() if k != "K"})
+                            K=k_first, **{k: enc[k] for k in ENCODING_KEYS})
     base = load(path, use_seeddelta=False)
     filters = Filters(allow_up=args.allow_up, enable_down=args.enable_down, min_gap=args.min_gap,
                       cos_metric=args.gate_cos_metric, cos_p05_metric=args.gate_cos_p05_metric,

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise SeedDeltaError(f"--json: directory does not exist: {Path(args.json).resolve().parent}")
     flags = encoding_options(args)
     k_values: tuple[int, ...] = flags.pop("K")
-    ks = {kind: ([flags[f"K_{kind[4:]}"]] if flags[f"K_{kind[4:]}"] > 0 else list(k_values)) for kind in kinds}
+    ks = {kind: list(flags[f"K_{kind[4:]}"] or k_values) for kind in kinds}
+    for short in ("gate", "up", "down"):
+        flags[f"K_{short}"] = -1  # the per-kind lists are in `ks`; the template's K is per unit
     path = model_path(args)
     template = BuildOptions(input=str(path), output="", progress=False, eval_cols=args.eval_cols, eval_x=args.eval_x,
                             K=k_values[0], **flags)
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             raise
     _print(rows)
     if args.json:
-        encoding = {**flags, "K": list(k_values)}
+        encoding = {**flags, "K": list(k_values), "K_lists": {kind: ks[kind] for kind in kinds}}
         write_json_atomic(args.json, scan_document(
             rows, model=str(path), model_sha256=sha256_file(path), text=str(text_path), ctx=windows.n_ctx,
             chunks=windows.n_chunk, encoding=encoding, ks=ks, k_fixed=k_values[0], eval_cols=args.eval_cols,

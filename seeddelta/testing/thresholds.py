@@ -16,9 +16,10 @@ can resolve, and fail anything larger.
 Rule (`bounds`): ΔNLL at most measured + Z·se (se: the paired standard error on these windows,
 at least ABS_FLOOR); KLD at most measured + Z·se_KLD (same floor); for a policy that PASSed the
 greedy pack, PASS; for one that FAILed, accuracy at most measured + 2 prompts (it must keep
-failing clearly); for a policy the README's sweep calls harmful (blocks 6, 7, ffn_down of 0 and
-7, gate on every layer) also ΔNLL at least measured − Z·se, which must stay far above 0 — the
-damage shows, so the SeedΔ weights are really in use.
+failing clearly); for a policy the README's sweep calls harmful (block 6, ffn_down of blocks 0
+and 7) also ΔNLL at least measured − Z·se, which is far above 0 (0.18 and 0.16) — the damage
+shows, so the SeedΔ weights are really in use. (Gate on every layer, K 64, also fails the pack
+but at ΔNLL 0.024 ± 0.008 — its lower bound would be 0.0002, so only its greedy bound shows it.)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "band2-4-k64-with-down": ({"ranges": [{"layers": "2-4", "enabled": True, "K": K64}]}, False),
     "band1-4-k64-without-down": ({"ranges": [{"layers": "1-4", "enabled": True, "K": K64,
                                               "tensors": {"ffn_down": {"enabled": False}}}]}, False),
-    "gate-only-k64": ({"defaults": {"K": K64, "tensors": {"ffn_gate": {"enabled": True}}}}, True),
+    "gate-only-k64": ({"defaults": {"K": K64, "tensors": {"ffn_gate": {"enabled": True}}}}, False),
     "down-0-7-k32": ({"defaults": {"K": 32}, "layers": {"0": {"tensors": {"ffn_down": {"enabled": True}}},
                                                         "7": {"tensors": {"ffn_down": {"enabled": True}}}}}, True),
 }
@@ -68,9 +69,24 @@ class Measured:
     n_prompts: int
 
 
-MEASURED_ON = "filled by measurement"
+# Measured through UnitMeasure.run_policy (the tests' route) with torch threads 1, on the branch `pol`
+# (issue 9); fields: ΔNLL, its se, KLD mean, its se, greedy verdict, accuracy, prompts.
+MEASURED_ON = "pol branch, issue 9, torch threads 1"
 MEASURED_THREAD_SPREAD = 0.0
-MEASURED: dict[str, Measured] = {}
+MEASURED: dict[str, Measured] = {
+    "layer3-k32": Measured(0.004021294134195486, 0.0017219465317823114, 0.0032978706424670553,
+                           0.001561343497250352, "PASS", 0.9, 30),
+    "layer6-k32": Measured(0.34241234093289663, 0.053534568483935195, 0.34184464612302656,
+                           0.053473571375164626, "FAIL", 0.2, 30),
+    "band2-4-k64-with-down": Measured(0.006651146965773064, 0.004603746817281533, 0.005771740780654409,
+                                      0.004568186875507778, "PASS", 0.9, 30),
+    "band1-4-k64-without-down": Measured(0.01047784635108619, 0.007173793723210739, 0.009852306938141049,
+                                         0.007116530115002807, "PASS", 0.9, 30),
+    "gate-only-k64": Measured(0.023520231168084958, 0.007784228473530382, 0.019330245965820933,
+                              0.0073724326021924165, "FAIL", 0.6666666666666666, 30),
+    "down-0-7-k32": Measured(0.2405809457378252, 0.026313109291867122, 0.23462023889324682,
+                             0.025068649405066163, "FAIL", 0.3333333333333333, 30),
+}
 
 
 @dataclass(frozen=True)
