@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from seeddelta.builder.encode import Trial, WeightResult, _gating, attempt_record, run_trial, weight_result
+from seeddelta.builder.encode import Trial, WeightResult, gate_trial, attempt_record, run_trial, weight_result
 from seeddelta.builder.options import BuildOptions, TensorConfig
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
@@ -116,7 +116,7 @@ def decide_weight(model: GGUFModel, opts: BuildOptions, task: Task, pool: TrialP
     chosen: tuple[Trial, dict[str, Any]] | None = None
     for K in schedule:
         trial = pool.get(layer, kind, cfg, K)
-        gating = _gating(cfg, kind, trial.metrics, thresholds)
+        gating = gate_trial(cfg, kind, trial.metrics, thresholds)
         attempts.append(attempt_record(trial, gating))
         attempt_seconds.append(trial.seconds)
         if gating["available"] and (best is None or gating["gating_value"] > best[1]["gating_value"]):

@@ -1,5 +1,6 @@
-"""The encode phase: one FFN weight dequantized, encoded, measured on its stored arrays and decided
-(gating), with its report entry and the tensors to write."""
+"""The encode phase: one FFN weight dequantized, encoded at one K and measured on its stored arrays
+(`run_trial`); gating of a trial (`gate_trial`); and, once the decide phase (builder.decide) has chosen
+the final trial, its report entry and the tensors to write (`weight_result`)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class WeightResult:
     attempt_seconds: list[float] = field(default_factory=list)  # per autotune attempt (report `timing`)
 
 
-def _gating(cfg: TensorConfig, kind: str, metrics: dict[str, Any],
+def gate_trial(cfg: TensorConfig, kind: str, metrics: dict[str, Any],
             thresholds: tuple[float, float] | None = None) -> dict[str, Any]:
     """Gating fields of Appendix A.3 e–f for one trial; `thresholds` (min_mean, min_p05) after the
     stack guard, default the configured ones.
@@ -241,16 +242,6 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     result.added_bytes = sum(int(a.nbytes) for _, a in tensors)
     result.stripped_bytes = dense_bytes if strip else 0
     return result
-
-
-def encode_weight(
-    model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, imatrix: Imatrix | None,
-) -> WeightResult:
-    """One weight at its configured K, decided by its own gating (no autotune, no stack guard)."""
-    trial = run_trial(model, opts, layer, kind, cfg, cfg.K, imatrix)
-    gating = _gating(cfg, kind, trial.metrics)
-    emit = cfg.enabled and gating["gating_pass"]
-    return weight_result(model, opts, cfg, trial, gating, emit=emit, decision=gating["decision"])
 
 
 def stub_entry(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig | None, decision: str,
