@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from seeddelta.builder.encode import Trial, WeightResult, gate_trial, attempt_record, run_trial, weight_result
+from seeddelta.builder.encode import Trial, WeightResult, attempt_record, gate_trial, run_trial, weight_result
 from seeddelta.builder.options import BuildOptions, TensorConfig
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
