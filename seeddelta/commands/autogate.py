@@ -19,7 +19,10 @@ from typing import Any
 
 from seeddelta.commands.common import (
     Subparsers,
+    add_input,
     add_model_arg,
+    add_output,
+    add_output_dir,
     add_threads_arg,
     apply_threads,
     describe,
@@ -30,16 +33,16 @@ from seeddelta.commands.common import (
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("autogate", help="choose the tensors to compress from a scan, measuring each step",
                        description=describe(__doc__))
-    p.add_argument("--scan", required=True, metavar="SCAN.json", help="a `seeddelta scan --json` file")
+    add_input(p, "--scan", required=True, metavar="SCAN.json", help="a `seeddelta scan --json` file")
     add_model_arg(p, "GGUF model the scan was made on")
-    p.add_argument("-o", "--output", required=True, metavar="POLICY.json", help="policy file to write")
-    p.add_argument("--report", default=None, metavar="PATH",
+    add_output(p, "-o", "--output", required=True, metavar="POLICY.json", help="policy file to write")
+    add_output(p, "--report", default=None, metavar="PATH",
                    help="record of every step (default: next to the policy, <name>.autogate.json)")
     g = p.add_argument_group("evaluation (defaults: the scan's text, context and windows)")
-    g.add_argument("-f", "--file", default=None, metavar="TEXT", help="text for ΔNLL and KLD")
+    add_input(p, "-f", "--file", group=g, default=None, metavar="TEXT", help="text for ΔNLL and KLD")
     g.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=None, metavar="N", help="window size")
     g.add_argument("--chunks", type=int, default=None, metavar="N", help="at most N windows")
-    g.add_argument("--pack", default=None, metavar="FILE", help="greedy pack (default: the tiny model's test pack)")
+    add_input(p, "--pack", group=g, default=None, metavar="FILE", help="greedy pack (default: the tiny model's test pack)")
     g.add_argument("--greedy-limit", type=int, default=10, metavar="N", help="prompts per task of the pack (10; 0: all)")
     g.add_argument("--greedy-tolerance", type=float, default=0.05, metavar="F",
                    help="allowed accuracy drop against the base (0.05)")
@@ -69,7 +72,7 @@ def register(sub: Subparsers) -> None:
                    help="layers admitted freely: core (middle half), leaf (outer quarters), a list like 2-5, or all")
     f.add_argument("--band-extreme", type=float, default=0.0, metavar="F",
                    help="outside the band: the scan's ΔNLL + 2·se must be at most F (0.0)")
-    p.add_argument("--cache", default=None, metavar="DIR",
+    add_output_dir(p, "--cache", default=None, metavar="DIR",
                    help="step cache directory (default: $SEEDDELTA_CACHE or ~/.cache/seeddelta/units)")
     p.add_argument("--no-cache", action="store_true", help="evaluate every step, cache nothing")
     add_threads_arg(p, "torch threads (0: torch's default)")

@@ -19,6 +19,8 @@ from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
     add_model_arg,
+    add_output,
+    add_output_dir,
     add_text_args,
     apply_threads,
     describe,
@@ -38,8 +40,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--eval-cols", type=int, default=64, metavar="N",
                    help="output rows sampled for the weight metrics (64, the original scan's default)")
     p.add_argument("--eval-x", type=int, default=32, metavar="N", help="random inputs for functional metrics (32)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the scan (autogate's --scan input)")
-    p.add_argument("--cache", default=None, metavar="DIR",
+    add_output(p, "--json", default=None, metavar="PATH", help="write the scan (autogate's --scan input)")
+    add_output_dir(p, "--cache", default=None, metavar="DIR",
                    help="unit cache directory (default: $SEEDDELTA_CACHE or ~/.cache/seeddelta/units)")
     p.add_argument("--no-cache", action="store_true", help="measure every unit, cache nothing")
     add_encoding_args(p, several_K=True)

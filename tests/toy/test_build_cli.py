@@ -76,7 +76,7 @@ def _bad_cases(tmp_path, m):
         ("policy_gated_no_eval", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json")],
          "blk.0.ffn_gate.weight (policy"),
         ("policy_export_is_policy", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json"), "--eval-cols", "8",
-                                     "--policy-export", str(d / "gated.json")], "is the policy being read"),
+                                     "--policy-export", str(d / "gated.json")], "inputs are never overwritten"),
         ("stack_cap_negative", ["-i", m.path, "-o", o, "--stack-cost-cap", "-1"], "--stack-cost-cap must be"),
         ("block0", ["-i", m.path, "-o", o, "--scheme", "block", "--block", "0"], "--block must be in 1..4096"),
     ]
