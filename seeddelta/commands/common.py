@@ -166,10 +166,11 @@ def windows_from_args(args: argparse.Namespace, tokenizer: Any, n_ctx_train: int
     from seeddelta.assets import tiny_val_text
     from seeddelta.evaluation.windows import text_windows
 
-    if n_ctx_train and args.ctx > n_ctx_train:
+    windows = text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    if n_ctx_train and args.ctx > n_ctx_train:  # (after the text: a run that fails says only why)
         warn(f"-c {args.ctx} is beyond the model's training context ({n_ctx_train} tokens): positions past it "
              "are outside what the model was trained on")
-    return text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    return windows
 
 
 def warn(message: str) -> None:
