@@ -20,6 +20,7 @@ one copy each; and the matmul that computes in float32 from a 16-bit weight.
 from __future__ import annotations
 
 import mmap
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from gguf.quants import dequantize
 
 from seeddelta.errors import SeedDeltaError
 
-UPCAST_BYTES = 8 << 20  # float32 bytes of weight converted at once by `linear` (bounds the transient)
+UPCAST_BYTES = 2 << 20  # float32 bytes of weight converted at once by `linear` (bounds the transient)
 DEQUANT_BYTES = 16 << 20  # float32 bytes dequantized at once while loading a quantized tensor
 HOLD_MODES = ("stored", "float32")
 
@@ -113,15 +114,33 @@ def hold_tensor(tensor: TensorRef | ReaderTensor, path: str, *, hold: str = "sto
     return out
 
 
+_scratch = threading.local()
+
+
+def _upcast(w: torch.Tensor) -> torch.Tensor:
+    """w converted to float32 in this thread's reusable scratch buffer (no allocation per call)."""
+    n = w.numel()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, UPCAST_BYTES // 4), dtype=torch.float32)
+        _scratch.buf = buf
+    return buf[:n].view(w.shape).copy_(w)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (…, n_in) float32 · wᵀ with w (n_out, n_in) of any float dtype, computed in float32."""
+    """x (…, n_in) float32 · wᵀ with w (n_out, n_in) of any float dtype, computed in float32.
+
+    A 16-bit w is converted UPCAST_BYTES of float32 at a time into a reused buffer; with several
+    blocks the product is formed as (n_out, T) row blocks and handed back transposed (a view)."""
     if w.dtype == torch.float32:
         return torch.nn.functional.linear(x, w)
     n_out, n_in = w.shape
     step = max(1, UPCAST_BYTES // (4 * n_in))
     if step >= n_out:
-        return torch.nn.functional.linear(x, w.float())
-    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.float32)
+        return torch.nn.functional.linear(x, _upcast(w))
+    x2 = x.reshape(-1, n_in)
+    out_t = torch.empty((n_out, x2.shape[0]), dtype=torch.float32)
+    xt = x2.t()
     for a in range(0, n_out, step):
-        out[..., a: a + step] = torch.nn.functional.linear(x, w[a: a + step].float())
-    return out
+        torch.mm(_upcast(w[a: a + step]), xt, out=out_t[a: a + step])
+    return out_t.t().reshape(*x.shape[:-1], n_out)
