@@ -16,7 +16,7 @@ at a time inside each matmul). The FFN projections are either dense or SeedΔ (s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,7 +290,7 @@ def weight_source(gguf_model: GGUFModel) -> WeightSource:
     return WeightSource(gguf_model.path, cfg, tensors, gguf_model.reader.data, meta)
 
 
-def materialized_dtype(tensors: dict[str, TensorRef], layer: int, kind: str, hold: str = "stored") -> torch.dtype:
+def materialized_dtype(tensors: Mapping[str, Any], layer: int, kind: str, hold: str = "stored") -> torch.dtype:
     """The dtype a materialized Ŵ is held in: float32 when the weight it replaces is stored F32 (or,
     stripped, the layer's attention weights are), float16 otherwise — the precision of the model it
     came from (never bfloat16: 8 significant bits would be coarser than the stored f16 SeedΔ values).
