@@ -50,7 +50,6 @@ from seeddelta.gguf_format.schema import SEEDDELTA_SUFFIXES
 from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_arrays
 from seeddelta.runtime.weights import linear
 
-
 MODES = ("materialized", "sparse")
 
 
