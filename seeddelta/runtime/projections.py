@@ -296,10 +296,13 @@ class SparseSeedDeltaProjection:
         idx, val = payload.residual_entries()
         self.n_entries = int(idx.shape[1])
         # CSR with int32 row pointers and column indices, columns sorted within each row; skipped entries
-        # were turned into (0, 0.0) by residual_entries(). Values are held in their stored type (f16: 6 bytes
-        # per entry with the index) and converted exactly to float32 for each product.
+        # were turned into (0, 0.0) by residual_entries(). Values are held in their stored type and converted
+        # exactly to float32 for each product.
         order = np.argsort(idx, axis=1, kind="stable")
-        cols = np.take_along_axis(idx, order, axis=1).astype(np.int32).reshape(-1)
+        # column indices held as compactly as the file stores them (int16 while n_in fits), widened to the
+        # int32 torch's CSR product takes for each product: 4 bytes per f16 entry, as on disk
+        col_type = np.int16 if self.n_in <= np.iinfo(np.int16).max + 1 else np.int32
+        cols = np.take_along_axis(idx, order, axis=1).astype(col_type).reshape(-1)
         pair = payload.block if payload.block is not None else payload.coo
         stored = pair[1].dtype if pair is not None else np.dtype(np.float32)
         vals = np.take_along_axis(val, order, axis=1).astype(stored).reshape(-1)  # exact: val came from `stored`
@@ -326,7 +329,8 @@ class SparseSeedDeltaProjection:
             return torch.zeros((x.shape[0], self.n_out), dtype=torch.float32)
         with warnings.catch_warnings():  # torch labels sparse CSR "beta"; it is the fast CPU sparse×dense path
             warnings.simplefilter("ignore", UserWarning)
-            csr = torch.sparse_csr_tensor(self.crow, self.cols, self.vals.to(torch.float32), (self.n_out, self.n_in))
+            csr = torch.sparse_csr_tensor(self.crow, self.cols.to(torch.int32), self.vals.to(torch.float32),
+                                          (self.n_out, self.n_in))
         return torch.sparse.mm(csr, x.t()).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
