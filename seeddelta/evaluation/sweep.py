@@ -215,8 +215,9 @@ class UnitMeasure:
         (with greedy settings) run the pack on it; a pure function of the unit and the settings."""
         chosen = frozenset(ks)
         path = self.out_dir / f"{name}.gguf"
-        layers = ",".join(str(layer) for layer in sorted({layer for layer, _ in chosen}))
-        opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=layers, strip_dense=True,
+        # every layer visited (the others disabled): the same file, keys included, as `build --policy` of a
+        # policy enabling exactly these tensors
+        opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=None, strip_dense=True,
                        progress=False)
         return self._evaluate(path, run_build(opts, only(opts, chosen, ks)))
 
