@@ -16,6 +16,7 @@ from seeddelta.assets import tiny_model, tiny_val_text
 from seeddelta.builder.options import BuildOptions
 from seeddelta.evaluation.memory import Loaded, load
 from seeddelta.evaluation.windows import TextWindows, text_windows
+from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX, ENGINES
 
 Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
@@ -49,13 +50,21 @@ def windows_from_args(args: argparse.Namespace, tokenizer: Any) -> TextWindows:
 
 
 # ---------------------------------------------------------------------------------- runtime
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ppl, kld, greedy and imatrix."""
+def add_runtime_args(p: argparse.ArgumentParser, *, engines: bool = True) -> None:
+    """Options shared by ppl, kld, greedy and imatrix (`--engine` where llama.cpp can do the job)."""
     p.add_argument("--sparse", action="store_true",
                    help="evaluate SeedΔ projections without building dense weights (default: materialized)")
     p.add_argument("--no-seeddelta", dest="use_seeddelta", action="store_false",
                    help="ignore SeedΔ tensors and run the dense weights (fails on stripped files)")
-    add_threads_arg(p, "torch threads (0: torch's default)")
+    add_threads_arg(p, "threads (0: torch's default; llama.cpp: every CPU)")
+    if engines:
+        add_engine_arg(p)
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (our runtime) or llama.cpp (stock llama.cpp via llama-cpp-python, extra `interop`; "
+                        "SeedΔ files are materialized for it)")
 
 
 def add_threads_arg(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -67,8 +76,11 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(args.threads))
 
 
-def load_from_args(args: argparse.Namespace, path: str | Path) -> Loaded:
-    return load(path, use_seeddelta=bool(args.use_seeddelta), mode="sparse" if args.sparse else "materialized")
+def load_from_args(args: argparse.Namespace, path: str | Path, *, use_seeddelta: bool | None = None) -> Loaded:
+    """The model at `path` on the engine the options name (`use_seeddelta` overrides --no-seeddelta)."""
+    return load(path, use_seeddelta=bool(args.use_seeddelta if use_seeddelta is None else use_seeddelta),
+                mode="sparse" if args.sparse else "materialized", engine=getattr(args, "engine", "torch"),
+                n_ctx=getattr(args, "ctx", DEFAULT_CTX), threads=getattr(args, "threads", 0))
 
 
 def chunk_printer(stream: TextIO | None = None) -> Callable[[int, float], None]:

@@ -19,7 +19,7 @@ from seeddelta.commands.common import (
     model_path,
 )
 from seeddelta.evaluation import greedy as pack
-from seeddelta.evaluation.memory import load, model_info
+from seeddelta.evaluation.memory import model_info
 from seeddelta.outputs import write_json_atomic
 
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     base_res = None
     base_info = None
     if args.base:
-        base = load(args.base, use_seeddelta=False)
+        base = load_from_args(args, args.base, use_seeddelta=False)
         base_res = pack.run_pack(base.model, base.tokenizer, items, args.max_new)
         base_info = model_info(base)
         _print("base ", base_res)

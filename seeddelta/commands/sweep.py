@@ -15,6 +15,7 @@ from typing import Any
 from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
+    add_engine_arg,
     add_model_arg,
     add_text_args,
     apply_threads,
@@ -52,6 +53,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the table as JSON")
     p.add_argument("--keep", default=None, metavar="DIR", help="keep the per-unit SeedΔ files in DIR")
     add_encoding_args(p)
+    add_engine_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -63,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     kinds = parse_kinds(args.kinds)
     path = model_path(args)
-    base = load(path, use_seeddelta=False)
+    base = load(path, use_seeddelta=False, engine=args.engine, n_ctx=args.ctx, threads=args.threads)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer)
-    units = make_units(parse_layers(args.layers, len(base.model.layers)), kinds, args.per_kind)
+    units = make_units(parse_layers(args.layers, base.model.config.n_layer), kinds, args.per_kind)
     print(f"seeddelta sweep: {path}, {len(units)} unit(s), {windows.n_chunk} window(s) of {windows.n_ctx}, "
           f"{windows.n_scored} scored", file=sys.stderr)
     stack: list[dict[str, Any]] = []
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = Path(args.keep) if args.keep else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         measure = UnitMeasure(path, base, windows, encoding_template(args), out_dir, keep_files=bool(args.keep),
-                              note=_note)
+                              note=_note, engine=args.engine, threads=args.threads)
         rows = sweep_units(measure, units, _note)
         if args.stack:
             stack = stack_units(measure, rows, _note)
@@ -83,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, {
             "model": str(path), "text": str(text_path), "ctx": windows.n_ctx, "chunks": windows.n_chunk,
-            "encoding": encoding_options(args), "kinds": list(kinds), "per_kind": bool(args.per_kind), "layers": rows,
+            "engine": args.engine, "encoding": encoding_options(args), "kinds": list(kinds), "per_kind": bool(args.per_kind), "layers": rows,
             "stack": stack,
-            "method": "per unit: a file with only that unit's FFN weights as SeedΔ (dense stripped), sparse runtime, "
+            "method": "per unit: a file with only that unit's FFN weights as SeedΔ (dense stripped), sparse runtime "
+                      "(engine llama.cpp: materialized for stock llama.cpp), "
                       "against the dense base on the same llama-perplexity windows; delta_nll = mean paired "
                       "NLL_model - NLL_base = ln(PPL ratio); stack step n: the n units with the smallest "
                       "delta_nll encoded together"})

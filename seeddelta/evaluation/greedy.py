@@ -29,7 +29,7 @@ import torch
 
 from seeddelta.assets import tiny_test_pack
 from seeddelta.errors import SeedDeltaError
-from seeddelta.runtime.model import LlamaModel
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 from seeddelta.runtime.tokenizers import Tokenizer
 from seeddelta.tiny.dataset import load_test_pack
 
@@ -88,7 +88,7 @@ class Decoded:
     decode_seconds: float
 
 
-def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
+def greedy_decode(model: EvalModel, tokenizer: Tokenizer, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
     add_bos = bool(getattr(tokenizer, "add_bos", True))
     ids = list(tokenizer.encode(prompt, add_bos=add_bos))
     cache = model.new_cache(len(ids) + max_new)
@@ -115,7 +115,7 @@ def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new:
     return Decoded(out, tokenizer.decode(out), stop, len(ids), t1 - t0, n_decode, t2 - t1)
 
 
-def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
+def run_pack(model: EvalModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0

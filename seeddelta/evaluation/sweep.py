@@ -83,9 +83,11 @@ class UnitMeasure:
     base on the windows; the base's logits are computed once for all measurements."""
 
     def __init__(self, model_path: Path, base: Loaded, windows: Windows, encoding: BuildOptions, out_dir: Path,
-                 *, keep_files: bool = False, note: Progress | None = None) -> None:
+                 *, keep_files: bool = False, note: Progress | None = None, engine: str = "torch",
+                 threads: int = 0) -> None:
         self.model_path, self.windows, self.encoding, self.out_dir = model_path, windows, encoding, out_dir
         self.keep_files = keep_files
+        self.engine, self.threads = engine, threads
         logits = model_logits(base.model)
         cache_bytes = windows.n_scored * base.model.config.n_vocab * 4  # float32 logits of every scored position
         if cache_bytes <= CACHE_LIMIT_BYTES:
@@ -102,7 +104,7 @@ class UnitMeasure:
         opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=layers, strip_dense=True,
                        progress=False)
         result = run_build(opts, only(opts, chosen))
-        cand = load(path, mode="sparse")
+        cand = load(path, mode="sparse", engine=self.engine, n_ctx=self.windows.n_ctx, threads=self.threads)
         s = kl_divergence(self.base_logits, model_logits(cand.model), self.windows).summary()
         del cand
         if not self.keep_files:
