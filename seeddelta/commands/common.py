@@ -180,14 +180,25 @@ def warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- runtime
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ppl, kld, greedy and imatrix."""
+def add_runtime_args(p: argparse.ArgumentParser, *, engines: bool = True) -> None:
+    """Options shared by ppl, kld, greedy and imatrix (`--engine` where llama.cpp can do the job)."""
     p.add_argument("--sparse", action="store_true",
                    help="evaluate SeedΔ projections without building dense weights (default: materialized)")
     p.add_argument("--no-seeddelta", dest="use_seeddelta", action="store_false",
                    help="ignore SeedΔ tensors and run the dense weights (fails on stripped files)")
     add_threads_arg(p)
     add_quiet_arg(p)
+    if engines:
+        add_engine_arg(p)
+
+
+ENGINES = ("torch", "llama.cpp")  # the names seeddelta.runtime.llama_cpp_engine accepts (not imported: --help stays light)
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (our runtime) or llama.cpp (stock llama.cpp via llama-cpp-python, extra `interop`; "
+                        "SeedΔ files are materialized for it)")
 
 
 THREADS_HELP = ("threads for the computation (default 0: automatic — every core, with idle threads sleeping "
@@ -209,10 +220,14 @@ def apply_threads(args: argparse.Namespace) -> int:
     return configure(int(getattr(args, "threads", 0) or 0))
 
 
-def load_from_args(args: argparse.Namespace, path: str | Path) -> Loaded:
+def load_from_args(args: argparse.Namespace, path: str | Path, *, use_seeddelta: bool | None = None) -> Loaded:
+    """The model at `path` on the engine the options name (`use_seeddelta` overrides --no-seeddelta)."""
     from seeddelta.evaluation.memory import load
+    from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX
 
-    return load(path, use_seeddelta=bool(args.use_seeddelta), mode="sparse" if args.sparse else "materialized")
+    return load(path, use_seeddelta=bool(args.use_seeddelta if use_seeddelta is None else use_seeddelta),
+                mode="sparse" if args.sparse else "materialized", engine=getattr(args, "engine", "torch"),
+                n_ctx=getattr(args, "ctx", DEFAULT_CTX), threads=getattr(args, "threads", 0))
 
 
 # ---------------------------------------------------------------------------------- progress

@@ -31,7 +31,7 @@ def register(sub: Subparsers) -> None:
     add_model_arg(p)
     add_output(p, "-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
     add_text_args(p, "UTF-8 calibration text")
-    add_runtime_args(p)
+    add_runtime_args(p, engines=False)
     p.set_defaults(handler=run)
 
 

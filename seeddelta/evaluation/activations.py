@@ -7,17 +7,21 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from seeddelta.errors import SeedDeltaError
 from seeddelta.evaluation.windows import Windows
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 from seeddelta.runtime.model import LlamaModel
 
 
-def collect_imatrix(model: LlamaModel, windows: Windows,
+def collect_imatrix(model: EvalModel, windows: Windows,
                     progress: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σx² per input column and row counts at the inputs of every ffn_gate/ffn_up/ffn_down.
 
     Every position of every window is accumulated (llama-imatrix sees whole batches), inputs are
     the ffn_norm output (gate, up) and silu(gate)·up (down), in float64.
     """
+    if not isinstance(model, LlamaModel):
+        raise SeedDeltaError("imatrix statistics need the torch runtime (llama.cpp offers no hook into FFN inputs)")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
 

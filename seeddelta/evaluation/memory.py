@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file
-from seeddelta.runtime.model import LlamaModel, load_model, load_tokenizer, weight_source
+from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX, ENGINES, EvalModel, LlamaCppModel
+from seeddelta.runtime.model import load_model, load_tokenizer, weight_source
 from seeddelta.runtime.tokenizers import Tokenizer
 
 
@@ -79,7 +81,7 @@ def rss_anon_bytes() -> int | None:
 
 @dataclass
 class Loaded:
-    model: LlamaModel
+    model: EvalModel
     tokenizer: Tokenizer
     load_seconds: float
     rss_before: int | None
@@ -102,13 +104,20 @@ class Loaded:
                       "F32/F16/BF16, float16 for quantized types, materialized SeedΔ float16 unless the model is "
                       "F32; SeedΔ sparse: int32 indices + float32 values + base); rss_* = process "
                       "resident set size (psutil or /proc/self/statm) just before and after loading in this process; "
-                      "rss_anon_* = its anonymous part (RssAnon), without library code pages touched by the load",
+                      "rss_anon_* = its anonymous part (RssAnon), without library code pages touched by the load; "
+                      "engine llama.cpp: weights_bytes = the tensors of the (materialized) file it maps, as stored",
         }
 
 
-def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized", hold: str = "stored") -> Loaded:
+def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized", hold: str = "stored",
+         engine: str = "torch", n_ctx: int = DEFAULT_CTX, threads: int = 0) -> Loaded:
     """Model and tokenizer from one opening of the file. The metadata (tokenizer, configuration) is read
-    first and the reader let go before the weights are read, so the two are never resident together."""
+    first and the reader let go before the weights are read, so the two are never resident together.
+
+    engine "llama.cpp": stock llama.cpp runs the file (SeedΔ materialized first; `mode` and `hold` do not
+    apply), with a context of n_ctx positions and `threads` threads (0: every CPU)."""
+    if engine not in ENGINES:
+        raise SeedDeltaError(f"engine {engine!r} unknown (expected one of {', '.join(ENGINES)})")
     fixed_mmap_threshold()
     gguf_model = GGUFModel(path, what="model")
     if use_seeddelta:
@@ -117,11 +126,16 @@ def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materiali
     before, anon_before = rss_bytes(), rss_anon_bytes()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(gguf_model)
-    source = weight_source(gguf_model)
-    del gguf_model
-    trim_heap()
-    model = load_model(source, use_seeddelta=use_seeddelta, mode=mode, hold=hold)
-    del source
+    model: EvalModel
+    if engine == "llama.cpp":
+        del gguf_model
+        model = LlamaCppModel(path, use_seeddelta=use_seeddelta, n_ctx=n_ctx, threads=threads)
+    else:
+        source = weight_source(gguf_model)
+        del gguf_model
+        trim_heap()
+        model = load_model(source, use_seeddelta=use_seeddelta, mode=mode, hold=hold)
+        del source
     seconds = time.perf_counter() - t0
     trim_heap()
     after, anon_after = rss_bytes(), rss_anon_bytes()
@@ -133,6 +147,7 @@ def model_info(loaded: Loaded) -> dict[str, Any]:
     projections = m.projections()
     return {
         "path": str(m.path),
+        "engine": "llama.cpp" if isinstance(m, LlamaCppModel) else "torch",
         "seeddelta_projections": int(m.n_seeddelta),
         "ffn_projections": len(projections),
         "seeddelta_mode": m.metadata.get("mode") if m.n_seeddelta else None,

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from seeddelta.evaluation.windows import Windows
-from seeddelta.runtime.model import LlamaModel
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 
 Logits = Callable[[np.ndarray, int], torch.Tensor]  # (window tokens, first) -> logits for positions first..
 
 
-def model_logits(model: LlamaModel) -> Logits:
-    """Scored-position logits (n_ctx − 1 − first, n_vocab) of one window, from a LlamaModel-like object."""
+def model_logits(model: EvalModel) -> Logits:
+    """Scored-position logits (n_ctx − 1 − first, n_vocab) of one window, from either engine's model."""
 
     def run(window: np.ndarray, first: int) -> torch.Tensor:
         return model.forward(window, logits_start=first)[:-1]
@@ -202,7 +202,7 @@ def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
                      n / secs[0] if secs[0] > 0 else float("nan"), n / secs[1] if secs[1] > 0 else float("nan"))
 
 
-def decode_speed(model: LlamaModel, prompt: Sequence[int], n_new: int = 16) -> dict[str, float]:
+def decode_speed(model: EvalModel, prompt: Sequence[int], n_new: int = 16) -> dict[str, float]:
     """Greedy decode n_new tokens after prompt with the KV cache; prompt and decode tok/s."""
     cache = model.new_cache(len(prompt) + n_new)
     t0 = time.perf_counter()

@@ -155,12 +155,13 @@ class UnitMeasure:
 
     def __init__(self, model_path: Path, base: Loaded, windows: Windows, encoding: BuildOptions, out_dir: Path,
                  *, keep_files: bool = False, note: Progress | None = None, greedy: GreedySettings | None = None,
-                 cache: UnitCache | None = None) -> None:
+                 cache: UnitCache | None = None, engine: str = "torch", threads: int = 0) -> None:
         self.model_path, self.windows, self.encoding, self.out_dir = model_path, windows, encoding, out_dir
         self.keep_files = keep_files
         self.base, self.greedy, self.cache = base, greedy, cache or UnitCache(None)
         self._base_greedy: dict[str, Any] | None = None
         self._spec_base: dict[str, Any] | None = None
+        self.engine, self.threads = engine, threads
         logits = model_logits(base.model)
         cache_bytes = windows.n_scored * base.model.config.n_vocab * 4  # float32 logits of every scored position
         if cache_bytes <= CACHE_LIMIT_BYTES:
@@ -184,7 +185,7 @@ class UnitMeasure:
 
             evaluation: dict[str, Any] = {
                 "windows_sha256": windows_sha256(self.windows), "ctx": self.windows.n_ctx,
-                "chunks": self.windows.n_chunk, "runtime": "sparse", "strip_dense": True,
+                "chunks": self.windows.n_chunk, "runtime": "sparse", "engine": self.engine, "strip_dense": True,
                 "greedy": self.greedy.spec() if self.greedy is not None else None,
             }
             self._spec_base = {"model_sha256": sha256_file(self.model_path), "encoding": encoding_spec(self.encoding),
@@ -232,7 +233,7 @@ class UnitMeasure:
         return self._evaluate(path, build(opts))
 
     def _evaluate(self, path: Path, result: Any) -> dict[str, Any]:
-        cand = load(path, mode="sparse")
+        cand = load(path, mode="sparse", engine=self.engine, n_ctx=self.windows.n_ctx, threads=self.threads)
         s = kl_divergence(self.base_logits, model_logits(cand.model), self.windows).summary()
         out: dict[str, Any] = {
             "delta_nll": s["delta_nll"]["mean"], "delta_nll_se": s["delta_nll"]["se"], "ppl_ratio": s["ppl_ratio"],
