@@ -23,8 +23,8 @@ Two evaluation modes:
 * ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs (`fwht_torch`:
   H_a ⊗ H_b as two small matrix products, not the original's butterflies; same transform, its own
   stated rounding bound) and the
-  residual as a CSR sparse × dense product (int32 indices, values held as stored — f16 or f32 —
-  and converted exactly to float32 for each product).
+  residual as a CSR sparse × dense product (indices and values held as stored — i16/i32, f16/f32 —
+  and converted exactly to the int32/float32 CSR for each product).
 
 Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors raise a
 `SeedDeltaError` naming the tensor instead of being dropped with a warning (dropping silently
@@ -358,14 +358,17 @@ class SparseSeedDeltaProjection:
         self.has_base = payload.base is not None
         idx, val = payload.residual_entries()
         self.n_entries = int(idx.shape[1])
-        # CSR with int32 row pointers and column indices, columns sorted within each row; skipped entries
-        # were turned into (0, 0.0) by residual_entries(). Values are held in their stored type (f16: 6 bytes
-        # per entry with the index) and converted exactly to float32 for each product.
+        # CSR, columns sorted within each row; skipped entries were turned into (0, 0.0) by
+        # residual_entries(). Column indices and values are held in their stored types (i16 + f16: 4 bytes
+        # per entry, as in the file; i32 where a column does not fit i16) and converted exactly to the
+        # int32/float32 CSR torch multiplies with, for each product.
         order = np.argsort(idx, axis=1, kind="stable")
-        cols = np.take_along_axis(idx, order, axis=1).astype(np.int32).reshape(-1)
         pair = payload.block if payload.block is not None else payload.coo
-        stored = pair[1].dtype if pair is not None else np.dtype(np.float32)
-        vals = np.take_along_axis(val, order, axis=1).astype(stored).reshape(-1)  # exact: val came from `stored`
+        stored_idx = pair[0].dtype if pair is not None else np.dtype(np.int32)
+        stored_val = pair[1].dtype if pair is not None else np.dtype(np.float32)
+        col_dtype = np.int16 if stored_idx == np.int16 and self.n_in - 1 <= np.iinfo(np.int16).max else np.int32
+        cols = np.take_along_axis(idx, order, axis=1).astype(col_dtype).reshape(-1)
+        vals = np.take_along_axis(val, order, axis=1).astype(stored_val).reshape(-1)  # exact: val came from it
         crow = np.arange(0, self.n_out * self.n_entries + 1, max(1, self.n_entries), dtype=np.int32)
         if self.n_entries == 0:
             crow = np.zeros(self.n_out + 1, dtype=np.int32)
@@ -389,7 +392,8 @@ class SparseSeedDeltaProjection:
             return torch.zeros((x.shape[0], self.n_out), dtype=torch.float32)
         with warnings.catch_warnings():  # torch labels sparse CSR "beta"; it is the fast CPU sparse×dense path
             warnings.simplefilter("ignore", UserWarning)
-            csr = torch.sparse_csr_tensor(self.crow, self.cols, self.vals.to(torch.float32), (self.n_out, self.n_in))
+            csr = torch.sparse_csr_tensor(self.crow, self.cols.to(torch.int32), self.vals.to(torch.float32),
+                                          (self.n_out, self.n_in))
         return torch.sparse.mm(csr, x.t()).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
