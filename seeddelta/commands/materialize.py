@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import argparse
 
-from seeddelta.commands.common import Subparsers, describe
-from seeddelta.runtime.materialize import materialize_file
+from seeddelta.commands.common import Subparsers, add_input, add_output, describe
 
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("materialize", help="rewrite a SeedΔ GGUF as a dense one that stock llama.cpp runs",
                        description=describe(__doc__))
-    p.add_argument("input", metavar="IN.gguf", help="GGUF with SeedΔ tensors")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="dense GGUF to write")
+    add_input(p, "input", metavar="IN.gguf", help="GGUF with SeedΔ tensors")
+    add_output(p, "-o", "--output", required=True, metavar="OUT.gguf", help="dense GGUF to write")
     p.add_argument("--no-seeddelta", dest="use_seeddelta", action="store_false",
                    help="drop the SeedΔ tensors and keep the dense weights instead (fails on stripped files)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.runtime.materialize import materialize_file
+
     res = materialize_file(args.input, args.output, use_seeddelta=bool(args.use_seeddelta))
     print(f"wrote {args.output}: {res.weights} SeedΔ weight(s) written dense, {res.dropped_tensors} tensor(s) and "
           f"{res.dropped_keys} seeddelta.* key(s) dropped; {res.output_bytes} B")

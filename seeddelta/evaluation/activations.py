@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -11,7 +13,8 @@ from seeddelta.runtime.llama_cpp_engine import EvalModel
 from seeddelta.runtime.model import LlamaModel
 
 
-def collect_imatrix(model: EvalModel, windows: Windows) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def collect_imatrix(model: EvalModel, windows: Windows,
+                    progress: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σx² per input column and row counts at the inputs of every ffn_gate/ffn_up/ffn_down.
 
     Every position of every window is accumulated (llama-imatrix sees whole batches), inputs are
@@ -38,6 +41,8 @@ def collect_imatrix(model: EvalModel, windows: Windows) -> tuple[dict[str, np.nd
     try:
         for i in range(windows.n_chunk):
             model.forward(windows.inputs[i], logits_start=windows.n_ctx - 1)
+            if progress is not None:
+                progress()
     finally:
         model.ffn_observer = previous
     return sums, counts

@@ -10,7 +10,9 @@ from typing import Any
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
-from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX, ENGINES, EvalModel, LlamaCppModel
+from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file
+from seeddelta.runtime.engines import DEFAULT_CTX, ENGINES
+from seeddelta.runtime.llama_cpp_engine import EvalModel, LlamaCppModel
 from seeddelta.runtime.model import load_model, load_tokenizer, weight_source
 from seeddelta.runtime.tokenizers import Tokenizer
 
@@ -118,10 +120,12 @@ def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materiali
     if engine not in ENGINES:
         raise SeedDeltaError(f"engine {engine!r} unknown (expected one of {', '.join(ENGINES)})")
     fixed_mmap_threshold()
+    gguf_model = GGUFModel(path, what="model")
+    if use_seeddelta:
+        check_seeddelta_file(gguf_model)  # a damaged SeedΔ file fails now, before anything is measured or decoded
     trim_heap()
     before, anon_before = rss_bytes(), rss_anon_bytes()
     t0 = time.perf_counter()
-    gguf_model = GGUFModel(path, what="model")
     tokenizer = load_tokenizer(gguf_model)
     model: EvalModel
     if engine == "llama.cpp":

@@ -122,7 +122,10 @@ def _upcast(w: torch.Tensor) -> torch.Tensor:
     n = w.numel()
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, UPCAST_BYTES // 4), dtype=torch.float32)
+        # a normal tensor even when first needed under inference_mode: one made there could not be
+        # written again outside it (a projection called directly after a forward pass)
+        with torch.inference_mode(False):
+            buf = torch.empty(max(n, UPCAST_BYTES // 4), dtype=torch.float32)
         _scratch.buf = buf
     return buf[:n].view(w.shape).copy_(w)
 

@@ -50,7 +50,7 @@ def test_kv_cache_matches_recompute(smol) -> None:
     full = model.forward(ids).numpy()
     cache = model.new_cache(len(ids))
     inc = np.concatenate([model.forward(ids[:6], cache).numpy()] + [model.forward([t], cache).numpy() for t in ids[6:]])
-    # f32 chain bound as in tests/tiny/test_runtime.py: 30 layers · 8 reductions · n_ff 1536 · u
+    # f32 chain bound as in tests/toy/test_runtime.py: 30 layers · 8 reductions · n_ff 1536 · u
     tol = 30 * 8 * 1536 * 2.0 ** -24 * (1 + np.abs(full).max())
     assert np.max(np.abs(inc - full)) <= tol
 

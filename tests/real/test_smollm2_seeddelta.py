@@ -1,6 +1,6 @@
 """SeedΔ files built from SmolLM2-135M (Q4_1) by `seeddelta build`, run by the runtime (tier `real`).
 
-Tolerance for logits: the float32 chain bound of tests/tiny/test_runtime.py,
+Tolerance for logits: the float32 chain bound of tests/toy/test_runtime.py,
 n_layer·8·n·u·(1 + max|logit|) with n = n_ff = 1536, u = 2⁻²⁴.
 """
 

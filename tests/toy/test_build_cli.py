@@ -15,6 +15,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from seeddelta.cli import main
 from seeddelta.testing.files import file_fingerprint
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
+from seeddelta.testing.tolerances import F64_REORDER
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,10 @@ def _bad_cases(tmp_path, m):
     make_imatrix(d / "im_missing.gguf", m, skip=["blk.1.ffn_up.weight"])
     make_imatrix(d / "im_wrong.gguf", m, wrong_length=["blk.0.ffn_down.weight"])
     os.symlink(m.path, d / "link.gguf")
+    (d / "metric.json").write_text('{"version": 1, "defaults": {"gating": {"metric": "cosine"}}}')
+    (d / "beyond.json").write_text('{"version": 1, "layers": {"5": {"enabled": true}}}')
+    (d / "gated.json").write_text('{"version": 1, "defaults": {"gating": {"metric": "cos", "min_mean": 0.5, "min_p05": 0.1}}}')
+    (d / "broken.json").write_text('{"version": 1,\n  "defaults": {"enabled": tru}}')
     o = str(d / "out.gguf")
     return [
         ("missing", ["-i", str(d / "nope.gguf"), "-o", o], "not found"),
@@ -60,9 +65,19 @@ def _bad_cases(tmp_path, m):
          "no entry for blk.1.ffn_up.weight"),
         ("im_wrong", ["-i", m.path, "-o", o, "--imatrix", str(d / "im_wrong.gguf")],
          "blk.0.ffn_down.weight has 97 values but the weight has 96 inputs"),
-        ("same", ["-i", m.path, "-o", m.path], "is the input file"),
-        ("symlink", ["-i", m.path, "-o", str(d / "link.gguf")], "is the input file"),
-        ("policy", ["-i", m.path, "-o", o, "--policy", str(d / "p.json")], "policy support is not implemented yet"),
+        ("same", ["-i", m.path, "-o", m.path], "is the input -i"),
+        ("symlink", ["-i", m.path, "-o", str(d / "link.gguf")], "is the input -i"),
+        ("policy_missing", ["-i", m.path, "-o", o, "--policy", str(d / "p.json")], "p.json"),
+        ("policy_metric", ["-i", m.path, "-o", o, "--policy", str(d / "metric.json")],
+         "metric.json: defaults.gating.metric"),
+        ("policy_json", ["-i", m.path, "-o", o, "--policy", str(d / "broken.json")], "broken.json:2:"),
+        ("policy_beyond", ["-i", m.path, "-o", o, "--policy", str(d / "beyond.json")],
+         "beyond.json: layers.5: layer 5 is beyond"),
+        ("policy_gated_no_eval", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json")],
+         "blk.0.ffn_gate.weight (policy"),
+        ("policy_export_is_policy", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json"), "--eval-cols", "8",
+                                     "--policy-export", str(d / "gated.json")], "inputs are never overwritten"),
+        ("stack_cap_negative", ["-i", m.path, "-o", o, "--stack-cost-cap", "-1"], "--stack-cost-cap must be"),
         ("block0", ["-i", m.path, "-o", o, "--scheme", "block", "--block", "0"], "--block must be in 1..4096"),
     ]
 
@@ -238,8 +253,8 @@ def test_ffn_proxy_is_exact_at_full_budget_and_reports_why_it_is_unavailable(tmp
     assert g["ffn_proxy_available"] and g["ffn_proxy_reason"] == "" and g["ffn_proxy_eval_x"] == 5
     assert g["ffn_proxy_scope"] == "replace_only_current_tensor" and g["ffn_proxy_eval_out"] == 64
     assert g["ffn_proxy_seed"] == 1234 + 101 * 1 + 1 and full["ffn_up"]["ffn_proxy_seed"] == 1234 + 101 + 2
-    # identical inputs give identical float64 sums: cos is 1 up to rounding of the division (1e-12)
-    assert g["ffn_proxy_cos_p05"] == pytest.approx(1.0, abs=1e-12) and g["ffn_proxy_l2_mean"] == 0.0
+    # identical inputs give identical float64 sums: cos is 1 up to rounding of the division (F64_REORDER)
+    assert g["ffn_proxy_cos_p05"] == pytest.approx(1.0, abs=F64_REORDER) and g["ffn_proxy_l2_mean"] == 0.0
     assert full["ffn_down"]["ffn_proxy_reason"] == "proxy_kind_not_supported"
     small = {e["kind"]: e for e in run("small", "--K", "4", "--eval-x", "5")}
     assert small["ffn_up"]["ffn_proxy_available"] and small["ffn_up"]["ffn_proxy_cos_mean"] < 0.99

@@ -20,6 +20,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gguf import GGUFReader
+
 from seeddelta.errors import SeedDeltaError
 
 TYPE_NORMAL, TYPE_CONTROL, TYPE_USER_DEFINED = 1, 3, 4
@@ -109,7 +111,7 @@ class BPETokenizer:
         return len(self.pieces)
 
     @classmethod
-    def from_gguf(cls, reader: Any) -> BPETokenizer:
+    def from_gguf(cls, reader: GGUFReader) -> BPETokenizer:
         def get(key: str, default: Any = None) -> Any:
             f = reader.fields.get(key)
             return default if f is None else f.contents()

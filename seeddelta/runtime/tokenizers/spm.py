@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gguf import GGUFReader
+
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import open_gguf
 
@@ -176,10 +178,8 @@ class SPMTokenizer:
         writer.add_add_space_prefix(self.add_space_prefix)
 
     @classmethod
-    def from_gguf(cls, reader_or_path: Any) -> SPMTokenizer:
-        reader = reader_or_path
-        if isinstance(reader_or_path, (str, Path)):
-            reader = open_gguf(reader_or_path, "model")
+    def from_gguf(cls, reader_or_path: GGUFReader | str | Path) -> SPMTokenizer:
+        reader = open_gguf(reader_or_path, "model") if isinstance(reader_or_path, (str, Path)) else reader_or_path
 
         def field(key: str) -> Any:
             return reader.fields.get(key)

@@ -13,7 +13,9 @@ from gguf.quants import dequantize
 
 from seeddelta.cli import main
 from seeddelta.gguf_format.seeddelta_tensors import read_seeddelta_file
-from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf, reference_dense
+from seeddelta.testing.oracles import reference_dense
+from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
+from seeddelta.testing.tolerances import F64_REORDER
 
 N_EMBD, N_FF, N_LAYER = 128, 352, 3  # 352 = 11·32: not a power of two; wide down has B = 3
 
@@ -27,8 +29,7 @@ def test_block_base_row_scale_imatrix_strip_on_q8_0(tmp_path, capsys):
                "--row-scale", "--imatrix", str(tmp_path / "im.gguf"), "--eval-cols", "100000", "--eval-x", "8",
                "--strip-dense", "--report-json", str(tmp_path / "r.json"), "-t", "2"])
     assert rc == 0, capsys.readouterr().err
-    err = capsys.readouterr().err
-    assert err.count("[") >= 3 * N_LAYER  # one progress line per tensor
+    capsys.readouterr()  # (the progress bar shows only on a terminal)
     report = json.loads((tmp_path / "r.json").read_text())
     out = GGUFReader(tmp_path / "o.gguf")
     assert out.fields["seeddelta.resid.K_variable"].contents() is True
@@ -43,8 +44,8 @@ def test_block_base_row_scale_imatrix_strip_on_q8_0(tmp_path, capsys):
         arrays = sd.entries[key].arrays()
         ref = reference_dense(arrays, n_in, n_out)
         np.testing.assert_allclose(reference_dense(arrays, n_in, n_out, closed_form=True), ref, rtol=0,
-                                   atol=1e-12 * np.abs(ref).max())  # float64 re-summation only
-        np.testing.assert_allclose(sd.weights[key].dense(), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+                                   atol=F64_REORDER * np.abs(ref).max())  # float64 re-summation only
+        np.testing.assert_allclose(sd.weights[key].dense(), ref, rtol=0, atol=F64_REORDER * np.abs(ref).max())
         rel = np.linalg.norm(W - ref, axis=1) / np.linalg.norm(W, axis=1)
         cos = np.sum(W * ref, axis=1) / (np.linalg.norm(W, axis=1) * np.linalg.norm(ref, axis=1))
         assert e["rel_l2_mean"] == pytest.approx(rel.mean(), abs=1e-9)

@@ -240,3 +240,17 @@ def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
     tol = tol_for(ref, SHAPE["n_layer"], SHAPE["n_ff"])
     assert np.max(np.abs(m.forward(TOKENS).numpy() - ref)) <= tol
     assert np.max(np.abs(ref - ref_forward(model_f32, TOKENS))) > 100 * tol  # the key really changes the model
+
+
+def test_sixteen_bit_linear_works_inside_and_then_outside_inference_mode() -> None:
+    """The float32 scratch buffer is shared per thread: one first made under inference_mode must still
+    be writable by a projection called directly afterwards (found by the suite run in one process)."""
+    from seeddelta.runtime import weights
+
+    weights._scratch.__dict__.pop("buf", None)  # start from no buffer, as a fresh thread does
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        inside = weights.linear(x, w)
+    outside = weights.linear(x, w)
+    assert torch.equal(inside, outside)  # same inputs, same kernel: bit-identical

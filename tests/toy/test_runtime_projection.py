@@ -27,102 +27,27 @@ from seeddelta.runtime.projections import (
     SparseSeedDeltaProjection,
     parse_payload,
 )
-from seeddelta.testing.tolerances import F16_SUBNORMAL_ABS, U16, U32
-
-
-def sylvester(L: int) -> np.ndarray:
-    h = np.ones((1, 1))
-    while h.shape[0] < L:
-        h = np.block([[h, h], [h, -h]])
-    return h
-
-
-def ref_apply(t: dict[str, np.ndarray], n_in: int, n_out: int, x: np.ndarray, absolute: bool = False) -> np.ndarray:
-    """Spec semantics in float64 for x (T, n_in). absolute=True evaluates the bound M instead."""
-    f = (lambda a: np.abs(a.astype(np.float64))) if absolute else (lambda a: a.astype(np.float64))
-    xs = f(x)
-    y = np.zeros((x.shape[0], n_out))
-    if "base_d1" in t:
-        d1 = t["base_d1"].reshape(-1, t["base_d1"].shape[-1])
-        B, L = d1.shape
-        H = np.abs(sylvester(L)) if absolute else sylvester(L)
-
-        def get(k: str) -> np.ndarray | None:
-            return None if k not in t else t[k].reshape(B, L)
-
-        d2, d3, p1, p2 = get("base_d2"), get("base_d3"), get("base_perm1"), get("base_perm2")
-
-        def F(v: np.ndarray, b: int) -> np.ndarray:  # v (L,)
-            v = v * f(d1[b])
-            if p1 is not None:
-                v = v[np.where((p1[b] >= 0) & (p1[b] < L), p1[b], 0)]
-            v = H @ v
-            if d2 is None and p2 is None:
-                return v * f(d3[b]) if d3 is not None else v
-            if d2 is not None:
-                v = v * f(d2[b])
-            if p2 is not None:
-                v = v[np.where((p2[b] >= 0) & (p2[b] < L), p2[b], 0)]
-            v = H @ v
-            return v * f(d3[b]) if d3 is not None else v
-
-        for ti in range(x.shape[0]):
-            if n_out >= n_in:
-                xh = np.zeros(L)
-                xh[:n_in] = xs[ti]
-                y[ti] = np.concatenate([F(xh, b) for b in range(B)])[:n_out]
-            else:
-                acc = np.zeros(L)
-                for b in range(B):
-                    chunk = np.zeros(L)
-                    part = xs[ti, b * L:(b + 1) * L]
-                    chunk[:part.size] = part
-                    acc += F(chunk, b)
-                y[ti] = acc[:n_out]
-    for ti in range(x.shape[0]):
-        for o in range(n_out):
-            acc = 0.0
-            if "b_idx" in t:
-                blk = t["b_val"].shape[2]
-                for k, j in enumerate(t["b_idx"][o]):
-                    j = int(j)
-                    if j < 0 or j * blk >= n_in:
-                        continue
-                    for tt in range(min(blk, n_in - j * blk)):
-                        acc += f(t["b_val"][o, k, tt]) * xs[ti, j * blk + tt]
-            else:
-                for r, i in enumerate(t["d_idx"][o]):
-                    i = int(i)
-                    if 0 <= i < n_in:
-                        acc += f(t["d_val"][o, r]) * xs[ti, i]
-            y[ti, o] += acc
-    if "d_row_scale" in t:
-        y *= f(t["d_row_scale"])[None, :]
-    return y
+from seeddelta.testing.oracles import reference_apply
+from seeddelta.testing.tolerances import F16_SUBNORMAL_ABS, F64_REORDER, U16, U32
 
 
 def bound(t: dict[str, np.ndarray], n_in: int, n_out: int, x: np.ndarray) -> np.ndarray:
     L = t["base_d1"].shape[-1] if "base_d1" in t else 1
     per_path = (n_in + 2 * fwht_torch_levels(L) + 6) * U32
-    return 2 * per_path * ref_apply(t, n_in, n_out, x, absolute=True) + 1e-30
+    return 2 * per_path * reference_apply(t, n_in, n_out, x, absolute=True) + 1e-30
 
 
 def make_tensors(rng: np.random.Generator, n_in: int, n_out: int, *, scheme: str = "coo", K: int = 8,
-                 block: int = 4, base: str | None = "depth2", row_scale: bool = True, bad_idx: bool = False,
+                 block: int = 4, base: str | None = "depth2", row_scale: bool = True,
                  idx_dtype=np.int16, val_dtype=np.float16, one_d_base: bool = False) -> dict[str, np.ndarray]:
     t: dict[str, np.ndarray] = {}
     if scheme == "coo":
         idx = np.stack([rng.permutation(n_in)[:K] for _ in range(n_out)]).astype(idx_dtype)
-        if bad_idx:
-            idx[0, 0] = -1
-            idx[1 % n_out, 1 % K] = n_in + 3
         t["d_idx"], t["d_val"] = idx, rng.normal(0, 1, (n_out, K)).astype(val_dtype)
     else:
         nbt = -(-n_in // block)
         nb = min(K, nbt)
         bi = np.stack([rng.permutation(nbt)[:nb] for _ in range(n_out)]).astype(idx_dtype)
-        if bad_idx:
-            bi[0, 0] = -1
         t["b_idx"], t["b_val"] = bi, rng.normal(0, 1, (n_out, nb, block)).astype(val_dtype)
     if row_scale:
         t["d_row_scale"] = rng.uniform(0.5, 1.5, n_out).astype(np.float16)
@@ -133,10 +58,7 @@ def make_tensors(rng: np.random.Generator, n_in: int, n_out: int, *, scheme: str
         if base in ("depth2", "perm2"):
             t["base_d2"] = (rng.normal(0, 1, (B, L)) / L).astype(np.float16)
             t["base_d3"] = rng.uniform(0.5, 1.5, (B, L)).astype(np.float16)
-        p1 = np.stack([rng.permutation(L) for _ in range(B)]).astype(np.int16)
-        if bad_idx:
-            p1[0, 1] = L + 5  # out-of-range gather entry reads element 0 (§2.2)
-        t["base_perm1"] = p1
+        t["base_perm1"] = np.stack([rng.permutation(L) for _ in range(B)]).astype(np.int16)
         if base == "perm2":
             t["base_perm2"] = np.stack([rng.permutation(L) for _ in range(B)]).astype(np.int16)
         if one_d_base:
@@ -151,8 +73,8 @@ CASES = [
     (24, 40, dict(scheme="coo")),
     (40, 24, dict(scheme="coo")),
     (40, 24, dict(scheme="block", block=4, K=3)),
-    (24, 40, dict(scheme="block", block=5, K=2, bad_idx=True)),  # last block partial (24 = 4·5 + 4)
-    (32, 32, dict(scheme="coo", base="perm2", bad_idx=True)),
+    (24, 40, dict(scheme="block", block=5, K=5)),  # last block partial (24 = 4·5 + 4): padding skipped
+    (32, 32, dict(scheme="coo", base="perm2")),
     (20, 50, dict(scheme="coo", base="depth1", row_scale=False)),
     (50, 20, dict(scheme="coo", base=None, idx_dtype=np.int32, val_dtype=np.float32)),
     (16, 16, dict(scheme="coo", one_d_base=True)),  # B == 1 stored 1-D (original rejects it, §12.2)
@@ -167,7 +89,7 @@ def test_sparse_and_materialized_match_spec_reference(n_in: int, n_out: int, opt
     payload = parse_payload("blk.0.ffn_gate", t, n_in, n_out)
     assert payload is not None
     x = rng.normal(0, 1, (5, n_in)).astype(np.float32)
-    ref = ref_apply(t, n_in, n_out, x)
+    ref = reference_apply(t, n_in, n_out, x)
     tol = bound(t, n_in, n_out, x)
     sparse = SparseSeedDeltaProjection(payload)
     mat = MaterializedSeedDeltaProjection(payload)
@@ -179,7 +101,7 @@ def test_sparse_and_materialized_match_spec_reference(n_in: int, n_out: int, opt
     assert np.all(np.abs(ys - ym) <= tol)
     # the float64 reconstruction is the operator itself: Ŵ·x in float64 equals the reference to rounding
     dense = payload.dense()
-    np.testing.assert_allclose(x.astype(np.float64) @ dense.T, ref, rtol=0, atol=float(np.max(tol)) * 1e-6 + 1e-12)
+    np.testing.assert_allclose(x.astype(np.float64) @ dense.T, ref, rtol=0, atol=float(np.max(tol)) * 1e-6 + F64_REORDER)
     # leading batch dimensions are kept
     assert sparse(torch.from_numpy(x).reshape(5, 1, n_in)).shape == (5, 1, n_out)
     # Ŵ held as float16 (models that are not F32): Ŵ rounded once, so each product gains at most
@@ -200,15 +122,15 @@ def test_block_preferred_over_coo(seed: int) -> None:
     x = rng.normal(0, 1, (3, 24)).astype(np.float32)
     only_block = {k: v for k, v in t.items() if not k.startswith("d_") or k == "d_row_scale"}
     y = SparseSeedDeltaProjection(payload)(torch.from_numpy(x)).numpy()
-    ref = ref_apply(only_block, 24, 40, x)
+    ref = reference_apply(only_block, 24, 40, x)
     assert np.all(np.abs(y - ref) <= bound(only_block, 24, 40, x))
-    coo_ref = ref_apply({k: v for k, v in t.items() if not k.startswith("b_")}, 24, 40, x)
+    coo_ref = reference_apply({k: v for k, v in t.items() if not k.startswith("b_")}, 24, 40, x)
     assert np.max(np.abs(coo_ref - ref)) > 1e-2  # the two residuals really differ, so the check can fail
 
 
 @pytest.mark.parametrize("mutate,needle", [
     (lambda t: t.pop("d_val"), "d_val: missing"),
-    (lambda t: t.__setitem__("d_val", t["d_val"][:, :-1]), "d_idx/d_val"),
+    (lambda t: t.__setitem__("d_val", t["d_val"][:, :-1]), "d_idx .* / d_val"),
     (lambda t: t.__setitem__("d_idx", t["d_idx"].astype(np.float32)), "d_idx: dtype"),
     (lambda t: t.__setitem__("d_row_scale", t["d_row_scale"][:-1]), "d_row_scale"),
     (lambda t: t.__setitem__("base_d1", t["base_d1"][:, :-1]), "base_d1"),
@@ -227,8 +149,9 @@ def test_no_tensors_means_no_payload() -> None:
 
 
 def test_nonfinite_outputs_are_zeroed_and_counted(seed: int) -> None:
+    # stored values are finite (Inf/NaN would be refused at load); their sum overflows float32
     t = make_tensors(np.random.default_rng(seed), 24, 40, base=None, row_scale=False, val_dtype=np.float32)
-    t["d_val"][3, :] = np.inf
+    t["d_val"][3, :] = np.float32(3e38)
     proj = SparseSeedDeltaProjection(parse_payload("blk.0.ffn_gate", t, 24, 40))
     y = proj(torch.ones(2, 24))
     assert torch.isfinite(y).all()
@@ -259,4 +182,4 @@ def test_runtime_agrees_with_codec(shape: tuple[int, int], cfg: dict, seed: int)
     assert np.all(np.abs(y_sparse - y_codec) <= tol), float(np.max(np.abs(y_sparse - y_codec) / tol))
     assert np.all(np.abs(y_mat - y_codec) <= tol)
     # float64 reconstructions from the same stored values: equal up to float64 rounding of the base chain
-    np.testing.assert_allclose(payload.dense(), sdw.dense(), rtol=0, atol=1e-12 * max(1.0, float(np.abs(W).max())))
+    np.testing.assert_allclose(payload.dense(), sdw.dense(), rtol=0, atol=F64_REORDER * max(1.0, float(np.abs(W).max())))
