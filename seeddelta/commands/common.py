@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
+from seeddelta.runtime.engines import DEFAULT_CTX, ENGINES
 
 if TYPE_CHECKING:
     from seeddelta.builder.options import BuildOptions
@@ -192,7 +193,6 @@ def add_runtime_args(p: argparse.ArgumentParser, *, engines: bool = True) -> Non
         add_engine_arg(p)
 
 
-ENGINES = ("torch", "llama.cpp")  # the names seeddelta.runtime.llama_cpp_engine accepts (not imported: --help stays light)
 
 
 def add_engine_arg(p: argparse.ArgumentParser) -> None:
@@ -223,7 +223,6 @@ def apply_threads(args: argparse.Namespace) -> int:
 def load_from_args(args: argparse.Namespace, path: str | Path, *, use_seeddelta: bool | None = None) -> Loaded:
     """The model at `path` on the engine the options name (`use_seeddelta` overrides --no-seeddelta)."""
     from seeddelta.evaluation.memory import load
-    from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX
 
     return load(path, use_seeddelta=bool(args.use_seeddelta if use_seeddelta is None else use_seeddelta),
                 mode="sparse" if args.sparse else "materialized", engine=getattr(args, "engine", "torch"),

@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     path = model_path(args)
     items = _limit(pack.load_pack(args.pack), args.limit)
     loaded = load_from_args(args, path)
-    # a bad base fails before the long run; it runs dense on the same engine
-    base = load_from_args(args, args.base, use_seeddelta=False) if args.base else None
+    base = load_from_args(args, args.base, use_seeddelta=False) if args.base else None  # fails before the long run
     m = loaded.model
     print(f"seeddelta greedy: {path}: {m.n_seeddelta} SeedΔ projection(s) of {len(m.projections())} in use; "
           f"{len(items)} prompt(s)", file=sys.stderr)

@@ -11,7 +11,8 @@ from typing import Any
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file
-from seeddelta.runtime.llama_cpp_engine import DEFAULT_CTX, ENGINES, EvalModel, LlamaCppModel
+from seeddelta.runtime.engines import DEFAULT_CTX, ENGINES
+from seeddelta.runtime.llama_cpp_engine import EvalModel, LlamaCppModel
 from seeddelta.runtime.model import load_model, load_tokenizer, weight_source
 from seeddelta.runtime.tokenizers import Tokenizer
 

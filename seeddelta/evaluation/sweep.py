@@ -159,9 +159,9 @@ class UnitMeasure:
         self.model_path, self.windows, self.encoding, self.out_dir = model_path, windows, encoding, out_dir
         self.keep_files = keep_files
         self.base, self.greedy, self.cache = base, greedy, cache or UnitCache(None)
+        self.engine, self.threads = engine, threads
         self._base_greedy: dict[str, Any] | None = None
         self._spec_base: dict[str, Any] | None = None
-        self.engine, self.threads = engine, threads
         logits = model_logits(base.model)
         cache_bytes = windows.n_scored * base.model.config.n_vocab * 4  # float32 logits of every scored position
         if cache_bytes <= CACHE_LIMIT_BYTES:
@@ -185,7 +185,8 @@ class UnitMeasure:
 
             evaluation: dict[str, Any] = {
                 "windows_sha256": windows_sha256(self.windows), "ctx": self.windows.n_ctx,
-                "chunks": self.windows.n_chunk, "runtime": "sparse", "engine": self.engine, "strip_dense": True,
+                "chunks": self.windows.n_chunk, "runtime": "sparse" if self.engine == "torch" else self.engine,
+                "strip_dense": True,
                 "greedy": self.greedy.spec() if self.greedy is not None else None,
             }
             self._spec_base = {"model_sha256": sha256_file(self.model_path), "encoding": encoding_spec(self.encoding),

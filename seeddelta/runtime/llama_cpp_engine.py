@@ -26,12 +26,11 @@ import torch
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, weight_name
+from seeddelta.runtime.engines import DEFAULT_CTX
 from seeddelta.runtime.model import LlamaConfig, LlamaModel, weight_source
 
-ENGINES = ("torch", "llama.cpp")
 INSTALL_HINT = ("pip install 'seeddelta[interop]' (in a checkout: .venv/bin/pip install -e '.[interop]'; it builds "
                 "llama.cpp, several minutes)")
-DEFAULT_CTX = 512
 
 
 def import_llama_cpp() -> Any:

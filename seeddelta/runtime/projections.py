@@ -25,8 +25,8 @@ Two evaluation modes:
 * ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs (`fwht_torch`:
   H_a ⊗ H_b as two small matrix products, not the original's butterflies; same transform, its own
   stated rounding bound) and the
-  residual as a CSR sparse × dense product (int32 indices, values held as stored — f16 or f32 —
-  and converted exactly to float32 for each product).
+  residual as a CSR sparse × dense product (indices and values held as stored — i16/i32, f16/f32 —
+  and converted exactly to the int32/float32 CSR for each product).
 
 Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors — bad shapes,
 out-of-range indices, a base_perm that is not a permutation, NaN/Inf values — raise a
@@ -295,17 +295,16 @@ class SparseSeedDeltaProjection:
         self.has_base = payload.base is not None
         idx, val = payload.residual_entries()
         self.n_entries = int(idx.shape[1])
-        # CSR with int32 row pointers and column indices, columns sorted within each row; skipped entries
-        # were turned into (0, 0.0) by residual_entries(). Values are held in their stored type and converted
-        # exactly to float32 for each product.
+        # CSR, columns sorted within each row; skipped entries were turned into (0, 0.0) by
+        # residual_entries(). Column indices are held as compactly as the file stores them (int16 while n_in
+        # fits) and values in their stored type (f16: 4 bytes per entry, as on disk), converted exactly to
+        # the int32/float32 CSR torch multiplies with, for each product.
         order = np.argsort(idx, axis=1, kind="stable")
-        # column indices held as compactly as the file stores them (int16 while n_in fits), widened to the
-        # int32 torch's CSR product takes for each product: 4 bytes per f16 entry, as on disk
         col_type = np.int16 if self.n_in <= np.iinfo(np.int16).max + 1 else np.int32
         cols = np.take_along_axis(idx, order, axis=1).astype(col_type).reshape(-1)
         pair = payload.block if payload.block is not None else payload.coo
-        stored = pair[1].dtype if pair is not None else np.dtype(np.float32)
-        vals = np.take_along_axis(val, order, axis=1).astype(stored).reshape(-1)  # exact: val came from `stored`
+        stored_val = pair[1].dtype if pair is not None else np.dtype(np.float32)
+        vals = np.take_along_axis(val, order, axis=1).astype(stored_val).reshape(-1)  # exact: val came from it
         crow = np.arange(0, self.n_out * self.n_entries + 1, max(1, self.n_entries), dtype=np.int32)
         if self.n_entries == 0:
             crow = np.zeros(self.n_out + 1, dtype=np.int32)
