@@ -9,7 +9,7 @@ temporary file next to the target and renamed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,17 @@ def set_kv(writer: GGUFWriter, kv: KV) -> None:
     kv_data[kv.key] = GGUFValue(value=value, type=kv.type, sub_type=kv.sub_type)
 
 
-def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's stored form, as GGUFReader hands it out: `data` in the stored dtype (quantized
+    types as uint8 bytes, one row of blocks per weight row), `tensor_type`, `shape` in ggml order."""
+
+    data: np.ndarray
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+def _tensor_for_copy(tensor: ReaderTensor | RawTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
     return tensor.data, GGMLQuantizationType(tensor.tensor_type)
 
 
@@ -97,12 +107,18 @@ def write_model_copy(
     add_tensors: Sequence[tuple[str, np.ndarray]] = (),
     drop_keys: Iterable[str] = (),
     set_keys: Sequence[KV] = (),
+    replace_tensors: Mapping[str, ReaderTensor | RawTensor] = {},
 ) -> None:
     """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
     then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
-    order and type, then `add_tensors` (numpy order; dtype float16/float32/int16/int32) in the
-    given order. The alignment of `src` is kept."""
+    order and type — or, for a name in `replace_tensors`, that tensor's bytes and type at the same
+    place (same shape required; e.g. the weight as another file quantized it) — then `add_tensors`
+    (numpy order; dtype float16/float32/int16/int32) in the given order. The alignment of `src` is kept."""
     drop_t = set(drop_tensors)
+    for name, other in replace_tensors.items():
+        mine = src.tensors.get(name)
+        if mine is None or [int(d) for d in mine.shape] != [int(d) for d in other.shape]:
+            raise SeedDeltaError(f"internal: replacement for tensor {name} does not match a tensor of {src.path}")
     drop_k = set(drop_keys)
     if same_file(src.path, out_path):
         raise SeedDeltaError(f"output {os.fspath(out_path)} is the input file; choose another -o")
@@ -121,7 +137,7 @@ def write_model_copy(
         for tensor in src.reader.tensors:
             if tensor.name in drop_t:
                 continue
-            data, qtype = _tensor_for_copy(tensor)
+            data, qtype = _tensor_for_copy(replace_tensors.get(tensor.name, tensor))
             writer.add_tensor(tensor.name, data, raw_dtype=qtype)
             names.add(tensor.name)
         for name, array in add_tensors:
