@@ -17,7 +17,8 @@ from typing import NoReturn
 from seeddelta.errors import SeedDeltaError
 
 # Module names under seeddelta.commands, in the order they appear in --help.
-COMMAND_MODULES = ("demo", "toy", "build", "inspect", "tiny", "ppl", "kld", "greedy", "imatrix", "sweep", "policy")
+COMMAND_MODULES = ("demo", "toy", "build", "inspect", "tiny", "ppl", "kld", "greedy", "imatrix", "sweep", "policy",
+                   "regress")
 
 
 class _Parser(argparse.ArgumentParser):
