@@ -9,6 +9,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# OpenMP threads sleep instead of spinning when idle (before torch loads): tests share the cores with
+# each other (pytest-xdist) and with other work; see seeddelta.resources
+from seeddelta.resources import prepare_environment  # noqa: E402
+
+prepare_environment()
 
 # The directory implies the tier, so `pytest -m toy` cannot miss a file someone forgot to mark.
 _TIER_BY_DIR = {"toy": "toy", "tiny": "tiny", "golden": "golden", "real": "real", "interop": "interop"}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench_codec", "bench_build", "bench_runtime")
+MODULES = ("bench_codec", "bench_build", "bench_runtime", "bench_threads")
 
 
 def main(argv: list[str]) -> int:
+    from seeddelta.resources import prepare_environment
+
+    prepare_environment()  # as the CLI does, before a benchmark imports torch
     names = argv or list(MODULES)
     status = 0
     for name in names:

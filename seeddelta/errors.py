@@ -11,3 +11,12 @@ class SeedDeltaError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM/SIGHUP arrived (raised by the handler seeddelta.cli installs), so that every `finally`
+    and `with` block runs — temporary files are removed — before the process exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

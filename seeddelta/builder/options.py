@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -95,13 +95,31 @@ def baseline_resolver(opts: BuildOptions) -> Resolver:
     return resolve
 
 
+def clamp_K(opts: BuildOptions, n_in_by_kind: dict[str, int]) -> BuildOptions:
+    """`opts` with every budget flag lowered to the widest input of the weights it applies to: the K that
+    is actually used, for the file's global keys and the report (a row cannot keep more than n_in entries)."""
+    if not n_in_by_kind:
+        return opts
+    widest = max(n_in_by_kind.values())
+
+    def used(kind: str, flag: int) -> int:
+        n_in = n_in_by_kind.get(kind)
+        if n_in is not None and opts.kind_K(kind) > n_in:
+            return n_in
+        return min(flag, widest) if flag > 0 else flag  # -1 (follow --K) stays -1
+
+    return replace(opts, K=min(opts.K, widest), K_gate=used("ffn_gate", opts.K_gate), K_up=used("ffn_up", opts.K_up),
+                   K_down=used("ffn_down", opts.K_down))
+
+
 def tensor_seed(seed: int, layer: int, kind: str, stream: int = 0) -> int:
     """A 32-bit seed for (layer, kind, stream) derived from --seed only."""
     ss = np.random.SeedSequence([seed % (1 << 32), layer, KINDS.index(kind), stream])
     return int(ss.generate_state(1, dtype=np.uint32)[0])
 
 
-def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> None:
+def validate_encoding(opts: BuildOptions) -> None:
+    """The encoding flags (what `build` and `sweep` share), without any path: one line per problem."""
     if opts.scheme not in ("coo", "block"):
         raise SeedDeltaError(f"--scheme must be coo or block, got {opts.scheme!r}")
     if opts.scheme == "block" and not 1 <= opts.block <= 4096:
@@ -126,7 +144,11 @@ def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> N
     if opts.delta_norm_clamp_down < 0:
         raise SeedDeltaError(f"--delta-norm-clamp-down must be >= 0, got {opts.delta_norm_clamp_down}")
     if opts.threads < 0:
-        raise SeedDeltaError(f"-t must be >= 1 (or 0 for one per CPU), got {opts.threads}")
+        raise SeedDeltaError(f"-t must be >= 0 (0: automatic, one per core), got {opts.threads}")
+
+
+def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> None:
+    validate_encoding(opts)
     if not opts.output:
         raise SeedDeltaError("-o/--output is required")
     if same_file(opts.input, opts.output):
@@ -136,8 +158,19 @@ def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> N
         raise SeedDeltaError(f"output directory does not exist: {out_dir}")
     if not os.access(out_dir, os.W_OK):
         raise SeedDeltaError(f"output directory is not writable: {out_dir}")
-    if opts.report_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(opts.report_json))):
-        raise SeedDeltaError(f"report directory does not exist: {os.path.dirname(os.path.abspath(opts.report_json))}")
+    if opts.report_json is not None:
+        if same_file(opts.report_json, opts.output):
+            raise SeedDeltaError(f"--report-json {opts.report_json} is the -o output; give the report its own file")
+        for flag, path in (("-i", opts.input), ("--imatrix", opts.imatrix), ("--policy", opts.policy)):
+            if path is not None and same_file(opts.report_json, path):
+                raise SeedDeltaError(f"--report-json {opts.report_json} is the input {flag} {path}; inputs are "
+                                     "never overwritten, choose another --report-json")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(opts.report_json))):
+            raise SeedDeltaError(f"report directory does not exist: {os.path.dirname(os.path.abspath(opts.report_json))}")
+    for flag, path in (("--imatrix", opts.imatrix), ("--policy", opts.policy)):
+        if path is not None and same_file(opts.output, path):
+            raise SeedDeltaError(f"-o {opts.output} is the input {flag} {path}; inputs are never overwritten, "
+                                 "choose another -o")
     if opts.policy is not None and not policy_supported:
         raise SeedDeltaError(
             "policy support is not implemented yet (the policy issue; spec-policy-eval.md) — run without --policy"

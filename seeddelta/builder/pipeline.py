@@ -29,6 +29,7 @@ from seeddelta.builder.options import (
     Resolver,
     TensorConfig,
     baseline_resolver,
+    clamp_K,
     validate_options,
 )
 from seeddelta.builder.report import (
@@ -63,13 +64,20 @@ class BuildResult:
 
 
 class _Progress:
+    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q)."""
+
     def __init__(self, total: int, stream: TextIO | None) -> None:
-        self.total, self.stream, self.done, self.t0 = total, stream, 0, time.perf_counter()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream if stream is not None else sys.stderr,
+                        leave=False, dynamic_ncols=True, disable=True if stream is None else None)
 
     def step(self, label: str) -> None:
-        self.done += 1
-        if self.stream is not None:
-            print(f"[{self.done}/{self.total}] {label}  {time.perf_counter() - self.t0:.1f}s", file=self.stream, flush=True)
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> list[KV]:
@@ -153,7 +161,8 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
         )
     steps: list[tuple[int, str, str, TensorConfig | None]] = []
     keep_existing: set[tuple[int, str]] = set()
-    for layer in parse_layers(opts.layers, model.n_layer):
+    clamped: dict[tuple[str, int, int], int] = {}  # (kind, K asked, n_in) -> weights
+    for layer in parse_layers(opts.layers, model.n_layer, note=lambda m: print(f"warning: {m}", file=log)):
         for kind in KINDS:
             name = weight_name(layer, kind)
             cfg = resolve(layer, kind)
@@ -175,9 +184,15 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
                 continue
             if cfg.K <= 0:
                 raise SeedDeltaError(f"{name}: K must be a positive integer, got {cfg.K}")
+            n_in = int(model.tensors[name].shape[0])
             if imatrix is not None:
-                imatrix.entry(name, int(model.tensors[name].shape[0]))  # fail before any work if it does not match
+                imatrix.entry(name, n_in)  # fail before any work if it does not match
+            if cfg.K > n_in:
+                clamped[(kind, cfg.K, n_in)] = clamped.get((kind, cfg.K, n_in), 0) + 1
             steps.append((layer, kind, "encode", cfg))
+    for (kind, k, n_in), count in sorted(clamped.items()):
+        print(f"warning: K {k} for {kind} exceeds its {n_in} inputs: {count} weight(s) keep all {n_in} entries per "
+              f"row (K {n_in} is stored; the weight is reproduced exactly, at more bytes than dense)", file=log)
     for layer, kind in sorted(keep_existing):
         print(f"warning: blk.{layer}.{kind}: dense weight is absent (stripped); its existing SeedΔ tensors are "
               "kept unchanged", file=log)
@@ -197,20 +212,23 @@ def encode_all(model: GGUFModel, opts: BuildOptions, tasks: list[tuple[int, str,
         return result
 
     encoded: dict[tuple[int, str], WeightResult] = {}
-    if threads <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            res = work(task)
-            encoded[(res.layer, res.kind)] = res
-        return encoded
-    pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
     try:
-        futures = [pool.submit(work, task) for task in tasks]
-        for future in futures:  # in build order; the first error stops the build
-            res = future.result()
-            encoded[(res.layer, res.kind)] = res
+        if threads <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                res = work(task)
+                encoded[(res.layer, res.kind)] = res
+            return encoded
+        pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
+        try:
+            futures = [pool.submit(work, task) for task in tasks]
+            for future in futures:  # in build order; the first error stops the build
+                res = future.result()
+                encoded[(res.layer, res.kind)] = res
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return encoded
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return encoded
+        progress.close()  # also on Ctrl-C: the next line starts on a line of its own
 
 
 def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, encoded: dict[tuple[int, str], WeightResult],
@@ -303,6 +321,11 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
     encoded = encode_all(model, opts, plan.tasks, imatrix, log)
+    # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
+    n_in_by_kind: dict[str, int] = {}
+    for layer, kind, _cfg in plan.tasks:
+        n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
+    opts = clamp_K(opts, n_in_by_kind)
     out = assemble(model, opts, plan, encoded, log)
     write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
                      drop_keys=out.drop_keys, set_keys=out.set_keys)

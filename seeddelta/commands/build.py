@@ -8,9 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seeddelta.builder.options import BuildOptions
-from seeddelta.builder.pipeline import run_build, size_warnings, summary_line
-from seeddelta.commands.common import Subparsers, add_encoding_args, describe, encoding_options
+from seeddelta.commands.common import (
+    Subparsers,
+    add_encoding_args,
+    add_input,
+    add_output,
+    describe,
+    encoding_options,
+    layers_arg,
+)
 
 
 def register(sub: Subparsers) -> None:
@@ -18,18 +24,18 @@ def register(sub: Subparsers) -> None:
         "build", help="encode FFN weights of a GGUF into SeedΔ tensors",
         description=describe(__doc__),
     )
-    p.add_argument("-i", "--input", required=True, metavar="FILE", help="input GGUF")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="output GGUF (never the input)")
-    p.add_argument("--layers", default=None, metavar="A-B|LIST",
+    add_input(p, "-i", "--input", required=True, metavar="FILE", help="input GGUF")
+    add_output(p, "-o", "--output", required=True, metavar="FILE", help="output GGUF (never the input)")
+    p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
                    help="layers to encode: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
     add_encoding_args(p)
     p.add_argument("--strip-dense", action="store_true", help="drop the dense weight of every encoded tensor")
-    p.add_argument("--policy", default=None, metavar="FILE", help="policy JSON (not implemented yet)")
+    add_input(p, "--policy", default=None, metavar="FILE", help="policy JSON (not implemented yet)")
     p.add_argument("--policy-strict", action="store_true", help="unknown policy keys are errors")
     p.add_argument("--eval-cols", type=int, default=0, metavar="N",
                    help="output rows sampled for the metrics; >= n_out: every row (0: no metrics)")
     p.add_argument("--eval-x", type=int, default=0, metavar="N", help="random inputs for functional metrics (0)")
-    p.add_argument("--report-json", default=None, metavar="PATH", help="write report.json")
+    add_output(p, "--report-json", default=None, metavar="PATH", help="write report.json")
     p.add_argument("--deterministic-report", action="store_true",
                    help="leave the wall-clock `timing` object out of the report (byte-identical reports)")
     p.add_argument("--overwrite-existing", action="store_true",
@@ -39,6 +45,9 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.builder.options import BuildOptions
+    from seeddelta.builder.pipeline import run_build, size_warnings, summary_line
+
     opts = BuildOptions(
         input=args.input, output=args.output, layers=args.layers, strip_dense=args.strip_dense, policy=args.policy,
         policy_strict=args.policy_strict, eval_cols=args.eval_cols, eval_x=args.eval_x,

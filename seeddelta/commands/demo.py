@@ -29,28 +29,55 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seeddelta.commands.common import describe, model_path
+from seeddelta.assets import TINY_MODEL
+from seeddelta.commands.common import (
+    Subparsers,
+    add_input,
+    add_output_dir,
+    add_quiet_arg,
+    add_threads_arg,
+    chunks_int,
+    describe,
+    finite_float,
+    model_path,
+    nonnegative_int,
+    positive_int,
+)
 from seeddelta.errors import SeedDeltaError
-from seeddelta.outputs import write_json_atomic, write_text_atomic
 
 CALIBRATION_SAMPLES = 400  # ≈ 25k tokens: enough for stable Σx² per input channel of a 192/768-wide FFN
 
+# every file the demo writes into --out, checked against the inputs before the first step
+OUTPUT_FILES = ("toy.json", "calibration.txt", "imatrix.gguf", "model_seeddelta.gguf", "report.json", "kld.json",
+                "greedy.json", "sweep.json", "model_seeddelta_chosen.gguf", "kld_chosen.json", "greedy_chosen.json",
+                "summary.json")
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("demo", help="the main job on the built-in tiny model (see README)",
                        description=describe(__doc__))
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("-m", "--model", help="GGUF model (default: the tiny model shipped in the package)")
-    p.add_argument("--K-gate", type=int, default=64, help="budget per row of ffn_gate (n_in 192 on the tiny model)")
-    p.add_argument("--K-up", type=int, default=64, help="budget per row of ffn_up")
-    p.add_argument("--K-down", type=int, default=256, help="budget per row of ffn_down (n_in 768)")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="context for perplexity and KLD")
-    p.add_argument("--chunks", type=int, default=-1, help="at most N perplexity windows (-1: all)")
-    p.add_argument("--limit", type=int, default=0, help="greedy prompts per task (0: the whole pack)")
+    add_output_dir(p, "--out", default="runs/demo", metavar="DIR",
+                   help="output directory, created when missing (default: runs/demo)")
+    add_input(p, "-m", "--model", default=None, metavar="FILE", implied=TINY_MODEL,
+              help="GGUF model (default: the tiny model shipped in the package)")
+    p.add_argument("--K-gate", type=positive_int, default=64, metavar="N",
+                   help="budget per row of ffn_gate (64; n_in is 192 on the tiny model)")
+    p.add_argument("--K-up", type=positive_int, default=64, metavar="N", help="budget per row of ffn_up (64)")
+    p.add_argument("--K-down", type=positive_int, default=256, metavar="N",
+                   help="budget per row of ffn_down (256; n_in is 768 on the tiny model)")
+    p.add_argument("-c", "--ctx-size", type=positive_int, default=512, metavar="N",
+                   help="context for the imatrix, perplexity and KLD (512)")
+    p.add_argument("--chunks", type=chunks_int, default=-1, metavar="N",
+                   help="at most N perplexity windows (default -1: all)")
+    p.add_argument("--limit", type=nonnegative_int, default=0, metavar="N",
+                   help="greedy prompts per task (0: the whole pack)")
     p.add_argument("--skip-toy", action="store_true", help="do not run harness A first")
-    p.add_argument("--max-delta-nll", type=float, default=0.01,
-                   help="the chosen subset: the most safest-first layers whose ΔNLL together stays at or below this (0.01)")
+    p.add_argument("--max-delta-nll", type=finite_float, default=0.01, metavar="X",
+                   help="the chosen subset: the most safest-first layers whose ΔNLL together stays at or below X "
+                        "(0.01)")
     p.add_argument("--strict", action="store_true", help="exit status 1 when the greedy pack FAILs")
+    add_threads_arg(p, "threads for every step (default 0: automatic; passed on as -t)")
+    add_quiet_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -65,6 +92,7 @@ def _step(title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> int:
 
 
 def _calibration_text(path: Path) -> None:
+    from seeddelta.outputs import write_text_atomic
     from seeddelta.tiny.dataset import DEFAULT_SEED, heldout_texts, train_samples
 
     stream = train_samples(DEFAULT_SEED + 1, 0, heldout_texts())
@@ -75,46 +103,97 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _preflight(args: argparse.Namespace, model: Path, out: Path) -> None:
+    """Everything that can be known before the first step: the outputs against the model, the model's
+    header, the context against the model and the texts (a bad option fails now, not after minutes)."""
+    from seeddelta.assets import tiny_val_text
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.outputs import same_file
+
+    for name in OUTPUT_FILES:  # (the guard already checked that --out can be created)
+        if same_file(out / name, model):
+            raise SeedDeltaError(f"--out {out} would write {out / name}, which is the input -m {model}; inputs "
+                                 "are never overwritten, choose another --out")
+    gguf = GGUFModel(model, what="model")
+    n_ctx_train = gguf.get(f"{gguf.arch}.context_length")
+    if isinstance(n_ctx_train, int) and not isinstance(n_ctx_train, bool) and args.ctx_size > n_ctx_train:
+        raise SeedDeltaError(f"-c {args.ctx_size} is beyond the model's training context ({n_ctx_train} tokens); "
+                             f"the demo measures within it: use -c {n_ctx_train} or less")
+    # a token covers at least one byte, so a text of B bytes has at most B + 1 tokens (BOS): too short
+    # for 2·n_ctx is certain below that (the exact count needs the tokenizer: each step checks it)
+    text = tiny_val_text()
+    n_bytes = text.stat().st_size
+    if n_bytes + 1 < 2 * args.ctx_size:
+        raise SeedDeltaError(f"-c {args.ctx_size}: the evaluation text {text} has {n_bytes} bytes, fewer than "
+                             f"the 2·n_ctx = {2 * args.ctx_size} tokens perplexity needs")
+
+
 def run(args: argparse.Namespace) -> int:
     model = model_path(args)
     if not model.is_file():
         raise SeedDeltaError(f"model not found: {model}")
     out = Path(args.out)
+    _preflight(args, model, out)
     out.mkdir(parents=True, exist_ok=True)
+    common = ["-t", str(args.threads), *(["-q"] if args.quiet else [])]
     t0 = time.perf_counter()
     if not args.skip_toy:
-        _step("harness A", ["toy", "--json", str(out / "toy.json")])
+        _step("harness A", ["toy", "--json", str(out / "toy.json"), *common])
     _calibration_text(out / "calibration.txt")
     _step("imatrix", ["imatrix", "-m", str(model), "-f", str(out / "calibration.txt"), "-o", str(out / "imatrix.gguf"),
-                      "-c", str(args.ctx_size)])
+                      "-c", str(args.ctx_size), *common])
     sd = out / "model_seeddelta.gguf"
     encoding = ["--base", "--row-scale", "--imatrix", str(out / "imatrix.gguf"),
                 "--K-gate", str(args.K_gate), "--K-up", str(args.K_up), "--K-down", str(args.K_down)]
-    _step("build", ["build", "-i", str(model), "-o", str(sd), *encoding,
+    _step("build", ["build", "-i", str(model), "-o", str(sd), *encoding, *common,
                     "--strip-dense", "--eval-cols", "4096", "--eval-x", "32", "--report-json", str(out / "report.json")])
     _step("perplexity and KL divergence", ["kld", "--base", str(model), "-m", str(sd), "-c", str(args.ctx_size), "--sparse",
-                                           "--chunks", str(args.chunks), "--json", str(out / "kld.json")])
+                                           "--chunks", str(args.chunks), "--json", str(out / "kld.json"), *common])
     _step("greedy pack", ["greedy", "-m", str(sd), "--base", str(model), "--limit", str(args.limit),
-                          "--json", str(out / "greedy.json")],
+                          "--json", str(out / "greedy.json"), *common],
           allowed=(0, 1))  # 1 = verdict FAIL: reported in the summary, not an error of the demo
     _step("one layer at a time", ["sweep", "-m", str(model), "-c", str(args.ctx_size), "--chunks", str(args.chunks),
-                                  "--stack", "--json", str(out / "sweep.json"), *encoding])
+                                  "--stack", "--json", str(out / "sweep.json"), *encoding, *common])
     chosen = _chosen_layers(_load(out / "sweep.json")["stack"], args.max_delta_nll)
     if chosen:
         safe = out / "model_seeddelta_chosen.gguf"
         _step("the chosen layers", ["build", "-i", str(model), "-o", str(safe), *encoding, "--layers", chosen,
-                                    "--strip-dense", "-q"])
+                                    "--strip-dense", "-t", str(args.threads), "-q"])
         _step("the chosen layers: KL divergence", ["kld", "--base", str(model), "-m", str(safe), "-c", str(args.ctx_size),
                                                    "--sparse", "--chunks", str(args.chunks),
-                                                   "--json", str(out / "kld_chosen.json")])
+                                                   "--json", str(out / "kld_chosen.json"), *common])
         _step("the chosen layers: greedy pack", ["greedy", "-m", str(safe), "--base", str(model), "--limit",
-                                                 str(args.limit), "--json", str(out / "greedy_chosen.json")],
+                                                 str(args.limit), "--json", str(out / "greedy_chosen.json"), *common],
               allowed=(0, 1))
     summary = _summary(out, model, sd, time.perf_counter() - t0)
     summary["chosen"] = _chosen_summary(out, model, chosen, args.max_delta_nll)
+    from seeddelta.outputs import write_json_atomic
+
     write_json_atomic(out / "summary.json", summary)
     _print(summary)
+    _print_next(args, chosen)
     return 1 if args.strict and summary["greedy"]["verdict"]["result"] != "PASS" else 0
+
+
+def _print_next(args: argparse.Namespace, chosen: str) -> None:
+    """What to run to do the same on one's own model (the demo's settings, the user's files)."""
+    k = f"--K-gate {args.K_gate} --K-up {args.K_up} --K-down {args.K_down}"
+    enc = f"--base --row-scale --imatrix imatrix.gguf {k}"
+    lines = [
+        "",
+        "== next: the same on your own model (MODEL.gguf, calibration and evaluation text of your own)",
+        "seeddelta imatrix -m MODEL.gguf -f calibration.txt -o imatrix.gguf",
+        f"seeddelta build -i MODEL.gguf -o MODEL-sd.gguf {enc} --strip-dense --report-json report.json",
+        "seeddelta kld --base MODEL.gguf -m MODEL-sd.gguf -f eval.txt --sparse --json kld.json",
+        f"seeddelta sweep -m MODEL.gguf -f eval.txt --stack {enc} --json sweep.json",
+        f"seeddelta build -i MODEL.gguf -o MODEL-chosen.gguf {enc} --strip-dense --layers LIST   "
+        f"# the layers sweep --stack found safe (here: {chosen or 'none'})",
+        "seeddelta greedy -m MODEL-chosen.gguf --base MODEL.gguf --pack prompts.jsonl   "
+        "# JSON lines: id, task, prompt, answer",
+        "Budgets: K is per output row; a COO entry costs 4 bytes, so K must stay well below n_in / 2 "
+        "(less for quantized models) to save space. `seeddelta COMMAND --help` lists every option.",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def _chosen_layers(stack: list[dict[str, Any]], max_delta_nll: float) -> str:

@@ -13,36 +13,39 @@ import time
 from seeddelta.commands.common import (
     Subparsers,
     add_model_arg,
+    add_output,
     add_runtime_args,
     add_text_args,
     apply_threads,
     describe,
     load_from_args,
     model_path,
+    progress,
     windows_from_args,
 )
-from seeddelta.evaluation.activations import collect_imatrix
 
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("imatrix", help="FFN input statistics in llama-imatrix's GGUF format",
                        description=describe(__doc__))
     add_model_arg(p)
-    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
+    add_output(p, "-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
     add_text_args(p, "UTF-8 calibration text")
     add_runtime_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.evaluation.activations import collect_imatrix
     from seeddelta.gguf_format.imatrix_file import write_imatrix
 
     apply_threads(args)
     path = model_path(args)
     loaded = load_from_args(args, path)
-    text_path, _, _, windows = windows_from_args(args, loaded.tokenizer)
+    text_path, _, _, windows = windows_from_args(args, loaded.tokenizer, loaded.model.config.n_ctx_train)
     t0 = time.perf_counter()
-    sums, counts = collect_imatrix(loaded.model, windows)
+    with progress(args, windows.n_chunk, "imatrix", "window") as step:
+        sums, counts = collect_imatrix(loaded.model, windows, step)
     seconds = time.perf_counter() - t0
     write_imatrix(args.output, sums, counts, [str(text_path)], windows.n_chunk, windows.n_ctx)
     print(f"seeddelta imatrix: {len(sums)} weights, {windows.n_chunk} chunk(s) of {windows.n_ctx} tokens "

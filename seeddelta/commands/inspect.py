@@ -1,8 +1,10 @@
-"""`seeddelta inspect FILE.gguf [--json]`: what SeedΔ tensors a GGUF holds (ours or the original's).
+"""`seeddelta inspect FILE.gguf [--json] [--check]`: what SeedΔ tensors a GGUF holds (ours or the
+original's), and whether they can run.
 
 Per weight: layer, kind, scheme, K (and blocks), base geometry (L, B), row scale, whether the
-dense weight is stripped, stored bytes and per-tensor keys; then the file's totals and global
-`seeddelta.*` keys. Reads tensor metadata only (no array is decoded)."""
+dense weight is stripped, stored bytes, per-tensor keys, and whether its arrays pass the runtime's
+validation (indices in range, permutations, finite values, consistent shapes); then the file's
+totals and global `seeddelta.*` keys. With --check the exit status is 1 when a weight is invalid."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import argparse
 import json
 from typing import Any
 
-from seeddelta.commands.common import Subparsers
-from seeddelta.gguf_format.reader import GGUFModel
-from seeddelta.gguf_format.seeddelta_tensors import global_seeddelta_kv, seeddelta_entries
+from seeddelta.commands.common import Subparsers, add_input
 
 
 def inspect_file(path: str) -> dict[str, Any]:
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.seeddelta_tensors import entry_problem, global_seeddelta_kv, seeddelta_entries
+
     model = GGUFModel(path, require_llama=False, what="file")
     entries = seeddelta_entries(model)
     weights: list[dict[str, Any]] = []
     for e in entries:
+        problem = entry_problem(e)
         weights.append({
             "layer": e.layer,
             "kind": e.kind,
@@ -40,6 +44,8 @@ def inspect_file(path: str) -> dict[str, Any]:
             "bits_per_weight": 8.0 * e.nbytes / (e.n_in * e.n_out) if e.n_in and e.n_out else 0.0,
             "dtypes": e.dtypes(),
             "kv": e.kv,
+            "valid": problem is None,
+            "problem": problem,
         })
     total_sd = sum(w["bytes_seeddelta"] for w in weights)
     return {
@@ -60,6 +66,7 @@ def inspect_file(path: str) -> dict[str, Any]:
             "with_row_scale": sum(1 for w in weights if w["row_scale"]),
             "bytes_seeddelta": total_sd,
             "bytes_dense_kept": sum(w["bytes_dense"] for w in weights),
+            "invalid": sum(1 for w in weights if not w["valid"]),
         },
     }
 
@@ -76,7 +83,7 @@ def format_text(info: dict[str, Any]) -> str:
         lines.append("no SeedΔ tensors")
         return "\n".join(lines)
     header = f"{'layer':>5} {'kind':<8} {'scheme':<6} {'K':>6} {'blk':>4} {'L':>6} {'B':>3} {'rs':<3} " \
-             f"{'strip':<5} {'bytes':>10} {'bpw':>6} {'dense':>10}"
+             f"{'strip':<5} {'bytes':>10} {'bpw':>6} {'dense':>10} valid"
     lines.append(header)
     for w in info["weights"]:
         lines.append(
@@ -84,13 +91,19 @@ def format_text(info: dict[str, Any]) -> str:
             f"{w['block'] or '-':>4} {w['base_L'] or '-':>6} {w['base_B'] or '-':>3} "
             f"{'yes' if w['row_scale'] else 'no':<3} {'yes' if w['stripped'] else 'no':<5} "
             f"{w['bytes_seeddelta']:>10} {w['bits_per_weight']:>6.2f} "
-            f"{(w['dense_type'] or '-') if not w['stripped'] else 'stripped':>10}"
+            f"{(w['dense_type'] or '-') if not w['stripped'] else 'stripped':>10} {'yes' if w['valid'] else 'NO'}"
         )
     t = info["totals"]
     lines.append(
         f"total: {t['weights']} weight(s), {t['stripped']} stripped, {t['with_base']} with base, "
         f"{t['with_row_scale']} with row scale; SeedΔ {t['bytes_seeddelta']} B, dense kept {t['bytes_dense_kept']} B"
     )
+    if t["invalid"]:
+        lines.append(f"INVALID: {t['invalid']} weight(s) cannot run (ppl, kld, greedy, imatrix and sweep refuse "
+                     "this file):")
+        lines += [f"  {w['problem']}" for w in info["weights"] if not w["valid"]]
+    else:
+        lines.append("valid: every SeedΔ weight passes the runtime's checks")
     return "\n".join(lines)
 
 
@@ -101,10 +114,14 @@ def _fmt(value: Any) -> str:
 
 
 def register(sub: Subparsers) -> None:
-    p = sub.add_parser("inspect", help="list the SeedΔ tensors of a GGUF",
-                       description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("file", metavar="FILE.gguf")
+    p = sub.add_parser("inspect", help="list the SeedΔ tensors of a GGUF and check that they can run",
+                       description="What SeedΔ tensors a GGUF holds (ours or the original's) and whether each "
+                       "passes the runtime's validation; exit status 1 with --check when one does not.")
+    add_input(p, "file", metavar="FILE.gguf", help="GGUF file to inspect")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--check", action="store_true",
+                   help="exit status 1 when a SeedΔ weight is invalid (out-of-range index, not a permutation, "
+                        "NaN/Inf, bad shape)")
     p.set_defaults(handler=run)
 
 
@@ -114,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, allow_nan=False))
     else:
         print(format_text(info))
-    return 0
+    return 1 if args.check and info["totals"]["invalid"] else 0

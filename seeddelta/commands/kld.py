@@ -12,30 +12,28 @@ import sys
 
 from seeddelta.commands.common import (
     Subparsers,
+    add_input,
     add_model_arg,
+    add_output,
     add_runtime_args,
     add_text_args,
     apply_threads,
     describe,
     load_from_args,
     model_path,
+    progress,
     windows_from_args,
 )
 from seeddelta.errors import SeedDeltaError
-from seeddelta.evaluation.drift import LayerDrift
-from seeddelta.evaluation.memory import load, model_info
-from seeddelta.evaluation.scoring import kl_divergence, model_logits
-from seeddelta.evaluation.windows import tokenize_text
-from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("kld", help="KL divergence of a model to a base model on a text",
                        description=describe(__doc__))
-    p.add_argument("--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
+    add_input(p, "--base", required=True, metavar="FILE", help="base GGUF (the reference distribution p)")
     add_model_arg(p, "candidate GGUF")
     add_text_args(p)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    add_output(p, "--json", default=None, metavar="PATH", help="write the result as JSON")
     add_runtime_args(p)
     p.add_argument("--base-seeddelta", action="store_true",
                    help="let the base use its own SeedΔ tensors too (default: the base runs dense)")
@@ -43,15 +41,21 @@ def register(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.evaluation.drift import LayerDrift
+    from seeddelta.evaluation.memory import load, model_info
+    from seeddelta.evaluation.scoring import kl_divergence, model_logits
+    from seeddelta.evaluation.windows import tokenize_text
+    from seeddelta.outputs import write_json_atomic
+
     apply_threads(args)
     path = model_path(args)
-    base = load(args.base, use_seeddelta=bool(args.base_seeddelta),
-                   mode="sparse" if args.sparse else "materialized")
-    cand = load_from_args(args, path)
+    cand = load_from_args(args, path)  # the candidate first: a damaged file fails before the base is loaded
+    base = load(args.base, use_seeddelta=bool(args.base_seeddelta), mode="sparse" if args.sparse else "materialized")
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
                              f"model {path} has {cand.model.config.n_vocab}")
-    text_path, text, tokens, windows = windows_from_args(args, base.tokenizer)
+    text_path, text, tokens, windows = windows_from_args(args, base.tokenizer,
+                                                         min(base.model.config.n_ctx_train, cand.model.config.n_ctx_train))
     if tokenize_text(cand.tokenizer, text) != tokens:
         raise SeedDeltaError(f"base {args.base} and model {path} tokenize {text_path} differently")
     print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {path} "
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
     drift = LayerDrift(base.model, cand.model) if LayerDrift.applies(base.model, cand.model) else None
     with drift if drift is not None else contextlib.nullcontext():
-        res = kl_divergence(model_logits(base.model), model_logits(cand.model), windows)
+        with progress(args, windows.n_chunk, "KL divergence", "window") as step:
+            res = kl_divergence(model_logits(base.model), model_logits(cand.model), windows, lambda i: step())
     s = res.summary()
     k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]
     print(f"Mean    KLD: {k['mean']:10.6f} ± {k['se']:.6f}")

@@ -15,25 +15,32 @@ import argparse
 import sys
 from typing import Any
 
-from seeddelta.commands.common import Subparsers, model_path
+from seeddelta.assets import TINY_MODEL
+from seeddelta.commands.common import Subparsers, add_input, add_output, model_path
 from seeddelta.errors import SeedDeltaError
 
 
 def register(sub: Subparsers) -> None:
     p = sub.add_parser("policy", help="check, resolve or export a policy JSON",
-                       description=__doc__.split("\n")[0] if __doc__ else None)
+                       description="Validate a policy JSON, show every layer x tensor's setting and where each "
+                       "value came from, or export the canonical policy of a build report.")
     actions = p.add_subparsers(dest="policy_action", metavar="ACTION")
     actions.required = True
 
-    c = actions.add_parser("check", help="validate a policy file")
-    c.add_argument("file", metavar="FILE")
+    c = actions.add_parser("check", help="validate a policy file",
+                           description="Load and validate a policy; warnings on stderr, exit status 2 with one line "
+                           "naming the file and place on error.")
+    add_input(c, "file", metavar="FILE", help="policy JSON")
     _strict_arg(c)
     c.set_defaults(handler=run_check)
 
-    r = actions.add_parser("resolve", help="every layer x tensor's setting and where each value came from")
-    r.add_argument("file", metavar="FILE")
-    r.add_argument("-m", "--model", default=None, metavar="MODEL", help="GGUF model (default: the tiny model)")
-    r.add_argument("--json", default=None, metavar="PATH", help="write the resolution as JSON")
+    r = actions.add_parser("resolve", help="every layer x tensor's setting and where each value came from",
+                           description="Every layer x tensor of a model resolved under a policy, with the source "
+                           "of each value (only the model's layer count is read).")
+    add_input(r, "file", metavar="FILE", help="policy JSON")
+    add_input(r, "-m", "--model", default=None, metavar="MODEL", implied=TINY_MODEL,
+              help="GGUF model (default: the tiny model)")
+    add_output(r, "--json", default=None, metavar="PATH", help="write the resolution as JSON")
     _strict_arg(r)
     r.add_argument("--K", type=int, default=32, metavar="N", help="baseline budget per output row (32)")
     for kind in ("gate", "up", "down"):
@@ -43,9 +50,10 @@ def register(sub: Subparsers) -> None:
     r.add_argument("--strip-dense", action="store_true", help="baseline strip_dense (off)")
     r.set_defaults(handler=run_resolve)
 
-    e = actions.add_parser("export", help="canonical policy from a build report's final decisions")
-    e.add_argument("report", metavar="REPORT.json")
-    e.add_argument("-o", "--output", required=True, metavar="POLICY.json", help="policy file to write")
+    e = actions.add_parser("export", help="canonical policy from a build report's final decisions",
+                           description="Write the canonical policy of a build report's final decisions.")
+    add_input(e, "report", metavar="REPORT.json", help="report.json of `seeddelta build --report-json`")
+    add_output(e, "-o", "--output", required=True, metavar="POLICY.json", help="policy file to write")
     e.add_argument("--emit-only", action="store_true",
                    help="only the emitted tensors (default: every report entry, as the builder's --policy-export)")
     e.set_defaults(handler=run_export)

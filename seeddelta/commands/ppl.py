@@ -11,18 +11,16 @@ import sys
 from seeddelta.commands.common import (
     Subparsers,
     add_model_arg,
+    add_output,
     add_runtime_args,
     add_text_args,
     apply_threads,
-    chunk_printer,
     describe,
     load_from_args,
     model_path,
+    progress,
     windows_from_args,
 )
-from seeddelta.evaluation.memory import model_info
-from seeddelta.evaluation.scoring import decode_speed, model_logits, perplexity
-from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: Subparsers) -> None:
@@ -30,28 +28,34 @@ def register(sub: Subparsers) -> None:
                        description=describe(__doc__))
     add_model_arg(p)
     add_text_args(p)
-    p.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-window running estimate")
+    add_output(p, "--json", default=None, metavar="PATH", help="write the result as JSON")
     add_runtime_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
+    from seeddelta.evaluation.memory import model_info
+    from seeddelta.evaluation.scoring import decode_speed, model_logits, perplexity
+    from seeddelta.outputs import write_json_atomic
+
     apply_threads(args)
     path = model_path(args)
     loaded = load_from_args(args, path)
-    text_path, _, _, windows = windows_from_args(args, loaded.tokenizer)
     m = loaded.model
+    text_path, _, _, windows = windows_from_args(args, loaded.tokenizer, m.config.n_ctx_train)
     print(f"seeddelta ppl: {path}: {m.n_seeddelta} SeedΔ projection(s) of {len(m.projections())}"
           f"{' (' + m.metadata['mode'] + ')' if m.n_seeddelta else ''}; {windows.n_text_tokens} tokens, "
           f"{windows.n_chunk} window(s) of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
-    res = perplexity(model_logits(m), windows, None if args.quiet else chunk_printer())
-    if not args.quiet:
-        print(file=sys.stderr)
+    with progress(args, windows.n_chunk, "perplexity", "window") as step:
+        res = perplexity(model_logits(m), windows, lambda i, ppl: step(1, f"PPL {ppl:.4f}"))
     speed = decode_speed(m, windows.inputs[0][: min(16, windows.n_ctx)].tolist(), 16)
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.se:.5f}")
     if m.nonfinite_outputs():
         print(f"warning: {m.nonfinite_outputs()} non-finite SeedΔ output value(s) were replaced by 0", file=sys.stderr)
+    if not math.isfinite(res.ppl):
+        print("warning: the perplexity is not finite: the model's outputs overflow on this text", file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, {
             "ppl": res.ppl, "se": res.se, "mean_nll": float(res.nll.mean()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +17,21 @@ from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
     add_model_arg,
+    add_output,
+    add_output_dir,
+    add_quiet_arg,
     add_text_args,
     apply_threads,
     describe,
     encoding_options,
     encoding_template,
+    layers_arg,
     model_path,
+    progress,
+    progress_note,
+    warn,
     windows_from_args,
 )
-from seeddelta.evaluation.memory import load
-from seeddelta.evaluation.sweep import (
-    UnitMeasure,
-    make_units,
-    parse_kinds,
-    row_label,
-    safest_first,
-    stack_units,
-    sweep_units,
-)
-from seeddelta.layers import parse_layers
-from seeddelta.outputs import write_json_atomic
 
 
 def register(sub: Subparsers) -> None:
@@ -43,40 +39,56 @@ def register(sub: Subparsers) -> None:
                        description=describe(__doc__))
     add_model_arg(p)
     add_text_args(p)
-    p.add_argument("--layers", default=None, metavar="A-B|LIST", help="layers to sweep (default: all)")
+    p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
+                   help="layers to sweep: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
     p.add_argument("--kinds", default="gate,up,down", metavar="LIST",
                    help="FFN tensors encoded in each unit: any of gate,up,down (default: all three)")
     p.add_argument("--per-kind", action="store_true", help="one unit per (layer, tensor) instead of per layer")
     p.add_argument("--stack", action="store_true",
                    help="then encode the safest units together, adding one at a time (where is the cliff?)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the table as JSON")
-    p.add_argument("--keep", default=None, metavar="DIR", help="keep the per-unit SeedΔ files in DIR")
+    add_output(p, "--json", default=None, metavar="PATH", help="write the table as JSON")
+    add_output_dir(p, "--keep", default=None, metavar="DIR",
+                   help="keep the per-unit SeedΔ files in DIR (blk.N.gguf, stackN.gguf; created when missing)")
     add_encoding_args(p)
+    add_quiet_arg(p)
     p.set_defaults(handler=run)
 
 
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.builder.options import validate_encoding
+    from seeddelta.evaluation.memory import load
+    from seeddelta.evaluation.sweep import UnitMeasure, make_units, parse_kinds, stack_units, sweep_units
+    from seeddelta.gguf_format.imatrix_file import read_imatrix
+    from seeddelta.layers import parse_layers
+    from seeddelta.outputs import check_paths, write_json_atomic
+
     apply_threads(args)
     kinds = parse_kinds(args.kinds)
+    template = encoding_template(args)
+    validate_encoding(template)  # every encoding flag and the imatrix checked before the base is loaded
+    if args.imatrix:
+        read_imatrix(args.imatrix)
     path = model_path(args)
+    _dense_model_only(path)
     base = load(path, use_seeddelta=False)
-    text_path, _, _, windows = windows_from_args(args, base.tokenizer)
-    units = make_units(parse_layers(args.layers, len(base.model.layers)), kinds, args.per_kind)
+    text_path, _, _, windows = windows_from_args(args, base.tokenizer, base.model.config.n_ctx_train)
+    units = make_units(parse_layers(args.layers, len(base.model.layers), note=warn), kinds, args.per_kind)
+    if args.keep:  # the per-unit files must not replace an input either
+        names = [f"{u.label}.gguf" for u in units] + [f"stack{n}.gguf" for n in range(1, len(units) + 1)]
+        check_paths([("-m", str(path)), ("-f", str(text_path)), ("--imatrix", args.imatrix)],
+                    [("--keep", str(Path(args.keep) / name)) for name in names])
     print(f"seeddelta sweep: {path}, {len(units)} unit(s), {windows.n_chunk} window(s) of {windows.n_ctx}, "
           f"{windows.n_scored} scored", file=sys.stderr)
+    note = progress_note(args)
     stack: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="seeddelta-sweep-") as tmp:
         out_dir = Path(args.keep) if args.keep else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        measure = UnitMeasure(path, base, windows, encoding_template(args), out_dir, keep_files=bool(args.keep),
-                              note=_note)
-        rows = sweep_units(measure, units, _note)
-        if args.stack:
-            stack = stack_units(measure, rows, _note)
+        measure = UnitMeasure(path, base, windows, template, out_dir, keep_files=bool(args.keep), note=note)
+        with progress(args, len(units) * (2 if args.stack else 1), "sweep", "unit") as step:
+            rows = sweep_units(measure, units, _each(note, step))
+            if args.stack:
+                stack = stack_units(measure, rows, _each(note, step))
     _print(rows)
     if stack:
         _print_stack(stack)
@@ -92,7 +104,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_model_only(path: Path) -> None:
+    """sweep encodes a dense model itself: a file that already holds SeedΔ is refused now, not at the first unit
+    (and damaged SeedΔ tensors are named, as every command that runs a model does)."""
+    from seeddelta.errors import SeedDeltaError
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file, seeddelta_entries
+
+    model = GGUFModel(path, what="model")
+    check_seeddelta_file(model)
+    entries = seeddelta_entries(model)
+    if entries:
+        raise SeedDeltaError(f"-m {path} already holds SeedΔ tensors ({len(entries)} weight(s)); sweep encodes a "
+                             "dense model itself: give it the original model")
+
+
+def _each(note: Callable[[str], None], step: Callable[..., None]) -> Callable[[str], None]:
+    """A finished unit: its line above the progress bar, and one step of the bar."""
+
+    def done(message: str) -> None:
+        note(message)
+        step()
+
+    return done
+
+
 def _print(rows: list[dict[str, Any]]) -> None:
+    from seeddelta.evaluation.sweep import row_label, safest_first
+
     width = max(len(row_label(r)) for r in rows) + 2
     print(f"{'unit':<{width}}{'ΔNLL':>10}{'± se':>9}{'PPL ratio':>11}{'KLD mean':>10}{'KLD p99':>9}{'same top':>10}{'bytes saved':>13}")
     for r in rows:

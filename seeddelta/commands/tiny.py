@@ -6,51 +6,80 @@ import argparse
 import json
 from pathlib import Path
 
-from seeddelta.commands.common import Subparsers
+from seeddelta.assets import TINY_MODEL
+from seeddelta.commands.common import (
+    Subparsers,
+    add_input,
+    add_output,
+    add_output_dir,
+    add_threads_arg,
+    apply_threads,
+    positive_int,
+)
 from seeddelta.errors import SeedDeltaError
 
 
 def register(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser("tiny", help="tiny model: dataset, training, export, evaluation")
+    p = subparsers.add_parser("tiny", help="tiny model: dataset, training, export, evaluation",
+                              description="Harness B's tiny model: its dataset, training (resumable), export to "
+                              "GGUF, release into the package, and evaluation.")
     sub = p.add_subparsers(dest="tiny_command", metavar="ACTION")
     sub.required = True
 
-    d = sub.add_parser("data", help="write the validation text and test pack")
-    d.add_argument("--outdir", type=Path, default=None, help="default: the package's data/tiny")
-    d.add_argument("--seed", type=int, default=None)
+    d = sub.add_parser("data", help="write the validation text and test pack",
+                       description="Write the held-out validation text and greedy test pack of the tiny model's tasks.")
+    add_output_dir(d, "--outdir", type=Path, default=None, metavar="DIR",
+                   help="where to write val.txt and test.jsonl (default: the package's data/tiny)")
+    d.add_argument("--seed", type=int, default=None, metavar="N", help="dataset seed (default: the shipped one)")
     d.set_defaults(handler=_data)
 
-    t = sub.add_parser("train", help="train (or resume) the tiny model")
-    t.add_argument("--run-dir", type=Path, default=Path("runs/tiny"))
+    t = sub.add_parser("train", help="train (or resume) the tiny model",
+                       description="Train the tiny model from scratch, resume a run, or warm-start from a GGUF.")
+    add_output_dir(t, "--run-dir", type=Path, default=Path("runs/tiny"), metavar="DIR",
+                   help="checkpoints and the training log (default: runs/tiny)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
-    t.add_argument("--config", type=Path, default=None, help="JSON with TrainConfig overrides")
-    t.add_argument("--steps", type=int, default=None, help="total steps of the schedule")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedule unchanged)")
-    t.add_argument("--init-from", type=Path, default=None, metavar="GGUF",
-                   help="warm start a new run from a tiny GGUF's weights (e.g. the shipped model)")
+    add_input(t, "--config", type=Path, default=None, metavar="JSON", help="JSON with TrainConfig overrides")
+    t.add_argument("--steps", type=positive_int, default=None, metavar="N", help="total steps of the schedule")
+    t.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="stop after this step (schedule unchanged)")
+    add_input(t, "--init-from", type=Path, default=None, metavar="GGUF",
+              help="warm start a new run from a tiny GGUF's weights (e.g. the shipped model)")
+    add_threads_arg(t)
     t.set_defaults(handler=_train)
 
-    e = sub.add_parser("export", help="export a checkpoint to GGUF F16")
-    e.add_argument("--ckpt", type=Path, default=Path("runs/tiny/ckpt.pt"))
-    e.add_argument("-o", "--output", type=Path, required=True)
-    e.add_argument("--name", default="seeddelta-tiny")
+    e = sub.add_parser("export", help="export a checkpoint to GGUF F16",
+                       description="Export a training checkpoint to a GGUF F16 file that llama.cpp loads.")
+    add_input(e, "--ckpt", type=Path, default=Path("runs/tiny/ckpt.pt"), metavar="FILE",
+              help="training checkpoint (default: runs/tiny/ckpt.pt)")
+    add_output(e, "-o", "--output", type=Path, required=True, metavar="FILE", help="GGUF file to write")
+    e.add_argument("--name", default="seeddelta-tiny", metavar="NAME", help="general.name of the model")
     e.set_defaults(handler=_export)
 
-    r = sub.add_parser("release", help="export a checkpoint into the package, measure it, write manifest.json")
-    r.add_argument("--ckpt", type=Path, default=Path("runs/tiny/ckpt.pt"))
-    r.add_argument("--outdir", type=Path, default=None, help="default: the package's data/tiny")
-    r.add_argument("--notes", default="")
+    r = sub.add_parser("release", help="export a checkpoint into the package, measure it, write manifest.json",
+                       description="Export a checkpoint into the package's data directory, measure it against "
+                       "the targets and write manifest.json.")
+    add_input(r, "--ckpt", type=Path, default=Path("runs/tiny/ckpt.pt"), metavar="FILE",
+              help="training checkpoint (default: runs/tiny/ckpt.pt)")
+    add_output_dir(r, "--outdir", type=Path, default=None, metavar="DIR",
+                   help="where to write the model and manifest (default: the package's data/tiny)")
+    r.add_argument("--notes", default="", metavar="NOTES", help="free text stored in the manifest")
+    add_threads_arg(r)
     r.set_defaults(handler=_release)
 
-    v = sub.add_parser("eval", help="greedy accuracy and PPL of a checkpoint or tiny GGUF (training-side model)")
+    v = sub.add_parser("eval", help="greedy accuracy and PPL of a checkpoint or tiny GGUF (training-side model)",
+                       description="Greedy accuracy per task and perplexity of a checkpoint or tiny GGUF, computed "
+                       "with the training-side model.")
     src = v.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", type=Path, default=None)
-    src.add_argument("-m", "--model", type=Path, default=None, help="tiny GGUF (default: the shipped model)")
-    v.add_argument("--pack", type=Path, default=None)
-    v.add_argument("--per-task", type=int, default=None, help="limit prompts per task")
-    v.add_argument("--ctx", type=int, nargs="*", default=[512, 1024, 2048])
-    v.add_argument("--chunks", type=int, default=None)
-    v.add_argument("--json", type=Path, default=None)
+    add_input(v, "--ckpt", type=Path, default=None, metavar="FILE", help="training checkpoint", group=src)
+    add_input(v, "-m", "--model", type=Path, default=None, metavar="FILE", implied=TINY_MODEL,
+              help="tiny GGUF (default: the shipped model)", group=src)
+    add_input(v, "--pack", type=Path, default=None, metavar="FILE", help="test pack (default: the shipped one)")
+    v.add_argument("--per-task", type=positive_int, default=None, metavar="N", help="limit prompts per task")
+    v.add_argument("--ctx", type=positive_int, nargs="*", default=[512, 1024, 2048], metavar="N",
+                   help="contexts for perplexity (512 1024 2048)")
+    v.add_argument("--chunks", type=positive_int, default=None, metavar="N", help="at most N windows per context")
+    add_output(v, "--json", type=Path, default=None, metavar="PATH", help="write the result as JSON")
+    add_threads_arg(v)
     v.set_defaults(handler=_eval)
 
 
@@ -68,6 +97,7 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from seeddelta.tiny.train import TrainConfig, _print_flush, train
 
+    apply_threads(args)
     cfg = TrainConfig()
     over: dict = {}
     if args.config is not None:
@@ -102,6 +132,7 @@ def _release(args: argparse.Namespace) -> int:
     from seeddelta.assets import DATA_DIR
     from seeddelta.tiny.release import release
 
+    apply_threads(args)
     m = release(args.ckpt, args.outdir if args.outdir is not None else DATA_DIR, notes=args.notes)
     for k, t in m["targets"].items():
         print(f"{k}: measured {t['measured']:.4f}, target {t['target']}, {'met' if t['met'] else 'NOT met'}")
@@ -109,8 +140,10 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from seeddelta.outputs import write_json_atomic
     from seeddelta.tiny.evaluate import evaluate_model, load_eval_model
 
+    apply_threads(args)
     model = load_eval_model(ckpt=args.ckpt, gguf_path=args.model)
     res = evaluate_model(model, pack=args.pack, per_task=args.per_task, ctxs=args.ctx, chunks=args.chunks)
     for task, r in res["greedy"].items():
@@ -118,5 +151,5 @@ def _eval(args: argparse.Namespace) -> int:
     for c, r in res["ppl"].items():
         print(f"ppl ctx {c}: {r['ppl']:.4f} ± {r['se']:.4f} ({r['windows']} windows)")
     if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=1))
+        write_json_atomic(args.json, res)
     return 0

@@ -1,41 +1,55 @@
-"""`seeddelta toy`: harness A — one synthetic case with the original toy's flags, or the whole grid."""
+"""`seeddelta toy`: harness A — synthetic matrices whose encoding is checked against independent oracles.
+
+Without --pattern the whole grid runs (312 cases; every case must match its oracle); with --pattern one
+case with the original toy's flags. Exit status 1 if any case fails."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
-from seeddelta.commands.common import Subparsers
-from seeddelta.harness_a.grid import BASES, PATTERNS, CaseResult, ToyCase, default_grid, report_dict, run_case
-from seeddelta.outputs import write_json_atomic
+from seeddelta.commands.common import (
+    Subparsers,
+    add_output,
+    add_quiet_arg,
+    add_threads_arg,
+    apply_threads,
+    describe,
+    positive_int,
+    progress,
+)
+from seeddelta.errors import SeedDeltaError
+from seeddelta.harness_a import BASES, PATTERNS
 
 
 def register(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "toy", help="harness A: synthetic matrices checked against independent oracles",
-        description="Without --pattern runs the whole grid (every case must match its oracle); "
-        "with --pattern runs one case. Exit status 1 if any case fails.",
-    )
-    p.add_argument("--pattern", choices=None, help=f"one of {', '.join(PATTERNS)}")
-    p.add_argument("--n-in", type=int, default=64)
-    p.add_argument("--n-out", type=int, default=64)
-    p.add_argument("--K", type=int, default=1, help="residual budget per output row")
-    p.add_argument("--rank", type=int, default=4, help="rank of the lowrank pattern")
-    p.add_argument("--block", type=int, default=8, help="block size of the block pattern")
-    p.add_argument("--base", default="none", help=f"base kind: {', '.join(BASES)}")
-    p.add_argument("--base-rank", type=int, default=4, help="rank of the lowrank base")
-    p.add_argument("--scheme", default="coo", choices=("coo", "block"))
-    p.add_argument("--scheme-block", type=int, default=8, help="block size of the block residual scheme")
-    p.add_argument("--val-type", default="f32", choices=("f16", "f32"))
-    p.add_argument("--eval-cols", type=int, default=0, help="accepted for compatibility; every row is always compared")
-    p.add_argument("--eval-x", type=int, default=8, help="random inputs for the fast-path vs closed-form check")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--json", metavar="PATH", help="write the JSON report here")
+    p = sub.add_parser("toy", help="harness A: synthetic matrices checked against independent oracles",
+                       description=describe(__doc__))
+    p.add_argument("--pattern", default=None, metavar="NAME",
+                   help=f"run one case of this pattern: {', '.join(PATTERNS)} (default: the whole grid)")
+    p.add_argument("--n-in", type=positive_int, default=64, metavar="N", help="inputs (columns) of the case (64)")
+    p.add_argument("--n-out", type=positive_int, default=64, metavar="N", help="outputs (rows) of the case (64)")
+    p.add_argument("--K", type=positive_int, default=1, metavar="N", help="residual budget per output row (1)")
+    p.add_argument("--rank", type=positive_int, default=4, metavar="N", help="rank of the lowrank pattern (4)")
+    p.add_argument("--block", type=positive_int, default=8, metavar="N", help="block size of the block pattern (8)")
+    p.add_argument("--base", default="none", metavar="KIND", help=f"base kind: {', '.join(BASES)} (none)")
+    p.add_argument("--base-rank", type=positive_int, default=4, metavar="N", help="rank of the lowrank base (4)")
+    p.add_argument("--scheme", default="coo", choices=("coo", "block"), help="residual encoding (coo)")
+    p.add_argument("--scheme-block", type=positive_int, default=8, metavar="N",
+                   help="block size of the block residual scheme (8)")
+    p.add_argument("--val-type", default="f32", choices=("f16", "f32"), help="stored value type (f32)")
+    p.add_argument("--eval-cols", type=int, default=0, metavar="N",
+                   help="accepted for compatibility with the original toy; every row is always compared")
+    p.add_argument("--eval-x", type=positive_int, default=8, metavar="N",
+                   help="random inputs for the fast-path vs closed-form check (8)")
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="seed of the random parts (1)")
+    add_output(p, "--json", metavar="PATH", help="write the JSON report here")
+    add_threads_arg(p)
+    add_quiet_arg(p)
     p.set_defaults(handler=run)
 
 
-def _print_table(results: list[CaseResult]) -> None:
+def _print_table(results: list) -> None:
     width = max(len(r.id) for r in results)
     print(f"{'case':<{width}}  {'rel_l2 meas':>11}  {'rel_l2 exp':>11}  {'cos meas':>9}  {'cos exp':>9}  {'deviation':>10}  verdict")
     for r in results:
@@ -47,6 +61,12 @@ def _print_table(results: list[CaseResult]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from seeddelta.harness_a.grid import ToyCase, case_bytes, default_grid, report_dict, run_case
+    from seeddelta.outputs import write_json_atomic
+    from seeddelta.resources import available_memory
+
     if args.pattern is None:
         cases = [replace(c, seed=args.seed) for c in default_grid(args.seed)]
     else:
@@ -56,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
             scheme_block=args.scheme_block, seed=args.seed,
         )]
         cases[0].validate()
-    if args.eval_x <= 0:
-        from seeddelta.errors import SeedDeltaError
-
-        raise SeedDeltaError(f"--eval-x must be a positive integer, got {args.eval_x}")
-    results = [run_case(c, eval_x=args.eval_x) for c in cases]
+        need, free = case_bytes(cases[0]), available_memory()
+        if free is not None and need > free:
+            raise SeedDeltaError(f"a {args.n_out} x {args.n_in} case needs about {need / 2**30:.1f} GiB of memory and "
+                                 f"{free / 2**30:.1f} GiB are available; choose smaller --n-in/--n-out")
+    apply_threads(args)
+    with progress(args, len(cases), "harness A", "case") as step:
+        results = []
+        for case in cases:
+            results.append(run_case(case, eval_x=args.eval_x))
+            step()
     _print_table(results)
     report = report_dict(results)
     n_fail = report["n_cases"] - report["n_passed"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -9,7 +11,8 @@ from seeddelta.evaluation.windows import Windows
 from seeddelta.runtime.model import LlamaModel
 
 
-def collect_imatrix(model: LlamaModel, windows: Windows) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def collect_imatrix(model: LlamaModel, windows: Windows,
+                    progress: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σx² per input column and row counts at the inputs of every ffn_gate/ffn_up/ffn_down.
 
     Every position of every window is accumulated (llama-imatrix sees whole batches), inputs are
@@ -34,6 +37,8 @@ def collect_imatrix(model: LlamaModel, windows: Windows) -> tuple[dict[str, np.n
     try:
         for i in range(windows.n_chunk):
             model.forward(windows.inputs[i], logits_start=windows.n_ctx - 1)
+            if progress is not None:
+                progress()
     finally:
         model.ffn_observer = previous
     return sums, counts

@@ -20,46 +20,22 @@ not below the base's by more than ``tolerance`` (absolute share, declared in the
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from seeddelta.assets import tiny_test_pack
-from seeddelta.errors import SeedDeltaError
+from seeddelta.evaluation.pack import DEFAULT_MAX_NEW as DEFAULT_MAX_NEW
+from seeddelta.evaluation.pack import DEFAULT_TOLERANCE as DEFAULT_TOLERANCE
+from seeddelta.evaluation.pack import PackItem as PackItem
+from seeddelta.evaluation.pack import load_pack as load_pack
 from seeddelta.runtime.model import LlamaModel
 from seeddelta.runtime.tokenizers import Tokenizer
-from seeddelta.tiny.dataset import load_test_pack
 
 LOOP_MAX_PERIOD = 8
 LOOP_MIN_REPEATS = 4
 LOOP_MIN_SPAN = 16
-DEFAULT_MAX_NEW = 48
-DEFAULT_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class PackItem:
-    id: str
-    task: str
-    prompt: str
-    answer: str
-
-
-def load_pack(path: str | Path | None = None) -> list[PackItem]:
-    """A pack in the tiny test-pack format (JSON lines with id, task, prompt, answer)."""
-    p = Path(path) if path is not None else tiny_test_pack()
-    if not p.is_file():
-        raise SeedDeltaError(f"pack file not found: {p}")
-    try:
-        recs = load_test_pack(p)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SeedDeltaError(f"pack {p}: not in the test-pack format (JSON lines with id, task, prompt, answer): {exc}") from None
-    if not recs:
-        raise SeedDeltaError(f"pack {p} has no prompts")
-    return [PackItem(str(r.id), str(r.task), str(r.prompt), str(r.answer)) for r in recs]
 
 
 def repetition_loop(ids: Sequence[int], max_period: int = LOOP_MAX_PERIOD, min_repeats: int = LOOP_MIN_REPEATS,
@@ -115,7 +91,8 @@ def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new:
     return Decoded(out, tokenizer.decode(out), stop, len(ids), t1 - t0, n_decode, t2 - t1)
 
 
-def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW) -> dict[str, Any]:
+def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW,
+             progress: Callable[[], None] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     prefill_t = decode_t = 0.0
     prefill_n = decode_n = 0
@@ -137,6 +114,8 @@ def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem],
         prefill_n += d.prefill_tokens
         decode_t += d.decode_seconds
         decode_n += d.decode_tokens
+        if progress is not None:
+            progress()
     tasks: dict[str, dict[str, Any]] = {}
     for r in rows:
         t = tasks.setdefault(r["task"], {"n": 0, "correct": 0, "flagged": 0})

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file
 from seeddelta.runtime.model import LlamaModel, load_model, load_tokenizer
 from seeddelta.runtime.tokenizers import Tokenizer
 
@@ -85,10 +86,12 @@ class Loaded:
 
 
 def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> Loaded:
+    gguf_model = GGUFModel(path, what="model")  # opened once (memory-mapped): the model and the tokenizer read it
+    if use_seeddelta:
+        check_seeddelta_file(gguf_model)  # a damaged SeedΔ file fails now, before anything is measured or decoded
     trim_heap()
     before, anon_before = rss_bytes(), rss_anon_bytes()
     t0 = time.perf_counter()
-    gguf_model = GGUFModel(path, what="model")  # opened once: the model and the tokenizer read it
     model = load_model(gguf_model, use_seeddelta=use_seeddelta, mode=mode)
     seconds = time.perf_counter() - t0
     trim_heap()

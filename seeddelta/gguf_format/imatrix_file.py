@@ -124,8 +124,12 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         if s.shape[0] != 1:
             # merged-expert (MoE) weights; SeedΔ only encodes dense FFN weights
             continue
+        _check_values(p, name + SUM_SUFFIX, s[0])
         count = float(c[0, 0])
-        values[name] = (s[0] / np.float32(count)).astype(np.float32) if count > 0 else np.ones_like(s[0])
+        if not np.isfinite(count) or count <= 0:
+            raise SeedDeltaError(f"imatrix {p}: {name}{COUNT_SUFFIX} is {count:g}; a count must be a positive number "
+                                 "of accumulated rows (recompute the imatrix on text that reaches this weight)")
+        values[name] = (s[0] / np.float32(count)).astype(np.float32)
     datasets = _field(reader, KEY_DATASETS)
     return Imatrix(
         path=p,
@@ -134,6 +138,19 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         chunk_count=int(_field(reader, KEY_CHUNK_COUNT) or 0),
         chunk_size=int(_field(reader, KEY_CHUNK_SIZE) or 0),
     )
+
+
+def _check_values(path: str, name: str, values: np.ndarray) -> None:
+    """Statistics are sums of squares: finite and >= 0, or the file is damaged (never silently replaced)."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise SeedDeltaError(f"imatrix {path}: {name} holds {int((~finite).sum())} NaN/Inf value(s) (first at input "
+                             f"{i}); the file is damaged")
+    if (values < 0).any():
+        i = int(np.flatnonzero(values < 0)[0])
+        raise SeedDeltaError(f"imatrix {path}: {name} holds {int((values < 0).sum())} negative value(s) (first at input "
+                             f"{i}: {float(values[i]):g}); sums of squares cannot be negative")
 
 
 def _read_legacy(p: str) -> Imatrix:
@@ -167,6 +184,7 @@ def _read_legacy(p: str) -> Imatrix:
         if nval < 1 or pos + 4 * nval > len(data):
             raise bad
         values[name] = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        _check_values(p, name, values[name])
         pos += 4 * nval
     datasets: list[str] = []
     chunk_count = 0

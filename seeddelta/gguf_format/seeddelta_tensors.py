@@ -1,11 +1,25 @@
-"""Reading SeedΔ files: which weights a GGUF holds as SeedΔ, their keys and stored arrays.
+"""Reading SeedΔ files: which weights a GGUF holds as SeedΔ, their keys and stored arrays, and the one
+validation of those arrays (`check_seeddelta_arrays`) that the runtime's loader, `inspect` and
+`read_seeddelta_file` all run before using them.
 
 Works on files we write and on files the original wrote (same schema, spec-builder-runtime §8);
 the arrays are read without decoding until `arrays()` or `read_seeddelta_weights` asks for them.
+
+Validation (the original's runtime skips out-of-range entries and computes on NaN; we refuse the
+file, because a skipped entry or a NaN changes the function computed without a word):
+
+* dtypes — indices and permutations I16/I32, values, scales and diagonals F16/F32;
+* shapes — `d_idx`/`d_val` (n_out, K); `b_idx` (n_out, nb) and `b_val` (n_out, nb, block);
+  `d_row_scale` (n_out,); every `base_*` (B, L) like `base_d1` (B = 1 may be stored 1-D), L a power
+  of two >= min(n_in, n_out), B >= ceil(max(n_in, n_out) / L); a residual pair complete;
+* indices — every `d_idx` in 0 <= i < n_in, every `b_idx` in 0 <= j < ceil(n_in / block);
+* permutations — every block's `base_perm1`/`base_perm2` a permutation of 0 … L-1;
+* values — `d_val`, `b_val`, `d_row_scale` and the base diagonals finite (no NaN/Inf).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -100,6 +114,10 @@ class SeedDeltaEntry:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Copies of the stored arrays in numpy order with their stored dtypes."""
+        return {suffix: np.array(a, copy=True) for suffix, a in self.views().items()}
+
+    def views(self) -> dict[str, np.ndarray]:
+        """The stored arrays as read-only views of the file (nothing is copied into memory)."""
         out: dict[str, np.ndarray] = {}
         for suffix, tensor in self.tensors.items():
             qtype = GGMLQuantizationType(tensor.tensor_type)
@@ -109,8 +127,151 @@ class SeedDeltaEntry:
                     f"tensor blk.{self.layer}.{self.kind}.{suffix} has type {qtype.name}; "
                     "SeedΔ tensors must be F16, F32, I16 or I32"
                 )
-            out[suffix] = np.array(tensor.data, copy=True)
+            out[suffix] = np.asarray(tensor.data)
         return out
+
+
+_INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def _bad(name: str, suffix: str, problem: str) -> SeedDeltaError:
+    return SeedDeltaError(f"SeedΔ tensor {name}.{suffix}: {problem}")
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_dtype(name: str, suffix: str, a: np.ndarray, allowed: tuple[np.dtype, ...]) -> None:
+    if a.dtype not in allowed:
+        raise _bad(name, suffix, f"dtype {a.dtype} not accepted (expected {'/'.join(str(d) for d in allowed)})")
+
+
+def _check_finite(name: str, suffix: str, a: np.ndarray) -> None:
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise _bad(name, suffix, f"{int(a.size - np.count_nonzero(finite))} NaN/Inf value(s) "
+                   f"(first at {list(_first(~finite))})")
+
+
+def _check_range(name: str, suffix: str, idx: np.ndarray, hi: int, what: str) -> None:
+    i = idx.astype(np.int64)
+    bad = (i < 0) | (i >= hi)
+    if bad.any():
+        at = _first(bad)
+        raise _bad(name, suffix, f"{int(bad.sum())} index value(s) outside 0 <= i < {what} = {hi} "
+                   f"(first at row {at[0]}: {int(i[at])})")
+
+
+def _check_permutation(name: str, suffix: str, perm: np.ndarray, L: int) -> None:
+    """Every row (block) must hold each of 0 … L-1 exactly once."""
+    ok = (np.sort(perm.astype(np.int64), axis=1) == np.arange(L, dtype=np.int64)[None, :]).all(axis=1)
+    if not ok.all():
+        b = int(np.flatnonzero(~ok)[0])
+        row = perm[b].astype(np.int64)
+        outside = row[(row < 0) | (row >= L)]
+        why = (f"value {int(outside[0])} outside 0 … {L - 1}" if outside.size
+               else f"value {int(np.flatnonzero(np.bincount(row, minlength=L) > 1)[0])} repeated")
+        raise _bad(name, suffix, f"block {b} is not a permutation of 0 … {L - 1} ({why}; "
+                   f"{int((~ok).sum())} of {ok.size} block(s) invalid)")
+
+
+def check_seeddelta_arrays(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> None:
+    """Validate the SeedΔ tensors of one weight (`name` like "blk.3.ffn_gate"; keys = suffixes as stored,
+    numpy order): one SeedDeltaError naming the tensor and the problem, see the module docstring."""
+    present = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
+    if not present:
+        return
+
+    def pair(idx_key: str, val_key: str, what: str) -> bool:
+        if idx_key not in present and val_key not in present:
+            return False
+        if idx_key not in present or val_key not in present:
+            missing = val_key if idx_key in present else idx_key
+            raise _bad(name, missing, f"missing ({what} residual needs both {idx_key} and {val_key})")
+        _check_dtype(name, idx_key, present[idx_key], _INT_DTYPES)
+        _check_dtype(name, val_key, present[val_key], _FLOAT_DTYPES)
+        return True
+
+    has_coo = pair("d_idx", "d_val", "COO")
+    if has_coo:
+        d_idx, d_val = present["d_idx"], present["d_val"]
+        if d_idx.ndim != 2 or d_idx.shape != d_val.shape or d_idx.shape[0] != n_out:
+            raise _bad(name, "d_idx", f"shapes d_idx {d_idx.shape} / d_val {d_val.shape}, expected equal "
+                       f"(n_out={n_out}, K)")
+        _check_range(name, "d_idx", d_idx, n_in, "n_in")
+        _check_finite(name, "d_val", d_val)
+    has_block = pair("b_idx", "b_val", "block")
+    if has_block:
+        b_idx, b_val = present["b_idx"], present["b_val"]
+        if b_idx.ndim != 2 or b_val.ndim != 3 or b_val.shape[:2] != b_idx.shape or b_idx.shape[0] != n_out:
+            raise _bad(name, "b_idx", f"shapes b_idx {b_idx.shape} / b_val {b_val.shape}, expected (n_out={n_out}, "
+                       "nb) and (n_out, nb, block)")
+        if b_val.shape[2] < 1:
+            raise _bad(name, "b_val", "block size 0")
+        _check_range(name, "b_idx", b_idx, math.ceil(n_in / b_val.shape[2]), "the number of blocks")
+        _check_finite(name, "b_val", b_val)
+    if not has_coo and not has_block:
+        first = sorted(present)[0]
+        raise _bad(name, first, f"{'/'.join(sorted(present))} present without residual tensors (d_idx/d_val or "
+                   "b_idx/b_val)")
+
+    row_scale = present.get("d_row_scale")
+    if row_scale is not None:
+        _check_dtype(name, "d_row_scale", row_scale, _FLOAT_DTYPES)
+        if row_scale.ndim != 1 or row_scale.shape[0] != n_out:
+            raise _bad(name, "d_row_scale", f"shape {row_scale.shape}, expected ({n_out},)")
+        _check_finite(name, "d_row_scale", row_scale)
+
+    base_keys = sorted(k for k in present if k.startswith("base_"))
+    if not base_keys:
+        return
+    if "base_d1" not in present:
+        raise _bad(name, "base_d1", f"missing but {', '.join(base_keys)} present")
+
+    def as2d(key: str) -> np.ndarray:
+        a = present[key]
+        return a.reshape(1, -1) if a.ndim == 1 else a  # B == 1 may be stored 1-D (§12.2)
+
+    _check_dtype(name, "base_d1", present["base_d1"], _FLOAT_DTYPES)
+    d1 = as2d("base_d1")
+    if d1.ndim != 2:
+        raise _bad(name, "base_d1", f"shape {present['base_d1'].shape}, expected (B, L)")
+    B, L = d1.shape
+    need_l = min(n_in, n_out)
+    need_b = math.ceil(max(n_in, n_out) / L) if L > 0 else 0
+    if L < 1 or (L & (L - 1)) or L < need_l or B < need_b:
+        raise _bad(name, "base_d1", f"shape (B={B}, L={L}) invalid for n_in={n_in}, n_out={n_out} "
+                   f"(L must be a power of two >= {need_l}, B >= ceil(max/L))")
+    for key in base_keys:
+        a = as2d(key)
+        if key != "base_d1":
+            _check_dtype(name, key, present[key], _INT_DTYPES if "perm" in key else _FLOAT_DTYPES)
+            if a.shape != d1.shape:
+                raise _bad(name, key, f"shape {present[key].shape}, expected {d1.shape} like base_d1")
+        if "perm" in key:
+            _check_permutation(name, key, a, L)
+        else:
+            _check_finite(name, key, a)
+
+
+def entry_problem(entry: SeedDeltaEntry) -> str | None:
+    """Why the stored tensors of `entry` cannot run (None: they are valid)."""
+    try:
+        check_seeddelta_arrays(f"blk.{entry.layer}.{entry.kind}", entry.views(), entry.n_in, entry.n_out)
+    except SeedDeltaError as exc:
+        return str(exc)
+    return None
+
+
+def check_seeddelta_file(model: GGUFModel) -> None:
+    """Every SeedΔ weight of an opened file valid, or one SeedDeltaError naming the file, tensor and problem.
+    Reads the arrays through the memory map (no copy), so it can run before a load is measured."""
+    for entry in seeddelta_entries(model):
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise SeedDeltaError(f"{model.path}: {problem}")
 
 
 def _per_tensor_kv(model: GGUFModel, layer: int, kind: str) -> dict[str, Any]:
@@ -171,6 +332,10 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
                 f"{model.path}: blk.{entry.layer}.{entry.kind} has SeedΔ tensors but no complete "
                 "residual pair (d_idx+d_val or b_idx+b_val)"
             )
+        try:
+            check_seeddelta_arrays(f"blk.{entry.layer}.{entry.kind}", arrays, entry.n_in, entry.n_out)
+        except SeedDeltaError as exc:
+            raise SeedDeltaError(f"{model.path}: {exc}") from None
         if entry.scheme == "block":
             arrays.pop("d_idx", None)
             arrays.pop("d_val", None)

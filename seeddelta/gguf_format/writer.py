@@ -20,7 +20,7 @@ from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel, field_raw_value
-from seeddelta.outputs import AtomicOutput, same_file
+from seeddelta.outputs import AtomicOutput, same_file, write_error
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,6 @@ def write_model_copy(
         writer.close()
         out.commit()
     except OSError as exc:
-        raise SeedDeltaError(f"cannot write {os.fspath(out_path)}: {exc.strerror or exc}") from None
+        raise write_error(exc, out_path, "GGUF output") from None
     finally:
         out.discard()

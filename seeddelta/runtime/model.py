@@ -13,6 +13,7 @@ all weights are dequantized to float32 at load; compute is float32. The FFN proj
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,44 +57,69 @@ class LlamaConfig:
 
 
 def _read_config(gguf_model: GGUFModel) -> LlamaConfig:
+    """The hyper-parameters, each checked for type and range: a bad header value is one line naming the key."""
     path, arch = gguf_model.path, gguf_model.arch
     if arch not in RUNTIME_ARCHITECTURES:
         raise SeedDeltaError(f"{path}: general.architecture is {arch!r}; the runtime runs "
                              f"{', '.join(RUNTIME_ARCHITECTURES)} only")
 
-    def _field(key: str, default: Any = None) -> Any:
-        return gguf_model.get(key, default)
+    def bad(key: str, value: Any, expected: str) -> SeedDeltaError:
+        return SeedDeltaError(f"{path}: metadata key {key} is {value!r} ({type(value).__name__}); expected {expected}")
 
-    def req(key: str) -> Any:
-        v = _field(f"{arch}.{key}")
-        if v is None:
-            raise SeedDeltaError(f"{path}: metadata key {arch}.{key} is missing")
-        return v
+    def integer(suffix: str, default: int | None = None, minimum: int = 1) -> int:
+        key = f"{arch}.{suffix}"
+        value = gguf_model.get(key)
+        if value is None:
+            if default is None:
+                raise SeedDeltaError(f"{path}: metadata key {key} is missing")
+            return default
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # a per-layer array with one value for every layer
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(key, value, f"an integer >= {minimum}")
+        if value < minimum:
+            raise bad(key, value, f"an integer >= {minimum}")
+        return int(value)
 
-    n_embd = int(req("embedding_length"))
-    n_head = int(req("attention.head_count"))
-    head_dim = int(_field(f"{arch}.attention.key_length", n_embd // n_head))
-    scaling = _field(f"{arch}.rope.scaling.type")
+    def number(suffix: str, default: float | None = None, positive: bool = True) -> float:
+        key = f"{arch}.{suffix}"
+        value = gguf_model.get(key)
+        if value is None:
+            if default is None:
+                raise SeedDeltaError(f"{path}: metadata key {key} is missing")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise bad(key, value, "a finite number > 0" if positive else "a finite number")
+        return float(value)
+
+    n_embd = integer("embedding_length")
+    n_head = integer("attention.head_count")
+    head_dim = integer("attention.key_length", n_embd // n_head if n_embd % n_head == 0 else 0)
+    if head_dim == 0:
+        raise SeedDeltaError(f"{path}: {arch}.embedding_length {n_embd} is not a multiple of "
+                             f"{arch}.attention.head_count {n_head} (and no attention.key_length)")
+    scaling = gguf_model.get(f"{arch}.rope.scaling.type")
     freq_scale = 1.0
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise SeedDeltaError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (only linear)")
-        freq_scale = 1.0 / float(_field(f"{arch}.rope.scaling.factor", 1.0))
+        freq_scale = 1.0 / number("rope.scaling.factor", 1.0)
     tokens = gguf_model.reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(_field(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
+    n_vocab = integer("vocab_size", len(tokens.data) if tokens is not None else None)
     return LlamaConfig(
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_ff=int(req("feed_forward_length")),
-        n_layer=int(req("block_count")),
+        n_ff=integer("feed_forward_length"),
+        n_layer=integer("block_count"),
         n_head=n_head,
-        n_head_kv=int(_field(f"{arch}.attention.head_count_kv", n_head)),
+        n_head_kv=integer("attention.head_count_kv", n_head),
         head_dim=head_dim,
-        rope_dim=int(_field(f"{arch}.rope.dimension_count", head_dim)),
-        rope_theta=float(_field(f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=integer("rope.dimension_count", head_dim, minimum=0),
+        rope_theta=number("rope.freq_base", 10000.0),
         rope_freq_scale=freq_scale,
-        rms_eps=float(req("attention.layer_norm_rms_epsilon")),
-        n_ctx_train=int(_field(f"{arch}.context_length", 2048)),
+        rms_eps=number("attention.layer_norm_rms_epsilon"),
+        n_ctx_train=integer("context_length", 2048),
     )
 
 
@@ -287,6 +313,18 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
         return w
 
     c = cfg
+    # every SeedΔ payload is validated before any weight is dequantized: a damaged file fails in a moment
+    payloads: dict[tuple[int, str], SeedDeltaPayload] = {}
+    if use_seeddelta:
+        for i in range(c.n_layer):
+            for kind in KINDS:
+                n_in, n_out = (c.n_ff, c.n_embd) if kind == "ffn_down" else (c.n_embd, c.n_ff)
+                try:
+                    payload = parse_payload(f"blk.{i}.{kind}", _collect_seeddelta(tensors, i, kind), n_in, n_out)
+                except SeedDeltaError as exc:  # name the file too: `kld` loads two
+                    raise SeedDeltaError(f"{p}: {exc}") from None
+                if payload is not None:
+                    payloads[(i, kind)] = payload
     tok_embd = check_shape("token_embd.weight", dense("token_embd.weight"), (c.n_vocab, c.n_embd))
     output = None
     if "output.weight" in tensors:
@@ -312,9 +350,7 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
         for kind in KINDS:
             n_in, n_out = (c.n_ff, c.n_embd) if kind == "ffn_down" else (c.n_embd, c.n_ff)
             wname = f"{b}{kind}.weight"
-            payload: SeedDeltaPayload | None = None
-            if use_seeddelta:
-                payload = parse_payload(f"{b}{kind}", _collect_seeddelta(tensors, i, kind), n_in, n_out)
+            payload = payloads.pop((i, kind), None)
             if payload is not None:
                 layer.ffn[kind] = make_projection(payload, mode)
             elif wname in tensors:

@@ -6,13 +6,15 @@ semantics of spec-builder-runtime §9 / §2.2:
     y = s ⊙ (W0·x + Δ·x)
 
 * W0: per block b, ``F_b = D3 · H · P2 · D2 · H · P1 · D1`` (rightmost first), H the unnormalised
-  natural-order Walsh–Hadamard transform, P a *gather* ``(P v)[i] = v[perm[i]]`` whose
-  out-of-range entries read ``v[0]`` (§2.2, kept for parity with the original). Depth 1 when
+  natural-order Walsh–Hadamard transform, P a *gather* ``(P v)[i] = v[perm[i]]`` (the original
+  reads ``v[0]`` for an out-of-range entry, §2.2; we refuse a perm that is not a permutation). Depth 1 when
   neither d2 nor perm2 is present. Tall (n_out >= n_in): x zero-padded to L, block outputs
   concatenated, truncated to n_out. Wide: x cut into B chunks of L (zero-padded), block outputs
   summed, truncated to n_out.
-* Δ: COO (``d_idx``, ``d_val``) or block (``b_idx``, ``b_val``; preferred when both exist);
-  entries whose input index is negative or >= n_in are skipped.
+* Δ: COO (``d_idx``, ``d_val``) or block (``b_idx``, ``b_val``; preferred when both exist).
+  The original skips entries whose input index is negative or >= n_in; we refuse such a file at
+  load (`parse_payload`), so every stored entry is used. Positions of the last block that lie past
+  n_in are padding and are skipped.
 * s: ``d_row_scale`` multiplies the sum of base and residual.
 
 Two evaluation modes:
@@ -25,8 +27,9 @@ Two evaluation modes:
   stated rounding bound) and the
   residual as a CSR sparse × dense product (int32 indices, float32 values).
 
-Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors raise a
-`SeedDeltaError` naming the tensor instead of being dropped with a warning (dropping silently
+Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors — bad shapes,
+out-of-range indices, a base_perm that is not a permutation, NaN/Inf values — raise a
+`SeedDeltaError` naming the tensor instead of being dropped, skipped or computed on (each silently
 changes the function computed, §12.2); a base with B == 1 stored 1-D ``(L,)`` is accepted (§12.2);
 non-finite outputs are replaced by 0 and counted (the original tries a per-element dense fallback,
 which a stripped file cannot do anyway).
@@ -34,7 +37,6 @@ which a stripped file cannot do anyway).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -44,9 +46,7 @@ import torch
 from seeddelta.codec.hadamard import fwht_torch
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.schema import SEEDDELTA_SUFFIXES
-
-_INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_arrays
 
 MODES = ("materialized", "sparse")
 
@@ -102,7 +102,7 @@ class SeedDeltaPayload:
 
     # ---------------------------------------------------------------- flattened residual
     def residual_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """(idx int64 (n_out, E), val float32 (n_out, E)); skipped entries get idx 0 and val 0."""
+        """(idx int64 (n_out, E), val float32 (n_out, E)); padding past n_in in a last partial block gets idx 0, val 0."""
         if self.block is not None:
             b_idx, b_val = self.block
             blk = b_val.shape[2]
@@ -141,97 +141,34 @@ class SeedDeltaPayload:
         return w
 
 
-def _fail(name: str, msg: str) -> SeedDeltaError:
-    return SeedDeltaError(f"SeedΔ tensor {name}.{msg}")
-
-
 def parse_payload(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> SeedDeltaPayload | None:
-    """Validate the SeedΔ tensors of one weight (keys = suffixes in `SEEDDELTA_SUFFIXES`).
+    """The SeedΔ tensors of one weight (keys = suffixes in `SEEDDELTA_SUFFIXES`), validated.
 
-    Returns None when there are no SeedΔ tensors at all; raises SeedDeltaError on a malformed set.
-    """
+    Returns None when there are no SeedΔ tensors at all; raises SeedDeltaError naming the tensor and the
+    problem on anything `gguf_format.seeddelta_tensors.check_seeddelta_arrays` refuses (out-of-range
+    indices, a base_perm that is not a permutation, NaN/Inf, inconsistent shapes, ...)."""
     present = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
     if not present:
         return None
+    check_seeddelta_arrays(name, present, n_in, n_out)
+    block = (present["b_idx"], present["b_val"]) if "b_idx" in present else None
+    # the runtime prefers block when both are present (§8.2)
+    coo = (present["d_idx"], present["d_val"]) if "d_idx" in present and block is None else None
 
-    def check_dtype(key: str, allowed: tuple[np.dtype, ...]) -> None:
-        if present[key].dtype not in allowed:
-            names = "/".join(str(d) for d in allowed)
-            raise _fail(name, f"{key}: dtype {present[key].dtype} not accepted (expected {names})")
-
-    def pair(idx_key: str, val_key: str, what: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """An index/value pair: both or neither, integer indices, float values."""
-        if idx_key not in present and val_key not in present:
-            return None
-        if idx_key not in present or val_key not in present:
-            missing = val_key if idx_key in present else idx_key
-            raise _fail(name, f"{missing}: missing ({what} residual needs both {idx_key} and {val_key})")
-        check_dtype(idx_key, _INT_DTYPES)
-        check_dtype(val_key, _FLOAT_DTYPES)
-        return present[idx_key], present[val_key]
-
-    coo = pair("d_idx", "d_val", "COO")
-    if coo is not None:
-        d_idx, d_val = coo
-        if d_idx.ndim != 2 or d_idx.shape != d_val.shape or d_idx.shape[0] != n_out:
-            raise _fail(name, f"d_idx/d_val: shapes {d_idx.shape}/{d_val.shape}, expected equal (n_out={n_out}, K)")
-    block = pair("b_idx", "b_val", "block")
-    if block is not None:
-        b_idx, b_val = block
-        if b_idx.ndim != 2 or b_val.ndim != 3 or b_val.shape[:2] != b_idx.shape or b_idx.shape[0] != n_out:
-            raise _fail(name, f"b_idx/b_val: shapes {b_idx.shape}/{b_val.shape}, expected (n_out={n_out}, nb) and (n_out, nb, block)")
-        if b_val.shape[2] < 1:
-            raise _fail(name, "b_val: block size 0")
-        coo = None  # the runtime prefers block when both are present (§8.2)
-    if coo is None and block is None:
-        raise _fail(name, f"{'/'.join(sorted(present))}: present without residual tensors (d_idx/d_val or b_idx/b_val)")
-
-    row_scale = present.get("d_row_scale")
-    if row_scale is not None:
-        check_dtype("d_row_scale", _FLOAT_DTYPES)
-        if row_scale.ndim != 1 or row_scale.shape[0] != n_out:
-            raise _fail(name, f"d_row_scale: shape {row_scale.shape}, expected ({n_out},)")
+    def as2d(key: str) -> np.ndarray | None:
+        a = present.get(key)
+        return None if a is None else (a.reshape(1, -1) if a.ndim == 1 else a)  # B == 1 may be stored 1-D
 
     base = None
-    base_keys = [k for k in present if k.startswith("base_")]
-    if base_keys:
-        if "base_d1" not in present:
-            raise _fail(name, f"base_d1: missing but {', '.join(sorted(base_keys))} present")
-
-        def as2d(key: str) -> np.ndarray:
-            a = present[key]
-            return a.reshape(1, -1) if a.ndim == 1 else a  # B == 1 may be stored 1-D (§12.2)
-
-        check_dtype("base_d1", _FLOAT_DTYPES)
-        d1 = as2d("base_d1")
-        if d1.ndim != 2:
-            raise _fail(name, f"base_d1: shape {present['base_d1'].shape}, expected (B, L)")
-        B, L = d1.shape
-        need_l = min(n_in, n_out)
-        need_b = math.ceil(max(n_in, n_out) / L) if L > 0 else 0
-        if L < 1 or (L & (L - 1)) or L < need_l or B < need_b:
-            raise _fail(name, f"base_d1: shape (B={B}, L={L}) invalid for n_in={n_in}, n_out={n_out} "
-                        f"(L must be a power of two >= {need_l}, B >= ceil(max/L))")
-        parts: dict[str, np.ndarray | None] = {}
-        for key in ("base_d2", "base_d3", "base_perm1", "base_perm2"):
-            if key not in present:
-                parts[key] = None
-                continue
-            check_dtype(key, _INT_DTYPES if "perm" in key else _FLOAT_DTYPES)
-            a = as2d(key)
-            if a.shape != d1.shape:
-                raise _fail(name, f"{key}: shape {present[key].shape}, expected {d1.shape} like base_d1")
-            parts[key] = a
-        base = BasePayload(d1, parts["base_d2"], parts["base_d3"], parts["base_perm1"], parts["base_perm2"])
-    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, row_scale, base)
+    d1 = as2d("base_d1")
+    if d1 is not None:
+        base = BasePayload(d1, as2d("base_d2"), as2d("base_d3"), as2d("base_perm1"), as2d("base_perm2"))
+    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, present.get("d_row_scale"), base)
 
 
-def _sanitize_perm(p: np.ndarray | None, L: int) -> torch.Tensor | None:
-    if p is None:
-        return None
-    q = p.astype(np.int64)
-    q = np.where((q >= 0) & (q < L), q, 0)  # out-of-range reads element 0 (§2.2)
-    return torch.from_numpy(np.ascontiguousarray(q))
+def _perm(p: np.ndarray | None) -> torch.Tensor | None:
+    """A validated permutation (parse_payload refused anything else) as int64 gather indices."""
+    return None if p is None else torch.from_numpy(np.ascontiguousarray(p.astype(np.int64)))
 
 
 class _BaseOp:
@@ -248,8 +185,8 @@ class _BaseOp:
         self.d1 = diag(base.d1)
         self.d2 = diag(base.d2)
         self.d3 = diag(base.d3)
-        self.p1 = _sanitize_perm(base.perm1, self.L)
-        self.p2 = _sanitize_perm(base.perm2, self.L)
+        self.p1 = _perm(base.perm1)
+        self.p2 = _perm(base.perm2)
         self.depth2 = self.d2 is not None or self.p2 is not None
 
     def nbytes(self) -> int:

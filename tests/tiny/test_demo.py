@@ -50,3 +50,9 @@ def test_demo_writes_a_summary_consistent_with_its_files_and_never_calibrates_on
     assert not [t for t in heldout_texts() if t in calib]
     printed = capsys.readouterr().out
     assert "== SeedΔ on the tiny model: summary" in printed and summary["greedy"]["verdict"]["result"] in printed
+    # it ends with what to run next on one's own model: the same steps, with the budget used here
+    nxt = printed[printed.index("== next: the same on your own model"):]
+    for step in ("seeddelta imatrix -m MODEL.gguf", "seeddelta build -i MODEL.gguf", "seeddelta kld --base MODEL.gguf",
+                 "seeddelta sweep -m MODEL.gguf", "seeddelta greedy -m MODEL-chosen.gguf"):
+        assert step in nxt, step
+    assert "--K-gate 64 --K-up 64 --K-down 256" in nxt

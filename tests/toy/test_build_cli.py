@@ -61,8 +61,8 @@ def _bad_cases(tmp_path, m):
          "no entry for blk.1.ffn_up.weight"),
         ("im_wrong", ["-i", m.path, "-o", o, "--imatrix", str(d / "im_wrong.gguf")],
          "blk.0.ffn_down.weight has 97 values but the weight has 96 inputs"),
-        ("same", ["-i", m.path, "-o", m.path], "is the input file"),
-        ("symlink", ["-i", m.path, "-o", str(d / "link.gguf")], "is the input file"),
+        ("same", ["-i", m.path, "-o", m.path], "is the input -i"),
+        ("symlink", ["-i", m.path, "-o", str(d / "link.gguf")], "is the input -i"),
         ("policy", ["-i", m.path, "-o", o, "--policy", str(d / "p.json")], "policy support is not implemented yet"),
         ("block0", ["-i", m.path, "-o", o, "--scheme", "block", "--block", "0"], "--block must be in 1..4096"),
     ]

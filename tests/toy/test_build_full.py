@@ -29,8 +29,7 @@ def test_block_base_row_scale_imatrix_strip_on_q8_0(tmp_path, capsys):
                "--row-scale", "--imatrix", str(tmp_path / "im.gguf"), "--eval-cols", "100000", "--eval-x", "8",
                "--strip-dense", "--report-json", str(tmp_path / "r.json"), "-t", "2"])
     assert rc == 0, capsys.readouterr().err
-    err = capsys.readouterr().err
-    assert err.count("[") >= 3 * N_LAYER  # one progress line per tensor
+    capsys.readouterr()  # (the progress bar shows only on a terminal)
     report = json.loads((tmp_path / "r.json").read_text())
     out = GGUFReader(tmp_path / "o.gguf")
     assert out.fields["seeddelta.resid.K_variable"].contents() is True

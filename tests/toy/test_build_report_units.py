@@ -12,15 +12,25 @@ from seeddelta.layers import format_layers, parse_layers
 
 
 @pytest.mark.parametrize("spec,expected", [
-    (None, [0, 1, 2, 3, 4, 5]), ("", [0, 1, 2, 3, 4, 5]), ("2-4", [2, 3, 4]), ("4-2", [2, 3, 4]),
+    (None, [0, 1, 2, 3, 4, 5]), ("2-4", [2, 3, 4]), ("4-2", [2, 3, 4]),
     ("5-5", [5]), ("3", [3]), ("3,5,0-1", [0, 1, 3, 5]), (" 1 - 2 , 2 ", [1, 2]),
 ])
 def test_parse_layers(spec, expected):
     assert parse_layers(spec, 6) == expected
 
 
+def test_a_reversed_range_keeps_the_originals_meaning_and_says_so():
+    heard: list[str] = []
+    assert parse_layers("3-1", 6, note=heard.append) == [1, 2, 3]
+    assert len(heard) == 1 and "reversed" in heard[0] and "1-3" in heard[0]
+    heard.clear()
+    assert parse_layers("1-3", 6, note=heard.append) == [1, 2, 3]
+    assert heard == []  # the other side of the boundary: an ordered range is silent
+
+
 @pytest.mark.parametrize("spec,needle", [("6", "layer 6 is outside"), ("0-9", "layer 9 is outside"),
-                                          ("-1", "cannot parse"), ("1,,2", "cannot parse"), ("a", "cannot parse")])
+                                          ("-1", "cannot parse"), ("1,,2", "cannot parse"), ("a", "cannot parse"),
+                                          ("", "selects no layer"), ("  ", "selects no layer")])
 def test_parse_layers_refuses(spec, needle):
     with pytest.raises(SeedDeltaError, match=needle):
         parse_layers(spec, 6)

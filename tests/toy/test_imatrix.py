@@ -59,9 +59,21 @@ def test_round_trip_gives_mean_of_squares(tmp_path):
     assert im.datasets == [] and im.chunk_count == 0 and not im.legacy
 
 
-def test_zero_count_means_ones(tmp_path):
-    write_imatrix(tmp_path / "i.gguf", {"w": np.array([3.0, 5.0], np.float32)}, {"w": 0}, ["d"], 1, 1)
-    np.testing.assert_array_equal(read_imatrix(tmp_path / "i.gguf").values["w"], [1.0, 1.0])
+@pytest.mark.parametrize("sums,count,needle", [
+    ([3.0, 5.0], 0, r"w\.counts is 0; a count must be a positive number"),
+    ([3.0, float("nan")], 4, r"w\.in_sum2 holds 1 NaN/Inf value\(s\) \(first at input 1\)"),
+    ([-1.0, 5.0], 4, r"w\.in_sum2 holds 1 negative value\(s\) \(first at input 0: -1\)"),
+])
+def test_damaged_statistics_are_errors_not_silent_replacements(tmp_path, sums, count, needle):
+    write_imatrix(tmp_path / "i.gguf", {"w": np.array(sums, np.float32)}, {"w": count}, ["d"], 1, 1)
+    with pytest.raises(SeedDeltaError, match=needle):
+        read_imatrix(tmp_path / "i.gguf")
+
+
+def test_smallest_valid_statistics_are_read(tmp_path):
+    # the other side of the boundary: count 1 and a zero sum (a dead input channel) are valid
+    write_imatrix(tmp_path / "i.gguf", {"w": np.array([0.0, 5.0], np.float32)}, {"w": 1}, ["d"], 1, 1)
+    np.testing.assert_array_equal(read_imatrix(tmp_path / "i.gguf").values["w"], [0.0, 5.0])
 
 
 def test_legacy_binary_format(tmp_path):

@@ -134,10 +134,10 @@ def _bad_cases(tmp_path, model4):
         ("resolve_K", ["resolve", beyond, "-m", model4.path, "--K", "0", "--json", out], "--K must be a positive integer"),
         ("resolve_model", ["resolve", beyond, "-m", str(tmp_path / "none.gguf"), "--json", out], "model file not found"),
         ("json_dir", ["resolve", f("ok.json", "{}"), "-m", model4.path, "--json", str(tmp_path / "no" / "r.json")],
-         "resolution JSON directory does not exist"),
+         "does not exist"),
         ("report_list", ["export", report_bad, "-o", out], "weights: report.weights is not a list (object)"),
         ("report_kind", ["export", report_kind, "-o", out], "weights[0].kind: unknown kind 'attn_q'"),
-        ("report_self", ["export", report_bad, "-o", report_bad], "is the report itself"),
+        ("report_self", ["export", report_bad, "-o", report_bad], "is the input REPORT.json"),
         ("report_missing", ["export", str(tmp_path / "r.json"), "-o", out], "report file not found"),
     ]
 

@@ -1,0 +1,54 @@
+"""Machine resources: threads on a machine that other work shares, and the memory available.
+
+torch runs its intra-op parallel regions on GNU OpenMP (the libgomp it ships). By default an idle
+libgomp thread *spins* (busy-waits, GOMP_SPINCOUNT 300000 rounds) at the end of every parallel
+region before it sleeps. On a machine whose cores are busy with other processes that is a disaster
+for a forward pass made of thousands of small regions: the spinning thread holds a core the
+descheduled partner needs, and every region waits for a time slice. Measured on 2 shared cores
+with two competing busy processes (benchmarks/bench_threads.py, `ppl` on the tiny model, 6
+windows): forward 57 s with libgomp's spinning default, 2.3 s with passive waiting and 2 threads,
+9.1 s with one thread (under contention two sleeping-when-idle threads get two shares of the CPU).
+
+So the CLI sets `OMP_WAIT_POLICY=PASSIVE` before torch is imported, unless the user already
+decided (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` in the environment), and `-t N` sets torch's
+intra-op threads (0: torch's default, one per core).
+"""
+
+from __future__ import annotations
+
+import os
+
+WAIT_POLICY_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def prepare_environment() -> bool:
+    """Ask OpenMP threads to sleep instead of spinning when idle; must run before torch is imported.
+
+    Returns True when this call set it (False: the user's environment decides, or torch is already loaded)."""
+    import sys
+
+    if any(k in os.environ for k in WAIT_POLICY_KEYS) or "torch" in sys.modules:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def configure(threads: int) -> int:
+    """torch's intra-op thread count: `threads` when > 0, else torch's default; returns the count in use."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(int(threads))
+    return int(torch.get_num_threads())
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
