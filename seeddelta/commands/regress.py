@@ -13,47 +13,62 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from seeddelta.assets import TINY_MODEL, tiny_val_text
-from seeddelta.commands.common import Subparsers, add_model_arg, add_threads_arg, describe, model_path
+from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
+from seeddelta.commands.common import (
+    Subparsers,
+    add_input,
+    add_model_arg,
+    add_output_dir,
+    add_threads_arg,
+    chunks_int,
+    describe,
+    layers_arg,
+    model_path,
+    nonnegative_int,
+    positive_int,
+)
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_json_atomic, write_text_atomic
 
 
 def register(sub: Subparsers) -> None:
-    from seeddelta.regress.suite import STEPS
+    from seeddelta.regress import STEPS
 
     p = sub.add_parser("regress", help="B1-B5, the v1 criteria per preset and the equal-bytes comparison: a report",
                        description=describe(__doc__))
     add_model_arg(p)
-    p.add_argument("-f", "--file", default=None, metavar="TEXT",
-                   help="evaluation text (default: the tiny model's validation text; required with another -m)")
-    p.add_argument("--calibration", default=None, metavar="TEXT",
-                   help="imatrix text, never the evaluation text (default for the tiny model: its training "
-                        "distribution; otherwise none: no imatrix)")
-    p.add_argument("--pack", default=None, metavar="FILE",
-                   help="greedy pack (default: the tiny model's held-out pack for the tiny model, none otherwise)")
-    p.add_argument("--out", default="runs/regress", metavar="DIR", help="output directory (runs/regress)")
-    p.add_argument("--chunks", type=int, default=-1, metavar="N",
-                   help="windows per context for B1 and the presets (-1: all)")
-    p.add_argument("--unit-chunks", type=int, default=16, metavar="N",
+    add_input(p, "-f", "--file", default=None, metavar="TEXT", implied=TINY_VAL_TEXT,
+              help="evaluation text (default: the tiny model's validation text; required with another -m)")
+    add_input(p, "--calibration", default=None, metavar="TEXT",
+              help="imatrix text, never the evaluation text (default for the tiny model: its training "
+                   "distribution; otherwise none: no imatrix)")
+    add_input(p, "--pack", default=None, metavar="FILE",
+              help="greedy pack (default: the tiny model's held-out pack for the tiny model, none otherwise)")
+    add_output_dir(p, "--out", default="runs/regress", metavar="DIR",
+                   help="output directory: report.json, report.md, plots, cache/ (runs/regress)")
+    p.add_argument("--chunks", type=chunks_int, default=-1, metavar="N",
+                   help="windows per context for B1 and the presets (default -1: all)")
+    p.add_argument("--unit-chunks", type=chunks_int, default=16, metavar="N",
                    help="windows at ctx 512 for B2-B4 and the equal-bytes comparison (16)")
-    p.add_argument("--layers", default=None, metavar="L", help="layers for B2-B4, e.g. 0-3 or 1,5,9 (default: all)")
+    p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
+                   help="layers for B2-B4, e.g. 0-3 or 1,5,9 (default: all)")
     p.add_argument("--densities", default="1/6,1/3", metavar="LIST",
                    help="B2 budgets as fractions of n_in per kind (1/6,1/3; the largest is the default for B3/B4)")
-    p.add_argument("--greedy-limit", type=int, default=0, metavar="N",
+    p.add_argument("--greedy-limit", type=nonnegative_int, default=0, metavar="N",
                    help="greedy prompts per task for B1 and the presets (0: all)")
-    p.add_argument("--stack-greedy-limit", type=int, default=20, metavar="N",
-                   help="greedy prompts per task at every B4 step (20)")
+    p.add_argument("--stack-greedy-limit", type=nonnegative_int, default=20, metavar="N",
+                   help="greedy prompts per task at every B4 step (20; 0: all)")
     p.add_argument("--eq-densities", default="1/16,1/8,1/4,1/2", metavar="LIST",
                    help="equal bytes: densities of the SeedΔ and pruning points (1/16,1/8,1/4,1/2)")
     p.add_argument("--quant-types", default=None, metavar="LIST",
                    help="equal bytes: llama.cpp file types, NAME or NAME+imatrix (default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,"
                         "Q4_0,Q4_K_M+imatrix,IQ4_XS+imatrix; 'none' for no llama.cpp points)")
     p.add_argument("--steps", default=",".join(STEPS), metavar="LIST", help=f"steps to run ({','.join(STEPS)})")
-    p.add_argument("--preset", action="append", default=None, metavar="FILE",
+    p.add_argument("--preset", action="append", default=None, metavar="PRESET",
                    help="a preset file to judge (repeatable; default: the shipped presets made for this model)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes for the measurements (1)")
-    add_threads_arg(p, "torch threads per process (default 1)")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="worker processes for the measurements (1; each worker uses one thread unless -t says)")
+    add_threads_arg(p)
     p.add_argument("--no-cache", action="store_true", help="measure everything again (the cache is not read)")
     p.add_argument("--show", action="store_true",
                    help="measure nothing: print the headline of the report in --out (exit 0 even without one)")
@@ -100,6 +115,7 @@ def show(out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seeddelta.regress import STEPS
     from seeddelta.regress.report import headline, markdown, write_plots
     from seeddelta.regress.suite import RegressSettings, run_regress
 
@@ -110,24 +126,24 @@ def run(args: argparse.Namespace) -> int:
         raise SeedDeltaError(f"model not found: {model}")
     if args.file is None and model.resolve() != TINY_MODEL.resolve():
         raise SeedDeltaError("-f TEXT (the evaluation text) is required with a model other than the tiny one")
-    for flag, value in (("--chunks", args.chunks), ("--unit-chunks", args.unit_chunks)):
-        if value == 0 or value < -1:
-            raise SeedDeltaError(f"{flag} must be >= 1 (or -1 for all), got {value}")
-    if args.jobs < 1 or args.threads < 0:
-        raise SeedDeltaError("--jobs must be >= 1 and -t >= 0")
-    for flag, path in (("-f", args.file), ("--calibration", args.calibration), ("--pack", args.pack)):
+    for flag, path in [("-f", args.file), ("--calibration", args.calibration), ("--pack", args.pack),
+                       *(("--preset", x) for x in args.preset or ())]:
         if path is not None and not Path(path).is_file():
             raise SeedDeltaError(f"{flag}: file not found: {path}")
+    steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+    bad = [x for x in steps if x not in STEPS] or ([] if steps else [args.steps])
+    if bad:
+        raise SeedDeltaError(f"--steps: unknown step {bad[0]!r} (expected {', '.join(STEPS)})")
     quant = None if args.quant_types is None else _quant_types(args.quant_types)
     settings = RegressSettings(
-        model=model, text=Path(args.file) if args.file else tiny_val_text(), out=Path(args.out),
+        model=model, text=Path(args.file) if args.file else TINY_VAL_TEXT, out=Path(args.out),
         calibration=Path(args.calibration) if args.calibration else None, pack=Path(args.pack) if args.pack else None,
-        chunks=args.chunks, unit_chunks=args.unit_chunks, layers=args.layers, densities=_densities(args.densities, "--densities"),
+        chunks=max(args.chunks, -1), unit_chunks=max(args.unit_chunks, -1), layers=args.layers, densities=_densities(args.densities, "--densities"),
         greedy_limit=args.greedy_limit, stack_greedy_limit=args.stack_greedy_limit,
         eq_densities=_densities(args.eq_densities, "--eq-densities"), quant_types=quant,
-        steps=tuple(s.strip() for s in args.steps.split(",") if s.strip()),
+        steps=steps,
         presets=tuple(Path(p) for p in args.preset) if args.preset else None, jobs=args.jobs,
-        threads=args.threads or 1, use_cache=not args.no_cache)
+        threads=args.threads, use_cache=not args.no_cache)
     report = run_regress(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
     out = settings.out
     status = write_plots(report, out)

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from seeddelta.builder.options import BuildOptions, Resolver, baseline_resolver
 from seeddelta.builder.pipeline import run_build
 from seeddelta.evaluation.equal_bytes import kld_row
@@ -35,6 +33,7 @@ from seeddelta.evaluation.sweep import _cached
 from seeddelta.evaluation.windows import Windows, text_windows
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
+from seeddelta.resources import configure
 
 Progress = Callable[[str], None]
 # Report fields of every encoded weight kept with a measurement (the weight-space metrics B4 correlates).
@@ -106,7 +105,7 @@ class Evaluator:
     imatrix: Path | None
     pack: Sequence[PackItem]
     work_dir: Path
-    threads: int = 1
+    threads: int = 0  # 0: automatic (seeddelta.resources)
     keep_files: bool = False
     _base: Loaded | None = None
     _windows: dict[tuple[int, int], Windows] = field(default_factory=dict)
@@ -116,8 +115,7 @@ class Evaluator:
     @property
     def base(self) -> Loaded:
         if self._base is None:
-            if self.threads > 0:
-                torch.set_num_threads(self.threads)
+            configure(self.threads)
             self._base = load(self.model)
         return self._base
 
@@ -230,7 +228,8 @@ def run_specs(ev: Evaluator, specs: Sequence[Spec], cache: ResultCache, step: st
         for i in todo:
             finish(i, ev.run(specs[i]))
     else:
-        worker = replace(ev, _base=None, _windows={}, _logits={}, _greedy={})
+        # one thread per worker unless -t says otherwise: the workers share the cores
+        worker = replace(ev, threads=ev.threads or 1, _base=None, _windows={}, _logits={}, _greedy={})
         # spawn, not fork: a forked copy of a process whose torch/OpenMP threads already ran can hang
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init, initargs=(worker,)) as pool:

@@ -178,6 +178,7 @@ def judge(preset: Preset, result: Mapping[str, Any], base: Mapping[str, Any], se
     return {"preset": preset.name, "description": preset.description, "criteria_declared": list(preset.criteria),
             "criteria": rows, "figures": checks, "measured_figures": measured_figures(result, settings),
             "saves_bytes": saves, "bytes_saved": result["build"]["input_bytes"] - result["build"]["file_bytes"],
+            "input_bytes": result["build"]["input_bytes"], "weights_encoded": result["build"]["emitted"],
             "meets_ppl": all(r["pass"] for r in rows if r["criterion"].startswith("ppl_")),
             "result": "FAIL" if failures else "PASS", "failures": failures}
 

@@ -69,9 +69,15 @@ def headline(report: Mapping[str, Any]) -> list[str]:
     for j in report.get("b5", []) + report.get("presets", []):
         marks = " ".join(f"{r['criterion']}:{'ok' if r['pass'] else 'NO'}{'*' if r['declared'] else ''}"
                          for r in j["criteria"])
-        lines.append(f"  {j['preset']:<26} {j['result']}  saves {j['bytes_saved']:,} B  {marks}")
+        lines.append(f"  {j['preset']:<20} declared {'ok  ' if j['result'] == 'PASS' else 'FAIL'}  saves "
+                     f"{j['bytes_saved']:>9,} B  {marks}")
     if v.get("no_saving_preset_meets_ppl"):
         lines.append("  no preset that saves bytes meets the PPL criteria (numbers in report.md)")
+    elif v["presets_judged"]:
+        meet = [j["preset"] for j in report.get("b5", []) + report.get("presets", []) if j["saves_bytes"] and j["meets_ppl"]]
+        lines.append(f"  saving bytes and meeting every PPL criterion: {', '.join(meet)}")
+    if v["presets_judged"]:
+        lines.append("  (* = declared: only declared criteria and figures gate)")
     eq = report.get("equal_bytes")
     if eq and eq.get("rows"):
         front = [r for r in sorted(eq["rows"], key=lambda r: r["bits_per_weight"]) if r["pareto"]]
@@ -132,9 +138,10 @@ def _presets(r: Mapping[str, Any]) -> list[str]:
     if not judged:
         return out + ["No preset was run for this model." + (" " + "; ".join(r.get("presets_skipped", [])) if
                                                            r.get("presets_skipped") else ""), ""]
-    out += ["A declared criterion is marked **bold**; only declared criteria (and figures) gate.", "",
+    out += ["Every criterion is measured for every preset; a criterion the preset declares is **bold**, and only "
+            "declared criteria and figures gate (the last column).", "",
             "| preset | bytes saved | greedy | ΔPPL ctx 512 [95 %] | ΔPPL ctx 1024 [95 %] | ΔPPL ctx 2048 [95 %] "
-            "| memory drop (file, RSS) | figures | result |", "|---|---:|---|---|---|---|---|---|---|"]
+            "| memory drop (file, RSS) | figures | declared |", "|---|---:|---|---|---|---|---|---|---|"]
     for j in judged:
         cells = []
         for c in C.V1_CRITERIA:
@@ -143,12 +150,23 @@ def _presets(r: Mapping[str, Any]) -> list[str]:
         figs = j["figures"]
         fig = "—" if not figs else ("not comparable" if figs[0]["status"] == "not comparable" else
                                     ", ".join(f"{f['figure']} {f['status']}" for f in figs if f["status"] != "ok") or "ok")
-        out.append(f"| {j['preset']} | {j['bytes_saved']:,} | {' | '.join(cells)} | {fig} | {j['result']} |")
+        declared = "met" if j["result"] == "PASS" else "**FAIL**"
+        out.append(f"| {j['preset']} | {j['bytes_saved']:,} ({j['bytes_saved'] / j['input_bytes']:.1%}) | "
+                   f"{' | '.join(cells)} | {fig} | {declared} |")
     out.append("")
     for j in judged:
         out.append(f"* **{j['preset']}** — {j['description']}")
     out.append("")
+    for j in r.get("b5", []):
+        out.append(f"**B5, strict gating ({j['preset']}):** {j['weights_encoded']} tensor(s) passed the gate and were "
+                   "encoded; " + ", ".join(f"{x['criterion']} {'ok' if x['pass'] else 'NO'}" for x in j["criteria"]) + ".")
+        out.append("")
     v = r["verdict"]
+    meet = [j for j in judged if j["saves_bytes"] and j["meets_ppl"]]
+    if meet:
+        out.append("Presets that save bytes and meet every PPL criterion: " + ", ".join(
+            f"{j['preset']} ({j['bytes_saved']:,} B, {j['bytes_saved'] / j['input_bytes']:.1%})" for j in meet) + ".")
+        out.append("")
     if v.get("no_saving_preset_meets_ppl"):
         best = sorted((j for j in judged if j["saves_bytes"]),
                       key=lambda j: max((x["value"] or 0) for x in j["criteria"] if x["criterion"].startswith("ppl_")))

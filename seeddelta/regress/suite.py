@@ -34,13 +34,13 @@ from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS
 from seeddelta.layers import parse_layers
 from seeddelta.outputs import write_text_atomic
+from seeddelta.regress import STEPS
 from seeddelta.regress import units as U
 from seeddelta.regress.baseline import b1
 from seeddelta.regress.criteria import CTXS
 from seeddelta.regress.measure import Evaluator, Spec, run_specs
 from seeddelta.regress.presets import Preset, judge, load_preset, no_saving_preset_meets_ppl, shipped_presets
 
-STEPS = ("b1", "b2", "b3", "b4", "b5", "presets", "equal-bytes")
 CALIBRATION_SAMPLES = 400  # as the demo: ≈ 25k tokens drawn from the tiny model's training distribution
 Progress = Callable[[str], None]
 
@@ -63,7 +63,7 @@ class RegressSettings:
     steps: tuple[str, ...] = STEPS
     presets: tuple[Path, ...] | None = None  # None: the shipped presets made for this model
     jobs: int = 1
-    threads: int = 1
+    threads: int = 0  # torch threads per process (0: automatic; one per worker when jobs > 1)
     use_cache: bool = True
 
     def public(self) -> dict[str, Any]:

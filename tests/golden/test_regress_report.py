@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from seeddelta.testing.golden import NOISE_KEYS, normalize
-from seeddelta.testing.regress_ci import ci_regress
+from seeddelta.testing.regress_ci import ci_report
 
 # Measured on the machine, not computed from the model: wall-clock speeds, resident memory, paths.
 MACHINE_KEYS = NOISE_KEYS | {"timing", "prompt_tok_per_s", "decode", "throughput", "rss_anon_load_delta_bytes",
@@ -33,14 +33,12 @@ def _base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_regress_report_json(tmp_path_factory, snapshot_json):
-    _, out, _ = ci_regress(_base(tmp_path_factory))
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    report = json.loads(ci_report(_base(tmp_path_factory))[3])
     assert normalize(report, MACHINE_KEYS) == snapshot_json
 
 
 def test_regress_report_md(tmp_path_factory, snapshot):
-    _, out, _ = ci_regress(_base(tmp_path_factory))
-    md = (out / "report.md").read_text(encoding="utf-8")
+    md = ci_report(_base(tmp_path_factory))[4]
     for pattern, repl in MD_MACHINE:
         md = pattern.sub(repl, md)
     assert md == snapshot

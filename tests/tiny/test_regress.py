@@ -13,7 +13,7 @@ import pytest
 from seeddelta.cli import main
 from seeddelta.regress.criteria import CTXS, V1_CRITERIA
 from seeddelta.regress.presets import load_preset, shipped_presets
-from seeddelta.testing.regress_ci import CI_ARGS, ci_regress
+from seeddelta.testing.regress_ci import CI_ARGS, ci_lock, ci_report
 
 
 def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -22,13 +22,13 @@ def _shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ci(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str, dict]:
-    status, out, stdout = ci_regress(_shared_base(tmp_path_factory))
-    return status, out, stdout, json.loads((out / "report.json").read_text(encoding="utf-8"))
+def ci(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str, dict, str]:
+    status, out, stdout, report, md = ci_report(_shared_base(tmp_path_factory))
+    return status, out, stdout, json.loads(report), md
 
 
 def test_the_shipped_presets_meet_what_they_declare(ci):
-    status, _, stdout, report = ci
+    status, _, stdout, report, _ = ci
     assert report["verdict"] == {**report["verdict"], "result": "PASS", "failures": []}, stdout
     assert status == 0
     judged = report["b5"] + report["presets"]
@@ -41,10 +41,9 @@ def test_the_shipped_presets_meet_what_they_declare(ci):
 
 
 def test_every_step_is_reported_with_its_plots(ci):
-    _, out, stdout, report = ci
+    _, out, stdout, report, md = ci
     for key in ("b1", "b2", "b3", "b4", "b5", "presets", "equal_bytes", "fragile_layers", "recommended_thresholds"):
         assert key in report, key
-    md = (out / "report.md").read_text(encoding="utf-8")
     for title in ("## The v1 success criteria, per preset", "## B1", "## B2", "## B3", "## B4",
                   "## Fragile layers", "## Equal bytes"):
         assert title in md
@@ -90,9 +89,9 @@ def test_equal_bytes_points_count_their_bytes(ci):
 
 
 def test_a_second_run_is_read_from_the_cache(ci, tmp_path_factory):
-    _, out, _, first = ci
-    status, _, _ = ci_regress(_shared_base(tmp_path_factory))
-    again = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    first = ci[3]
+    status, _, _, text, _ = ci_report(_shared_base(tmp_path_factory))
+    again = json.loads(text)
     assert status == 0
     assert again["timing"]["cache"]["misses"] == 0 and again["timing"]["cache"]["hits"] > 0
     for key in ("b1", "b2", "b3", "b4", "b5", "presets", "equal_bytes", "verdict"):
@@ -107,7 +106,8 @@ def test_a_preset_that_misses_a_declared_criterion_fails_the_run(ci, tmp_path, c
     bad = tmp_path / "tiny-all-layers-claims-ppl.json"
     bad.write_text(json.dumps(doc), encoding="utf-8")
     out = ci[1]  # same cache: the preset's build and measurements are served from it
-    status = main(["regress", "--out", str(out), *CI_ARGS, "--steps", "presets", "--preset", str(bad)])
+    with ci_lock(out.parent):
+        status = main(["regress", "--out", str(out), *CI_ARGS, "--steps", "presets", "--preset", str(bad)])
     text = capsys.readouterr().out
     assert status == 1
     assert "FAIL tiny-all-layers-claims-ppl: ppl_ctx512 declared but not met" in text
@@ -118,7 +118,7 @@ def test_a_preset_that_misses_a_declared_criterion_fails_the_run(ci, tmp_path, c
     (["--eq-densities", "x"], "--eq-densities: expected fractions"),
     (["--quant-types", "Q3_X"], "--quant-types: unknown type 'Q3_X'"),
     (["--steps", "b9"], "--steps: unknown step 'b9'"),
-    (["--chunks", "0"], "--chunks must be >= 1"),
+    (["--chunks", "0"], "--chunks: 0 would score nothing"),
     (["-m", "/nonexistent.gguf"], "model not found"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
