@@ -48,8 +48,8 @@ def register(sub: Subparsers) -> None:
                    help="output directory: report.json, report.md, plots, cache/ (runs/regress)")
     p.add_argument("--chunks", type=chunks_int, default=-1, metavar="N",
                    help="windows per context for B1 and the presets (default -1: all)")
-    p.add_argument("--unit-chunks", type=chunks_int, default=16, metavar="N",
-                   help="windows at ctx 512 for B2-B4 and the equal-bytes comparison (16)")
+    p.add_argument("--unit-chunks", type=chunks_int, default=8, metavar="N",
+                   help="windows at ctx 512 for B2-B4 and the equal-bytes comparison (8)")
     p.add_argument("--layers", type=layers_arg, default=None, metavar="A-B|LIST",
                    help="layers for B2-B4, e.g. 0-3 or 1,5,9 (default: all)")
     p.add_argument("--densities", default="1/6,1/3", metavar="LIST",

@@ -260,6 +260,26 @@ def run_equal_bytes(inputs: Inputs, base_logits: Logits, windows: Windows, candi
                     keep_files: bool = False) -> EqualBytesResult:
     """Make and measure every candidate (cached per candidate), in the order given."""
     note = progress or (lambda _m: None)
+    cands, skipped = runnable(candidates, inputs)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for n, c in enumerate(cands, 1):
+        settings = {"family": c.family, **dict(c.settings)}
+        row = cache.get("equal_bytes", settings)
+        if row is None:
+            row = measure_candidate(c, inputs, base_logits, windows, work_dir, keep_files)
+            cache.put("equal_bytes", settings, row)
+        rows.append(row)
+        note(f"[equal bytes {n}/{len(cands)}] {c.label}: {row['bits_per_weight']:.2f} bits/weight, KLD "
+             f"{row['kld_mean']:.5f}, ΔPPL {row['delta_ppl_pct']:+.2f}%  {time.perf_counter() - t0:.0f}s")
+    mark_pareto(rows)
+    return EqualBytesResult(rows, skipped)
+
+
+def runnable(candidates: Iterable[Candidate], inputs: Inputs) -> tuple[list[Candidate], list[str]]:
+    """The candidates that can be made here, and one line per group that cannot (with the reason):
+    llama.cpp points without llama-cpp-python, imatrix points without an imatrix."""
     cands = list(candidates)
     skipped: list[str] = []
     why_quant = unavailable_reason() if any(c.family == "llama.cpp" for c in cands) else None
@@ -271,25 +291,17 @@ def run_equal_bytes(inputs: Inputs, base_logits: Logits, windows: Windows, candi
         n = sum(c.needs_imatrix for c in cands)
         skipped.append(f"imatrix points skipped ({n}): no imatrix (calibration text) given")
         cands = [c for c in cands if not c.needs_imatrix]
-    work_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for n, c in enumerate(cands, 1):
-        settings = {"family": c.family, **dict(c.settings)}
-        row = cache.get("equal_bytes", settings)
-        if row is None:
-            row = _measure(c, inputs, base_logits, windows, work_dir, keep_files)
-            cache.put("equal_bytes", settings, row)
-        rows.append(row)
-        note(f"[equal bytes {n}/{len(cands)}] {c.label}: {row['bits_per_weight']:.2f} bits/weight, KLD "
-             f"{row['kld_mean']:.5f}, ΔPPL {row['delta_ppl_pct']:+.2f}%  {time.perf_counter() - t0:.0f}s")
+    return cands, skipped
+
+
+def mark_pareto(rows: Sequence[dict[str, Any]]) -> None:
     for row, front in zip(rows, pareto(rows), strict=True):
         row["pareto"] = front
-    return EqualBytesResult(rows, skipped)
 
 
-def _measure(c: Candidate, inputs: Inputs, base_logits: Logits, windows: Windows, work_dir: Path,
-             keep_files: bool) -> dict[str, Any]:
+def measure_candidate(c: Candidate, inputs: Inputs, base_logits: Logits, windows: Windows, work_dir: Path,
+                      keep_files: bool = False) -> dict[str, Any]:
+    """Make candidate `c`'s file, count its FFN bytes and measure it against the base's logits."""
     made: dict[str, Any] = {}
     if c.family == "original":
         path = inputs.model

@@ -24,6 +24,7 @@ from typing import Any
 
 from seeddelta.builder.options import BuildOptions, Resolver, baseline_resolver
 from seeddelta.builder.pipeline import run_build
+from seeddelta.evaluation import equal_bytes as eb
 from seeddelta.evaluation.equal_bytes import kld_row
 from seeddelta.evaluation.greedy import PackItem, run_pack, verdict
 from seeddelta.evaluation.memory import Loaded, load
@@ -64,8 +65,12 @@ class Spec:
     evals: tuple[tuple[int, int], ...] = ((512, -1),)
     greedy_limit: int | None = None
     memory: bool = False
+    candidate: Mapping[str, Any] | None = None  # an equal-bytes candidate {family, label, settings} instead
 
     def settings(self) -> dict[str, Any]:
+        if self.candidate is not None:
+            return {"candidate": {"family": self.candidate["family"], **dict(self.candidate["settings"])},
+                    "evals": [list(e) for e in self.evals]}
         return {"encoding": dict(self.encoding), "pairs": [list(p) for p in self.pairs] if self.pairs is not None else None,
                 "policy": self.policy, "evals": [list(e) for e in self.evals], "greedy_limit": self.greedy_limit,
                 "memory": self.memory, "eval_cols": EVAL_COLS, "eval_x": EVAL_X}
@@ -168,6 +173,13 @@ class Evaluator:
     def run(self, spec: Spec) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if spec.candidate is not None:
+            ctx, chunks = spec.evals[0]
+            point = eb.Candidate(spec.candidate["family"], spec.candidate["label"], dict(spec.candidate["settings"]))
+            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads),
+                                       self.base_logits(ctx, chunks), self.windows(ctx, chunks), self.work_dir,
+                                       self.keep_files)
+            return {"name": spec.name, "row": row, "seconds": time.perf_counter() - t0}
         path = self.work_dir / f"{spec.name}.gguf"
         out: dict[str, Any] = {"name": spec.name, "build": self.build(spec, path)}
         try:

@@ -53,7 +53,7 @@ class RegressSettings:
     calibration: Path | None = None  # None: the tiny model's training distribution (tiny only)
     pack: Path | None = None  # None: the tiny test pack for the tiny model, no greedy pack otherwise
     chunks: int = -1  # windows per context for B1 and the presets (-1: all)
-    unit_chunks: int = 16  # windows at ctx 512 for B2–B4 and the equal-bytes comparison
+    unit_chunks: int = 8  # windows at ctx 512 for B2–B4 and the equal-bytes comparison
     layers: str | None = None  # B2–B4 layers (default all)
     densities: tuple[Fraction, ...] = (Fraction(1, 6), Fraction(1, 3))
     greedy_limit: int = 0  # prompts per task for B1 and the presets (0: all)
@@ -240,9 +240,9 @@ def run_regress(settings: RegressSettings, progress: Progress | None = None) -> 
 
 
 def equal_bytes_step(c: Context) -> dict[str, Any]:
+    """The equal-bytes comparison through the suite's workers and cache (evaluation.equal_bytes)."""
     s = c.settings
     w = c.ev.windows(512, s.unit_chunks)
-    inputs = eb.Inputs(s.model, c.ev.imatrix, threads=s.threads)
     cands = [eb.Candidate("original", "original"), *eb.seeddelta_candidates(s.eq_densities)]
     if s.quant_types is None:
         cands += eb.llamacpp_candidates()
@@ -250,11 +250,17 @@ def equal_bytes_step(c: Context) -> dict[str, Any]:
         cands += eb.llamacpp_candidates([t for t in s.quant_types if not t.endswith("+imatrix")],
                                         [t.removesuffix("+imatrix") for t in s.quant_types if t.endswith("+imatrix")])
     cands += eb.pruning_candidates(s.eq_densities)
-    res = eb.run_equal_bytes(inputs, c.ev.base_logits(512, s.unit_chunks), w, cands, s.out / "work", c.cache,
-                             progress=c.note)
-    for line in res.skipped:
+    cands, skipped = eb.runnable(cands, eb.Inputs(s.model, c.ev.imatrix))
+    for line in skipped:
         c.note(f"[equal bytes] {line}")
-    return {"ctx": 512, "windows": w.n_chunk, "rows": [_strip(r) for r in res.rows], "skipped": res.skipped}
+    specs = [Spec(f"eq-{i}", {}, evals=((512, s.unit_chunks),),
+                  candidate={"family": x.family, "label": x.label, "settings": dict(x.settings)})
+             for i, x in enumerate(cands)]
+    rows = [r["row"] for r in run_specs(c.ev, specs, c.cache, "equal bytes", jobs=s.jobs, progress=c.note,
+                                        label=lambda sp, r: f"{sp.candidate['label'] if sp.candidate else sp.name}: "
+                                        f"{r['row']['bits_per_weight']:.2f} bits/weight, KLD {r['row']['kld_mean']:.5f}")]
+    eb.mark_pareto(rows)
+    return {"ctx": 512, "windows": w.n_chunk, "rows": [_strip(r) for r in rows], "skipped": skipped}
 
 
 def _strip(row: dict[str, Any]) -> dict[str, Any]:
