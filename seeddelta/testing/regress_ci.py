@@ -1,0 +1,31 @@
+"""The regress run CI affords (the tiny model at reduced settings), shared by the tiny and golden tiers.
+
+`ci_regress(base)` runs `seeddelta regress` once per test session into `base/regress-ci` (a file
+lock serialises pytest-xdist workers; a later call re-reads every measurement from the run's cache
+in seconds) and returns its exit status and output directory."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from filelock import FileLock
+
+# Two layers apart (B3 has one separated pair), one budget with and without base, 2 windows per
+# context, 10 greedy prompts per task (5 at each stack step), equal bytes at one density, no llama.cpp
+# points (the interop extra is not part of CI).
+CI_ARGS = ("--layers", "1,5", "--densities", "1/3", "--chunks", "2", "--unit-chunks", "2", "--greedy-limit", "10",
+           "--stack-greedy-limit", "5", "--eq-densities", "1/4", "--quant-types", "none", "-t", "1")
+
+
+def ci_regress(base: Path, extra: tuple[str, ...] = ()) -> tuple[int, Path, str]:
+    """(exit status, output directory, stdout) of the CI regress run (plus `extra` arguments)."""
+    from seeddelta.cli import main
+
+    out = base / "regress-ci"
+    with FileLock(str(base / "regress-ci.lock")):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            status = main(["regress", "--out", str(out), *CI_ARGS, *extra])
+    return status, out, buf.getvalue()
