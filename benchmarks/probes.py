@@ -36,6 +36,7 @@ class Probe:
     what: str
     argv: list[str]
     expect_ok: bool = False  # exit 0 is the right answer (a warning is expected instead)
+    expect_rc: int = 2  # the right exit status of a refusal (bad input: 2; a signal: 128 + its number)
     outputs: tuple[str, ...] = ()  # files a successful run may add
     runner: Callable[[Probe, Path, dict[str, str]], Result] | None = None
     needle: str = ""  # a text the answer should contain (a warning or the error)
@@ -201,7 +202,8 @@ def probes() -> list[Probe]:
         Probe("V4", "`greedy` on NaN in d_val", ["greedy", "-m", "bad_nan.gguf", "--pack", "pack.jsonl"]),
         Probe("V5", "`imatrix --sparse` on Inf in d_row_scale", ["imatrix", "-m", "bad_scale.gguf", "-f", "text.txt", "-c", "16", "--sparse", "-o", "im.gguf"]),
         Probe("V6", "`sweep` on a d_idx = n_in", ["sweep", "-m", "bad_idx.gguf", "-f", "text.txt", "-c", "16", "--layers", "0"]),
-        Probe("V7", "`inspect --check` on a base_perm1 that is not a permutation", ["inspect", "bad_perm.gguf", "--check"]),
+        Probe("V7", "`inspect --check` on a base_perm1 that is not a permutation", ["inspect", "bad_perm.gguf", "--check"],
+              expect_rc=1),
         Probe("V8", "`ppl` on a string block_count", ["ppl", "-m", "hdr_string.gguf", "-f", "text.txt", "-c", "16"]),
         Probe("V9", "`ppl` on head_count 0", ["ppl", "-m", "hdr_heads0.gguf", "-f", "text.txt", "-c", "16"]),
         # 3. no silent coercion
@@ -221,9 +223,9 @@ def probes() -> list[Probe]:
         Probe("C11", "a full disk (`policy export`, ENOSPC)", ["policy", "export", "report.json", "-o", "p.json"], runner=_wrapped(_FULL_DISK)),
         # 4. interrupted runs leave nothing behind
         Probe("I1", "SIGTERM while `build` writes", ["build", "-i", "model.gguf", "-o", "t.gguf", "-q"],
-              runner=_signal_during_write(signal.SIGTERM)),
+              expect_rc=128 + signal.SIGTERM, runner=_signal_during_write(signal.SIGTERM)),
         Probe("I2", "SIGINT while `build` writes", ["build", "-i", "model.gguf", "-o", "t.gguf", "-q"],
-              runner=_signal_during_write(signal.SIGINT)),
+              expect_rc=128 + signal.SIGINT, runner=_signal_during_write(signal.SIGINT)),
         Probe("I3", "SIGKILL while `build` writes, then `build` again", ["build", "-i", "model.gguf", "-o", "t.gguf", "-q"],
               expect_ok=True, outputs=("t.gguf",), needle="temporary file",
               runner=_signal_during_write(signal.SIGKILL, ["build", "-i", "model.gguf", "-o", "t.gguf", "-q"])),
@@ -265,19 +267,27 @@ def _first_line(text: str, needle: str = "") -> str:
     return lines[-1] if lines else ""
 
 
+def verdict(probe: Probe, rc: int | None, lines: int, traceback: bool, said: bool, changed: bool, left: bool) -> bool:
+    """The answer a user should get: the right exit status, one line for a refusal (or the warning for a
+    run that goes ahead), no traceback, the inputs unchanged and nothing left behind."""
+    right_exit = rc == (0 if probe.expect_ok else probe.expect_rc)
+    one_line = probe.expect_ok or probe.expect_rc == 1 or lines == 1
+    return right_exit and one_line and not traceback and said and not changed and not left
+
+
 def _judge(probe: Probe, res: Result) -> dict[str, str]:
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     traceback = any("Traceback" in ln for ln in lines)
     left = [a for a in res.added if a not in probe.outputs or not probe.expect_ok]
-    exit_ok = (res.rc == 0) if probe.expect_ok else (res.rc not in (0, None))
     said = probe.needle in res.stderr if probe.needle else True
+    ok = verdict(probe, res.rc, len(lines), traceback, said, bool(res.changed), bool(left))
     return {
         "exit": str(res.rc),
         "answer": ("traceback" if traceback else f"{len(lines)} line(s)") + ("" if said else ", silent"),
         "inputs": "changed: " + ", ".join(res.changed) if res.changed else "unchanged",
         "left": ", ".join(left) if left else "nothing",
         "seconds": f"{res.seconds:.1f}",
-        "ok": "yes" if exit_ok and not traceback and said and not res.changed and not left else "NO",
+        "ok": "yes" if ok else "NO",
         "line": _first_line(res.stderr, probe.needle).replace("|", "\\|")[:160],
     }
 

@@ -1,5 +1,6 @@
-"""The encode phase: one FFN weight dequantized, encoded, measured on its stored arrays and decided
-(gating), with its report entry and the tensors to write."""
+"""The encode phase: one FFN weight dequantized, encoded at one K and measured on its stored arrays
+(`run_trial`); gating of a trial (`gate_trial`); and, once the decide phase (builder.decide) has chosen
+the final trial, its report entry and the tensors to write (`weight_result`)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,23 @@ class WeightResult:
     warnings: list[str] = field(default_factory=list)
     added_bytes: int = 0
     stripped_bytes: int = 0
+    attempt_seconds: list[float] = field(default_factory=list)  # per autotune attempt (report `timing`)
 
 
-def _gating(cfg: TensorConfig, kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Gating fields of Appendix A.3 e–f for one trial."""
+def gate_trial(cfg: TensorConfig, kind: str, metrics: dict[str, Any],
+            thresholds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Gating fields of Appendix A.3 e–f for one trial; `thresholds` (min_mean, min_p05) after the
+    stack guard, default the configured ones.
+
+    With gating on, the metric is the one the policy names. The original silently replaced it by
+    `ffn_score` for gate/up whenever functional metrics existed (spec-policy-eval §11 item 18);
+    with gating off nothing is decided and the report shows what the original would have shown."""
+    min_mean, min_p05 = thresholds if thresholds is not None else (cfg.min_mean, cfg.min_p05)
     has_x, has_w = bool(metrics.get("has_x")), bool(metrics.get("has_w"))
-    metric = "ffn_score" if kind in ("ffn_gate", "ffn_up") and has_x else cfg.metric
+    if cfg.gating_enabled:
+        metric = cfg.metric
+    else:
+        metric = "ffn_score" if kind in ("ffn_gate", "ffn_up") and has_x else cfg.metric
     if metric == "ffn_score":
         value = p05 = ffn_score(metrics)
     else:
@@ -54,7 +66,7 @@ def _gating(cfg: TensorConfig, kind: str, metrics: dict[str, Any]) -> dict[str, 
         needs_x = metric in ("cos_x", "cos_x_w", "ffn_score")
         needs_w = metric in ("cos_w", "cos_x_w")
         available = (not needs_x or has_x) and (not needs_w or has_w)
-    passed = (not cfg.gating_enabled) or (available and value >= cfg.min_mean and p05 >= cfg.min_p05)
+    passed = (not cfg.gating_enabled) or (available and value >= min_mean and p05 >= min_p05)
     if not cfg.gating_enabled:
         decision = "no_gating"
     elif not available:
@@ -63,29 +75,30 @@ def _gating(cfg: TensorConfig, kind: str, metrics: dict[str, Any]) -> dict[str, 
         decision = "pass_gating" if passed else "gating_fail"
     return {
         "gating_enabled": cfg.gating_enabled, "gating_metric": metric, "gating_value": value, "gating_p05": p05,
-        "gating_min_mean": cfg.min_mean, "gating_min_p05": cfg.min_p05, "gating_pass": passed,
-        "metric_used": metric, "decision": decision,
+        "gating_min_mean": min_mean, "gating_min_p05": min_p05, "gating_pass": passed,
+        "metric_used": metric, "decision": decision, "available": available,
     }
 
 
-def _proxy_reason(opts: BuildOptions, kind: str) -> str:
+def _proxy_reason(opts: BuildOptions, kind: str, base: str) -> str:
     if opts.eval_x <= 0:
         return "proxy_requires_eval_x"
-    if opts.scheme != "coo" or opts.base:
+    if opts.scheme != "coo" or base != "none":
         return "proxy_requires_coo"
     if kind == "ffn_down":
         return "proxy_kind_not_supported"
     return ""
 
 
-def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw: SeedDeltaWeight) -> dict[str, Any]:
+def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw: SeedDeltaWeight,
+               base: str) -> dict[str, Any]:
     """FFN proxy of spec §6.4 (logging only; never changes a decision): replace the current gate or
     up pre-activation by the stored SeedΔ weight and compare a sampled SwiGLU FFN output.
 
     As the original: x ~ N(0, I), SiLU, hidden/output subsets, absolute L2, percentiles over x.
     Unlike the original, the replaced pre-activation is the stored reconstruction including its
     row scale (the original ignored the row scale)."""
-    reason = _proxy_reason(opts, kind)
+    reason = _proxy_reason(opts, kind, base)
     if reason:
         return {"ffn_proxy_available": False, "ffn_proxy_reason": reason}
     names = {k: weight_name(layer, k) for k in KINDS}
@@ -132,21 +145,45 @@ def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw:
     }
 
 
-def encode_weight(
-    model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, imatrix: Imatrix | None,
-) -> WeightResult:
+def encode_config(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int) -> EncodeConfig:
+    """How one weight is encoded at budget K: the command line's encoding, with a version-2 policy's
+    per-tensor base, row scale and norm clamp where it sets them."""
+    base = cfg.base if cfg.base is not None else ("xor_circulant" if opts.base else "none")
+    clamp = cfg.delta_norm_clamp if cfg.delta_norm_clamp is not None else (
+        opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0)
+    return EncodeConfig(
+        K=K, scheme=opts.scheme, block=cfg.block, idx_type=opts.idx_type, val_type=opts.val_type,
+        row_scale=opts.row_scale if cfg.row_scale is None else cfg.row_scale, base=base,
+        base_max_samples=opts.base_max_samples, base_perm_trials=max(1, opts.base_perm_trials),
+        delta_norm_clamp=clamp, seed=tensor_seed(opts.seed, layer, kind, 0),
+    )
+
+
+@dataclass
+class Trial:
+    """One weight encoded at one K and measured on its stored arrays (not yet decided)."""
+
+    layer: int
+    kind: str
+    K: int  # requested budget (a schedule value)
+    sdw: SeedDeltaWeight
+    metrics: dict[str, Any]
+    cost: dict[str, Any]
+    seconds: float
+    warnings: list[str]
+    encoding: EncodeConfig
+
+
+def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int,
+              imatrix: Imatrix | None) -> Trial:
+    """Encode one weight at budget K and measure it (a deterministic function of its arguments:
+    the seed depends on --seed, the layer and the kind, never on K or the order of work)."""
     t0 = time.perf_counter()
     name = weight_name(layer, kind)
     W = model.dense(name)
-    n_out, n_in = W.shape
+    n_in = W.shape[1]
     scale = imatrix.scale(name, n_in, opts.imatrix_eps, opts.imatrix_power) if imatrix is not None else None
-    config = EncodeConfig(
-        K=cfg.K, scheme=opts.scheme, block=cfg.block, idx_type=opts.idx_type, val_type=opts.val_type,
-        row_scale=opts.row_scale, base="xor_circulant" if opts.base else "none",
-        base_max_samples=opts.base_max_samples, base_perm_trials=max(1, opts.base_perm_trials),
-        delta_norm_clamp=opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0,
-        seed=tensor_seed(opts.seed, layer, kind, 0),
-    )
+    config = encode_config(opts, layer, kind, cfg, K)
     try:
         sdw = encode(W, config, scale)
     except SeedDeltaError as exc:
@@ -155,32 +192,53 @@ def encode_weight(
     metrics = evaluate_weight(W, sdw, eval_cols=opts.eval_cols, eval_x=opts.eval_x, imatrix_scale=scale,
                               seed=tensor_seed(opts.seed, layer, kind, 1))
     cost = cost_model(sdw)
-    if opts.base and cost.get("base_B") == 1:
+    if config.base != "none" and cost.get("base_B") == 1:
         warnings.append(f"{name}: base has B = 1 block; the original runtime rejects such a base (spec §12 item 2)")
-    gating = _gating(cfg, kind, metrics)
-    emit = cfg.enabled and gating["gating_pass"]
+    return Trial(layer, kind, K, sdw, metrics, cost, time.perf_counter() - t0, warnings, config)
+
+
+def attempt_record(trial: Trial, gating: dict[str, Any]) -> dict[str, Any]:
+    """One `autotune_attempts` element (the original's fields; its wall-clock `seconds` live in the
+    report's `timing` object instead, so that everything else stays deterministic)."""
+    return {"K_budget": int(trial.sdw.k_budget), "K_eff": int(trial.sdw.K), "n_blocks": int(trial.sdw.n_blocks),
+            "metric_value": gating["gating_value"], "metric_p05": gating["gating_p05"], "pass": gating["gating_pass"]}
+
+
+def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial: Trial, gating: dict[str, Any],
+                  *, emit: bool, decision: str, attempts: list[dict[str, Any]] | None = None,
+                  seconds: float | None = None, extra: dict[str, Any] | None = None) -> WeightResult:
+    """The report entry and output tensors of a weight whose final trial and decision are known."""
+    layer, kind, sdw = trial.layer, trial.kind, trial.sdw
+    name = weight_name(layer, kind)
+    n_out, n_in = sdw.n_out, sdw.n_in
     strip = emit and cfg.strip_dense
     tensors = [(seeddelta_tensor_name(layer, kind, s), a) for s, a in sdw.tensors().items()] if emit else []
     order = {s: i for i, s in enumerate(SEEDDELTA_SUFFIXES)}
     tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
     nbytes_sd = int(sdw.nbytes())
     dense_bytes = model.tensor_nbytes(name)
-    k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, cfg.K), n_in))
+    k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, trial.K), n_in))
+    gating_fields = {k: v for k, v in gating.items() if k != "available"}
+    gating_fields["decision"] = decision
     entry_values: dict[str, Any] = {
         "layer": layer, "kind": kind, "n_in": n_in, "n_out": n_out, "K_budget": k_budget, "K": int(sdw.K),
-        "block": cfg.block, "n_blocks": int(sdw.n_blocks), **{k: v for k, v in metrics.items()},
-        **cost, **gating,
-        "ffn_score": ffn_score(metrics),
-        **_ffn_proxy(model, opts, layer, kind, sdw),
+        "block": cfg.block, "n_blocks": int(sdw.n_blocks), **{k: v for k, v in trial.metrics.items()},
+        **trial.cost, **gating_fields,
+        "ffn_score": ffn_score(trial.metrics),
+        **_ffn_proxy(model, opts, layer, kind, sdw, trial.encoding.base),
         "emit": emit, "strip_dense": strip,
         **tile_fields(n_out, int(sdw.K)),
         "autotune_selected_budget": k_budget if emit else 0,
         "dense_type": model.tensor_type(name).name, "bytes_dense": dense_bytes,
         "bytes_seeddelta": nbytes_sd, "bits_per_weight": 8.0 * nbytes_sd / (n_in * n_out),
     }
+    if cfg.autotune:
+        entry_values["autotune_enabled"] = True
+        entry_values["autotune_attempts"] = attempts or []
     entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
+    entry_values.update(extra or {})
     result = WeightResult(layer, kind, weight_entry(**entry_values), tensors, strip,
-                          time.perf_counter() - t0, warnings)
+                          trial.seconds if seconds is None else seconds, list(trial.warnings))
     result.added_bytes = sum(int(a.nbytes) for _, a in tensors)
     result.stripped_bytes = dense_bytes if strip else 0
     return result

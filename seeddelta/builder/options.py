@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,6 +44,8 @@ class BuildOptions:
     strip_dense: bool = False
     policy: str | None = None
     policy_strict: bool = False
+    policy_export: str | None = None
+    stack_cost_cap: float = math.inf
     eval_cols: int = 0
     eval_x: int = 0
     report_json: str | None = None
@@ -64,7 +67,13 @@ class TensorConfig:
     """Resolved configuration of one (layer, kind): what a policy decides (Appendix A.2).
 
     Without a policy the baseline applies: enabled, `--strip-dense`, `--block`, the kind's K,
-    metric `cos_x_w` with the baseline thresholds, gating disabled."""
+    metric `cos_x_w` with the baseline thresholds, gating disabled, no autotune, and the
+    encoding of the command line.
+
+    `autotune`/`schedule`: with autotune on, the K values tried in order (already deduplicated
+    and cut to `max_iters`; empty: the single K). `base`, `row_scale`, `delta_norm_clamp`: a
+    version-2 policy's per-tensor encoding; None follows the command line (`--base`,
+    `--row-scale`, `--delta-norm-clamp-down` for ffn_down)."""
 
     enabled: bool
     strip_dense: bool
@@ -74,6 +83,15 @@ class TensorConfig:
     gating_enabled: bool = False
     min_mean: float = 0.45
     min_p05: float = 0.30
+    autotune: bool = False
+    schedule: tuple[int, ...] = ()
+    base: str | None = None
+    row_scale: bool | None = None
+    delta_norm_clamp: float | None = None
+
+    def k_schedule(self) -> list[int]:
+        """The K values the builder tries, in order (Appendix A.3 step 10)."""
+        return list(self.schedule) if self.autotune and self.schedule else [self.K]
 
     @property
     def require_eval_x(self) -> bool:
@@ -147,7 +165,7 @@ def validate_encoding(opts: BuildOptions) -> None:
         raise SeedDeltaError(f"-t must be >= 0 (0: automatic, one per core), got {opts.threads}")
 
 
-def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> None:
+def validate_options(opts: BuildOptions) -> None:
     validate_encoding(opts)
     if not opts.output:
         raise SeedDeltaError("-o/--output is required")
@@ -171,9 +189,17 @@ def validate_options(opts: BuildOptions, *, policy_supported: bool = False) -> N
         if path is not None and same_file(opts.output, path):
             raise SeedDeltaError(f"-o {opts.output} is the input {flag} {path}; inputs are never overwritten, "
                                  "choose another -o")
-    if opts.policy is not None and not policy_supported:
-        raise SeedDeltaError(
-            "policy support is not implemented yet (the policy issue; spec-policy-eval.md) — run without --policy"
-        )
-    if opts.policy is not None and opts.eval_cols <= 0:
-        raise SeedDeltaError("--policy requires --eval-cols > 0")
+    for flag, path in (("--report-json", opts.report_json), ("--policy-export", opts.policy_export)):
+        if path is None:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise SeedDeltaError(f"{flag}: directory does not exist: {directory}")
+        if same_file(opts.input, path):
+            raise SeedDeltaError(f"{flag} {path} is the input file; the input is never overwritten")
+    if opts.policy_export is not None and opts.policy is not None and same_file(opts.policy, opts.policy_export):
+        raise SeedDeltaError(f"--policy-export {opts.policy_export} is the policy being read; choose another path")
+    if opts.policy_export is not None and same_file(opts.output, opts.policy_export):
+        raise SeedDeltaError(f"--policy-export {opts.policy_export} is the output GGUF; choose another path")
+    if math.isnan(opts.stack_cost_cap) or opts.stack_cost_cap < 0:
+        raise SeedDeltaError(f"--stack-cost-cap must be a number >= 0, got {opts.stack_cost_cap}")

@@ -1,10 +1,14 @@
 """The builder: a llama GGUF in, a SeedΔ GGUF (and report.json) out — `seeddelta build`.
 
-Four named phases: **plan** (resolve every selected weight's `TensorConfig` — a policy plugs in as
-a `Resolver` — and check everything that can fail before any work), **encode** (`builder.encode`: one
-weight dequantized, encoded, measured on its stored arrays and gated), **assemble** (report entries
-in build order with the stack cost, tensors to drop and add, keys to set) and **write** (one atomic
-copy of the input with those changes).
+Four named phases: **plan** (resolve every selected weight's `TensorConfig` — from `--policy`, or
+any `Resolver` — and check everything that can fail before any work), **encode and decide**
+(`builder.encode`: one weight dequantized, encoded at one K and measured on its stored arrays;
+`builder.decide`: in build order, the K schedule tried until gating passes, the stack guard and
+the stack-cost cap), **assemble** (report entries in build order, tensors to drop and add, keys
+to set) and **write** (one atomic copy of the input with those changes).
+
+`--policy` files are loaded and turned into a Resolver by `seeddelta.policy.build`, which calls
+`run_build` with it (and writes `--policy-export`): the builder knows resolvers, not policy files.
 
 Deterministic: the seed of every tensor is derived from `--seed`, the layer and the kind
 (`tensor_seed`), never from the order of work or the wall clock, so the same inputs and flags
@@ -16,14 +20,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import numpy as np
 from gguf import GGUFValueType
 
-from seeddelta.builder.encode import WeightResult, encode_weight, stub_entry
+from seeddelta.builder.decide import decide_all
+from seeddelta.builder.encode import WeightResult, stub_entry
 from seeddelta.builder.options import (
     BuildOptions,
     Resolver,
@@ -63,25 +67,13 @@ class BuildResult:
     seconds: float
 
 
-class _Progress:
-    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q)."""
-
-    def __init__(self, total: int, stream: TextIO | None) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream if stream is not None else sys.stderr,
-                        leave=False, dynamic_ncols=True, disable=True if stream is None else None)
-
-    def step(self, label: str) -> None:
-        self.bar.set_postfix_str(label, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> list[KV]:
+def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool, results: list[WeightResult]) -> list[KV]:
+    """The original's global keys, from the command line (policy K and block are not reflected, as in
+    the original); base and row scale also count when a version-2 policy gave them to a written tensor."""
     u32, b = GGUFValueType.UINT32, GGUFValueType.BOOL
+    written = [r.entry for r in results if r.entry is not None and r.entry.get("emit")]
+    use_base = opts.base or any(e.get("base_kind", "none") != "none" for e in written)
+    use_row_scale = opts.row_scale or any(e.get("row_scale") for e in written)
     k_default = max(1, opts.K)
     ks = {kind: opts.kind_K(kind) for kind in KINDS}
     variable = any(v != k_default for v in ks.values())
@@ -89,7 +81,7 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> li
         KV("seeddelta.enabled", any_seeddelta, b),
         KV("seeddelta.version", 1, u32),
         KV("seeddelta.scheme", 0 if opts.scheme == "coo" else 1, u32),
-        KV("seeddelta.row_scale", opts.row_scale, b),
+        KV("seeddelta.row_scale", use_row_scale, b),
         KV("seeddelta.resid.K", k_default, u32),
         KV("seeddelta.strip_dense", any_strip, b),
     ]
@@ -99,8 +91,8 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> li
     if variable:
         keys += [KV("seeddelta.resid.K_gate", ks["ffn_gate"], u32), KV("seeddelta.resid.K_up", ks["ffn_up"], u32),
                  KV("seeddelta.resid.K_down", ks["ffn_down"], u32)]
-    keys.append(KV("seeddelta.base.enabled", opts.base, b))
-    if opts.base:
+    keys.append(KV("seeddelta.base.enabled", use_base, b))
+    if use_base:
         keys += [
             KV("seeddelta.base.kind", 1, u32), KV("seeddelta.base.depth", 2, u32), KV("seeddelta.base.R", 1, u32),
             KV("seeddelta.base.max_samples", max(0, opts.base_max_samples), u32),
@@ -110,13 +102,18 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool) -> li
 
 
 def _tensor_keys(entry: dict[str, Any]) -> list[KV]:
+    """Per-tensor keys (spec §8.4). They describe the file: a tensor not written has gating_pass false
+    and K 0 (the original wrote the rejected trial's K, and gating_pass true for a stack-cost-cap
+    rejection; the report keeps both), so that a rebuild from the exported policy — where that
+    tensor is simply disabled — gives the same file byte for byte."""
     prefix = tensor_kv_prefix(entry["layer"], entry["kind"])
     b = GGUFValueType.BOOL
+    emit = bool(entry["emit"])
     return [
-        KV(f"{prefix}.enabled", bool(entry["emit"]), b),
-        KV(f"{prefix}.gating_pass", bool(entry["gating_pass"]), b),
+        KV(f"{prefix}.enabled", emit, b),
+        KV(f"{prefix}.gating_pass", bool(entry["gating_pass"]) and emit, b),
         KV(f"{prefix}.strip_dense", bool(entry["strip_dense"]), b),
-        KV(f"{prefix}.K", max(0, int(entry["K"])), GGUFValueType.UINT32),
+        KV(f"{prefix}.K", max(0, int(entry["K"])) if emit else 0, GGUFValueType.UINT32),
     ]
 
 
@@ -166,10 +163,8 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
         for kind in KINDS:
             name = weight_name(layer, kind)
             cfg = resolve(layer, kind)
-            if cfg.require_eval_x and (opts.eval_x <= 0 or opts.eval_cols <= 0):
-                raise SeedDeltaError(f"{name}: gating metric {cfg.metric} needs --eval-cols > 0 and --eval-x > 0")
-            if cfg.require_imatrix and imatrix is None:
-                raise SeedDeltaError(f"{name}: gating metric {cfg.metric} needs --imatrix")
+            if cfg.enabled:  # a disabled tensor needs nothing (the original checked it anyway, §11 item 19)
+                _check_requirements(name, cfg, opts, imatrix)
             if not model.has(name):
                 if (layer, kind) in existing:
                     keep_existing.add((layer, kind))
@@ -199,61 +194,33 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
     return BuildPlan(steps, existing, keep_existing)
 
 
-def encode_all(model: GGUFModel, opts: BuildOptions, tasks: list[tuple[int, str, TensorConfig]],
-               imatrix: Imatrix | None, log: TextIO) -> dict[tuple[int, str], WeightResult]:
-    """Encode every planned weight (worker threads; results are independent of their order)."""
-    progress = _Progress(len(tasks), log if opts.progress else None)
-    threads = opts.threads or (os.cpu_count() or 1)
-
-    def work(task: tuple[int, str, TensorConfig]) -> WeightResult:
-        layer, kind, cfg = task
-        result = encode_weight(model, opts, layer, kind, cfg, imatrix)
-        progress.step(f"blk.{layer}.{kind}")
-        return result
-
-    encoded: dict[tuple[int, str], WeightResult] = {}
-    try:
-        if threads <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                res = work(task)
-                encoded[(res.layer, res.kind)] = res
-            return encoded
-        pool = ThreadPoolExecutor(max_workers=min(threads, len(tasks)))
-        try:
-            futures = [pool.submit(work, task) for task in tasks]
-            for future in futures:  # in build order; the first error stops the build
-                res = future.result()
-                encoded[(res.layer, res.kind)] = res
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return encoded
-    finally:
-        progress.close()  # also on Ctrl-C: the next line starts on a line of its own
+def _check_requirements(name: str, cfg: TensorConfig, opts: BuildOptions, imatrix: Imatrix | None) -> None:
+    if not cfg.gating_enabled:
+        return
+    where = f"{name} (policy {opts.policy})" if opts.policy else name
+    if opts.eval_cols <= 0:
+        raise SeedDeltaError(f"{where}: gating on {cfg.metric} needs --eval-cols > 0 (a negative threshold in the "
+                             "policy switches gating off)")
+    if cfg.require_eval_x and opts.eval_x <= 0:
+        raise SeedDeltaError(f"{where}: gating metric {cfg.metric} needs --eval-cols > 0 and --eval-x > 0")
+    if cfg.require_imatrix and imatrix is None:
+        raise SeedDeltaError(f"{where}: gating metric {cfg.metric} needs --imatrix")
 
 
-def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, encoded: dict[tuple[int, str], WeightResult],
+def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, decided: dict[tuple[int, str], WeightResult],
              log: TextIO) -> Assembly:
-    """Report entries in build order (with the stack cost), and the tensors and keys of the output."""
+    """Report entries in build order, and the tensors and keys of the output."""
     results: list[WeightResult] = []
-    running_cost, pass_gate_up, pass_down = 0.0, 0, 0
+    pass_gate_up, pass_down = 0, 0
     for layer, kind, action, plan_cfg in plan.steps:
         if action == "encode":
-            res = encoded[(layer, kind)]
-            entry = res.entry
-            assert entry is not None
-            emit = bool(entry["emit"])
-            delta = 0.0
-            if emit and np.isfinite(entry["gating_value"]) and np.isfinite(entry["gating_p05"]):
-                delta = max(0.0, entry["gating_min_mean"] - entry["gating_value"]) + \
-                    max(0.0, entry["gating_min_p05"] - entry["gating_p05"])
-            total = running_cost + (delta if emit else 0.0)
-            if emit:
-                running_cost = total
+            res = decided[(layer, kind)]
+            assert res.entry is not None
+            if res.entry["emit"]:
                 if kind == "ffn_down":
                     pass_down += 1
                 else:
                     pass_gate_up += 1
-            entry["stack_cost_delta"], entry["stack_cost_total"] = delta, total
             for w in res.warnings:
                 print(f"warning: {w}", file=log)
             results.append(res)
@@ -291,7 +258,7 @@ def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, encoded: dic
     for layer, kind in processed:
         prefix = tensor_kv_prefix(layer, kind) + "."
         drop_keys.update(k for k in model.kv_keys() if k.startswith(prefix))
-    set_keys = _global_keys(opts, any_seeddelta, any_strip)
+    set_keys = _global_keys(opts, any_seeddelta, any_strip, results)
     for res in results:
         assert res.entry is not None
         set_keys += _tensor_keys(res.entry)
@@ -309,24 +276,27 @@ def _read_policy_bytes(opts: BuildOptions) -> bytes | None:
         raise SeedDeltaError(f"cannot read policy {opts.policy}: {exc.strerror or exc}") from None
 
 
-def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: TextIO | None = None) -> BuildResult:
-    """Build the SeedΔ GGUF (and report) described by `opts`: plan → encode → assemble → write.
+def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
+              log: TextIO | None = None, policy_version: int | None = None) -> BuildResult:
+    """Build the SeedΔ GGUF (and report) described by `opts`: plan → encode and decide → assemble →
+    write. `resolver`: each weight's TensorConfig (default: the command line's). `policy_version`:
+    recorded in the report of a build with a policy file (seeddelta.policy.build).
     Raises SeedDeltaError on bad input, before any work where it can be known then."""
     t_start = time.perf_counter()
     log = log if log is not None else sys.stderr
-    validate_options(opts, policy_supported=resolver is not None)
+    validate_options(opts)
     policy_bytes = _read_policy_bytes(opts)
     model = GGUFModel(opts.input)
     imatrix = read_imatrix(opts.imatrix) if opts.imatrix else None
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
-    encoded = encode_all(model, opts, plan.tasks, imatrix, log)
+    decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None)
     # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
     n_in_by_kind: dict[str, int] = {}
     for layer, kind, _cfg in plan.tasks:
         n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
     opts = clamp_K(opts, n_in_by_kind)
-    out = assemble(model, opts, plan, encoded, log)
+    out = assemble(model, opts, plan, decided, log)
     write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
                      drop_keys=out.drop_keys, set_keys=out.set_keys)
 
@@ -339,7 +309,9 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
     )
     timing = None if opts.deterministic_report else {
         "total_seconds": seconds,
-        "weights": [{"layer": r.layer, "kind": r.kind, "seconds": r.seconds} for r in out.results if r.seconds > 0],
+        "weights": [{"layer": r.layer, "kind": r.kind, "seconds": r.seconds,
+                     **({"attempt_seconds": r.attempt_seconds} if r.attempt_seconds else {})}
+                    for r in out.results if r.seconds > 0],
     }
     report = top_level(
         input_path=opts.input, output_path=opts.output, base=opts.base, policy_file=opts.policy or "",
@@ -350,6 +322,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *, log: Text
         stack_pass_down=out.pass_down, weights=[r.entry for r in out.results if r.entry is not None],
         input_bytes=model.file_size, output_bytes=output_bytes, bytes_added=out.bytes_added,
         bytes_stripped=out.bytes_stripped, bytes_replaced=out.bytes_replaced, timing=timing,
+        policy_version=policy_version,
     )
     if opts.report_json:
         write_report(opts.report_json, report)

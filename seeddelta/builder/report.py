@@ -12,7 +12,10 @@ Field names, order and meanings follow the original. Differences, all deliberate
   `--overwrite-existing`), `seeddelta_py_version`, and — apart from everything else — `timing` (wall-clock seconds).
   Everything outside `timing` is a deterministic function of the inputs and the flags;
   `--deterministic-report` leaves `timing` out so that the whole file is byte-identical.
-* fields of features we do not implement (tiles, k-selector, autotune) carry the values the
+* with a policy: top level `policy_version`, and per weight (after everything else) the encoding
+  a version-2 policy may set per tensor: `base_kind`, `row_scale`, `delta_norm_clamp`;
+  `autotune_attempts` hold the original's fields except the wall-clock `seconds` (in `timing`);
+* fields of features we do not implement (tiles, k-selector) carry the values the
   original writes for its default flags (§6.5, §10.2); the logging-only FFN proxy (§6.4) is
   computed as the original does, except that the replaced pre-activation includes the row scale.
 """
@@ -74,6 +77,9 @@ WEIGHT_FIELDS: tuple[tuple[str, Any], ...] = (
     ("dense_type", ""), ("bytes_dense", 0), ("bytes_seeddelta", 0), ("bits_per_weight", 0.0),
 )
 WEIGHT_FIELD_NAMES = tuple(name for name, _ in WEIGHT_FIELDS)
+# Written only by builds with a policy, after everything else: the per-tensor encoding a version-2
+# policy may set (what `policy export` needs to reproduce the file).
+POLICY_WEIGHT_FIELDS = ("base_kind", "row_scale", "delta_norm_clamp")
 OUR_WEIGHT_FIELDS = ("dense_type", "bytes_dense", "bytes_seeddelta", "bits_per_weight")
 
 TOP_FIELDS_ORIGINAL = (
@@ -82,7 +88,8 @@ TOP_FIELDS_ORIGINAL = (
     "eval_cols", "eval_x", "stack_pass_gate_up", "stack_pass_down", "weights",
 )
 TOP_FIELDS_OURS = (
-    "seeddelta_py_version", "input_bytes", "output_bytes", "bytes_added", "bytes_stripped", "bytes_replaced", "timing",
+    "seeddelta_py_version", "input_bytes", "output_bytes", "bytes_added", "bytes_stripped", "bytes_replaced", "policy_version",
+    "timing",
 )
 
 METRIC_FIELDS = tuple(
@@ -93,8 +100,9 @@ METRIC_FIELDS = tuple(
 
 
 def weight_entry(**values: Any) -> dict[str, Any]:
-    """A per-weight entry with every field of §10.2 (+ ours) in order; unknown names are an error."""
-    unknown = set(values) - set(WEIGHT_FIELD_NAMES)
+    """A per-weight entry with every field of §10.2 (+ ours) in order; unknown names are an error.
+    The policy fields (POLICY_WEIGHT_FIELDS) are appended only when given."""
+    unknown = set(values) - set(WEIGHT_FIELD_NAMES) - set(POLICY_WEIGHT_FIELDS)
     if unknown:
         raise KeyError(f"unknown report field(s): {', '.join(sorted(unknown))}")
     entry: dict[str, Any] = {}
@@ -111,6 +119,9 @@ def weight_entry(**values: Any) -> dict[str, Any]:
             entry[name] = values.get("decision", "")
         else:
             entry[name] = default
+    for name in POLICY_WEIGHT_FIELDS:
+        if name in values:
+            entry[name] = values[name]
     return entry
 
 
@@ -190,6 +201,7 @@ def top_level(
     bytes_stripped: int,
     bytes_replaced: int = 0,
     timing: Mapping[str, Any] | None = None,
+    policy_version: int | None = None,
 ) -> dict[str, Any]:
     """The top-level object in the order of §10.1, then our fields."""
     out: dict[str, Any] = {
@@ -220,6 +232,8 @@ def top_level(
     out["bytes_added"] = bytes_added
     out["bytes_stripped"] = bytes_stripped
     out["bytes_replaced"] = bytes_replaced
+    if policy_version is not None:
+        out["policy_version"] = policy_version
     if timing is not None:
         out["timing"] = dict(timing)
     return out

@@ -30,8 +30,13 @@ def register(sub: Subparsers) -> None:
                    help="layers to encode: A-B (inclusive) or a list like 3,5,8-10 (default: all)")
     add_encoding_args(p)
     p.add_argument("--strip-dense", action="store_true", help="drop the dense weight of every encoded tensor")
-    add_input(p, "--policy", default=None, metavar="FILE", help="policy JSON (not implemented yet)")
+    add_input(p, "--policy", default=None, metavar="FILE",
+              help="policy JSON: per layer and tensor enabled, strip, K, gating, autotune (see `seeddelta policy`)")
     p.add_argument("--policy-strict", action="store_true", help="unknown policy keys are errors")
+    add_output(p, "--policy-export", default=None, metavar="PATH",
+               help="write the canonical policy of this build's decisions (rebuilds the same file)")
+    p.add_argument("--stack-cost-cap", type=float, default=float("inf"), metavar="F",
+                   help="reject an encoded tensor whose stack cost would take the build's total above F (inf)")
     p.add_argument("--eval-cols", type=int, default=0, metavar="N",
                    help="output rows sampled for the metrics; >= n_out: every row (0: no metrics)")
     p.add_argument("--eval-x", type=int, default=0, metavar="N", help="random inputs for functional metrics (0)")
@@ -46,15 +51,17 @@ def register(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seeddelta.builder.options import BuildOptions
-    from seeddelta.builder.pipeline import run_build, size_warnings, summary_line
+    from seeddelta.builder.pipeline import size_warnings, summary_line
+    from seeddelta.policy.build import build
 
     opts = BuildOptions(
         input=args.input, output=args.output, layers=args.layers, strip_dense=args.strip_dense, policy=args.policy,
-        policy_strict=args.policy_strict, eval_cols=args.eval_cols, eval_x=args.eval_x,
+        policy_strict=args.policy_strict, policy_export=args.policy_export, stack_cost_cap=args.stack_cost_cap,
+        eval_cols=args.eval_cols, eval_x=args.eval_x,
         report_json=args.report_json, overwrite_existing=args.overwrite_existing,
         deterministic_report=args.deterministic_report, progress=not args.quiet, **encoding_options(args),
     )
-    result = run_build(opts)
+    result = build(opts)
     for message in size_warnings(result):
         print(f"warning: {message}", file=sys.stderr)
     print(summary_line(result, opts), file=sys.stdout)

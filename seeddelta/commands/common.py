@@ -167,10 +167,12 @@ def windows_from_args(args: argparse.Namespace, tokenizer: Tokenizer, n_ctx_trai
     from seeddelta.assets import tiny_val_text
     from seeddelta.evaluation.windows import text_windows
 
+    windows = text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    # warned only once the text is usable, so a refused input stays one line
     if n_ctx_train and args.ctx > n_ctx_train:
         warn(f"-c {args.ctx} is beyond the model's training context ({n_ctx_train} tokens): positions past it "
              "are outside what the model was trained on")
-    return text_windows(Path(args.file) if args.file else tiny_val_text(), args.ctx, args.chunks, tokenizer)
+    return windows
 
 
 def warn(message: str) -> None:
@@ -251,15 +253,35 @@ def progress_note(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 # ---------------------------------------------------------------------------------- encoding
-def add_encoding_args(p: argparse.ArgumentParser) -> None:
-    """How each weight is encoded: the flags `build` and `sweep` share (the original's names and defaults)."""
+def k_list(text: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64): budgets to try, in the order given."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def add_encoding_args(p: argparse.ArgumentParser, *, several_K: bool = False) -> None:
+    """How each weight is encoded: the flags `build` and `sweep` share (the original's names and defaults).
+    `several_K`: --K and --K-<kind> take comma-separated lists (scan)."""
     p.add_argument("--scheme", choices=("coo", "block"), default="coo", help="residual encoding (default coo)")
     p.add_argument("--block", type=int, default=32, metavar="N", help="block size for scheme block, 1..4096 (32)")
-    p.add_argument("--K", type=int, default=32, metavar="N",
-                   help="residual budget per output row (32); above a weight's n_in it is clamped with a warning")
-    p.add_argument("--K-gate", dest="K_gate", type=int, default=-1, metavar="N", help="budget for ffn_gate (-1: --K)")
-    p.add_argument("--K-up", dest="K_up", type=int, default=-1, metavar="N", help="budget for ffn_up (-1: --K)")
-    p.add_argument("--K-down", dest="K_down", type=int, default=-1, metavar="N", help="budget for ffn_down (-1: --K)")
+    if several_K:
+        p.add_argument("--K", type=k_list, default=(32,), metavar="N[,N...]",
+                       help="residual budgets per output row to measure, e.g. 16,32,64 (32)")
+        for kind in ("gate", "up", "down"):
+            p.add_argument(f"--K-{kind}", dest=f"K_{kind}", type=k_list, default=(), metavar="N[,N...]",
+                           help=f"budgets for ffn_{kind} (default: --K)")
+    else:
+        p.add_argument("--K", type=int, default=32, metavar="N",
+                       help="residual budget per output row (32); above a weight's n_in it is clamped with a warning")
+        p.add_argument("--K-gate", dest="K_gate", type=int, default=-1, metavar="N", help="budget for ffn_gate (-1: --K)")
+        p.add_argument("--K-up", dest="K_up", type=int, default=-1, metavar="N", help="budget for ffn_up (-1: --K)")
+        p.add_argument("--K-down", dest="K_down", type=int, default=-1, metavar="N",
+                       help="budget for ffn_down (-1: --K)")
     p.add_argument("--idx-type", choices=("i16", "i32"), default="i16", help="index dtype (i16; i32 automatically "
                    "with a warning when n_in > 32768)")
     p.add_argument("--val-type", choices=("f16", "f32"), default="f16", help="residual value dtype (f16)")

@@ -10,7 +10,7 @@ from typing import Any
 
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_file
-from seeddelta.runtime.model import LlamaModel, load_model, load_tokenizer
+from seeddelta.runtime.model import LlamaModel, load_model, load_tokenizer, weight_source
 from seeddelta.runtime.tokenizers import Tokenizer
 
 
@@ -25,6 +25,26 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def fixed_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation of >= nbytes by its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) after the first large free, after which freed
+    activation and logit buffers stay in the heap: on SmolLM2 that retention was ~90 MB of the peak
+    resident memory of `seeddelta ppl` (750 → 664 MB). A fixed threshold turns that adjustment off;
+    it costs one mapping and its page faults per buffer of >= 1 MiB (milliseconds per forward).
+    Returns False where mallopt is unavailable (not glibc)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
 
 
 def rss_bytes() -> int | None:
@@ -78,25 +98,34 @@ class Loaded:
             "rss_after_load_bytes": self.rss_after,
             "rss_load_delta_bytes": delta(self.rss_before, self.rss_after),
             "rss_anon_load_delta_bytes": delta(self.anon_before, self.anon_after),
-            "method": "weights_bytes = sum of nbytes of every tensor the loaded model holds (float32 after "
-                      "dequantization; SeedΔ sparse: int32 indices + float32 values + base); rss_* = process "
+            "method": "weights_bytes = sum of nbytes of every tensor the loaded model holds (as stored for "
+                      "F32/F16/BF16, float16 for quantized types, materialized SeedΔ float16 unless the model is "
+                      "F32; SeedΔ sparse: int32 indices + float32 values + base); rss_* = process "
                       "resident set size (psutil or /proc/self/statm) just before and after loading in this process; "
                       "rss_anon_* = its anonymous part (RssAnon), without library code pages touched by the load",
         }
 
 
-def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized") -> Loaded:
-    gguf_model = GGUFModel(path, what="model")  # opened once (memory-mapped): the model and the tokenizer read it
+def load(path: str | Path, *, use_seeddelta: bool = True, mode: str = "materialized", hold: str = "stored") -> Loaded:
+    """Model and tokenizer from one opening of the file. The metadata (tokenizer, configuration) is read
+    first and the reader let go before the weights are read, so the two are never resident together."""
+    fixed_mmap_threshold()
+    gguf_model = GGUFModel(path, what="model")
     if use_seeddelta:
         check_seeddelta_file(gguf_model)  # a damaged SeedΔ file fails now, before anything is measured or decoded
     trim_heap()
     before, anon_before = rss_bytes(), rss_anon_bytes()
     t0 = time.perf_counter()
-    model = load_model(gguf_model, use_seeddelta=use_seeddelta, mode=mode)
+    tokenizer = load_tokenizer(gguf_model)
+    source = weight_source(gguf_model)
+    del gguf_model
+    trim_heap()
+    model = load_model(source, use_seeddelta=use_seeddelta, mode=mode, hold=hold)
+    del source
     seconds = time.perf_counter() - t0
     trim_heap()
     after, anon_after = rss_bytes(), rss_anon_bytes()
-    return Loaded(model, load_tokenizer(gguf_model), seconds, before, after, anon_before, anon_after)
+    return Loaded(model, tokenizer, seconds, before, after, anon_before, anon_after)
 
 
 def model_info(loaded: Loaded) -> dict[str, Any]:

@@ -4,15 +4,17 @@
 (seeddelta.builder). Without a policy it uses `baseline_resolver(opts)`; with one, the policy is
 resolved on top of the same CLI baseline (`baseline_from_options`), as the original did.
 
-Not wired into the builder yet (its gating loop, autotune schedules and stack cap come with
-the builder integration); what the TensorConfig cannot hold yet — the autotune schedule and
-the version-2 keys `base`, `row_scale`, `delta_norm_clamp` — stays in `Resolved`.
+`seeddelta build --policy P` loads P and builds through `policy_resolver(policy, opts, n_layer)`.
+The TensorConfig carries the autotune schedule (already deduplicated and cut to `max_iters`) and
+the version-2 keys `base`, `row_scale`, `delta_norm_clamp` — but only where a policy rule set
+them; a value that comes from the baseline stays None, meaning "the command line's", so a policy
+that sets nothing gives exactly the command line's TensorConfig.
 """
 
 from __future__ import annotations
 
 from seeddelta.builder.options import BuildOptions, Resolver, TensorConfig
-from seeddelta.policy.resolve import Baseline, Resolved, resolve, resolve_all
+from seeddelta.policy.resolve import BASELINE, Baseline, Resolved, resolve, resolve_all
 from seeddelta.policy.schema import KINDS, Policy
 
 
@@ -29,8 +31,17 @@ def baseline_from_options(opts: BuildOptions) -> Baseline:
 
 def tensor_config(r: Resolved) -> TensorConfig:
     """The builder's per-tensor config of a resolved setting (K: this kind's budget)."""
-    return TensorConfig(enabled=r.enabled, strip_dense=r.strip_dense, K=r.K, block=r.block, metric=r.metric,
-                        gating_enabled=r.gating_enabled, min_mean=r.min_mean, min_p05=r.min_p05)
+    def from_policy(name: str) -> bool:
+        return r.source[name] != BASELINE
+
+    return TensorConfig(
+        enabled=r.enabled, strip_dense=r.strip_dense, K=r.K, block=r.block, metric=r.metric,
+        gating_enabled=r.gating_enabled, min_mean=r.min_mean, min_p05=r.min_p05,
+        autotune=r.autotune.enabled, schedule=tuple(r.k_schedule()) if r.autotune.enabled else (),
+        base=r.base if from_policy("base") else None,
+        row_scale=r.row_scale if from_policy("row_scale") else None,
+        delta_norm_clamp=r.delta_norm_clamp if from_policy("delta_norm_clamp") else None,
+    )
 
 
 def policy_resolver(policy: Policy, opts: BuildOptions, n_layer: int | None = None) -> Resolver:

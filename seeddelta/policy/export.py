@@ -15,6 +15,12 @@ by default. Rebuilding with the exported policy reproduces the decisions (emit, 
 
 Unlike the original script, a malformed report is an error naming the entry (an entry without
 `layer`/`kind`, an unknown kind, a duplicate (layer, kind)) instead of being skipped.
+
+A report of a build with a version-2 policy (`"policy_version": 2`) exports as version 2: every
+emitted tensor's rule also carries its encoding (`base`, `row_scale`, `delta_norm_clamp`, read
+from the entry's `base_kind`, `row_scale`, `delta_norm_clamp`), so the rebuild encodes it the same
+way whatever the per-tensor values were. Everything else a rebuild needs (imatrix, seed, scheme,
+value and index types, base fit settings) is the command line's, as in the original.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ def _field(entry: dict[str, Any], path: str, key: str, kind: type, source: str) 
         raise SeedDeltaError(f"{source}: {join(path, key)}: must be true or false, got {json_type(value)}")
     if kind is str and not isinstance(value, str):
         raise SeedDeltaError(f"{source}: {join(path, key)}: must be a string, got {json_type(value)}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise SeedDeltaError(f"{source}: {join(path, key)}: must be a number >= 0, got {json_type(value)}")
     return value
 
 
@@ -48,6 +56,9 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
     weights = report.get("weights")
     if not isinstance(weights, list):
         raise SeedDeltaError(f"{source}: weights: report.weights is not a list ({json_type(weights)})")
+    version = report.get("policy_version", 1)
+    if version not in (1, 2) or isinstance(version, bool):
+        raise SeedDeltaError(f"{source}: policy_version: must be 1 or 2, got {version!r}")
     decisions: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {}
     for i, entry in enumerate(weights):
         path = join("weights", i)
@@ -71,6 +82,10 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
             rule["block"] = block
         if emit and k_budget > 0:
             rule["K"] = k_budget
+        if emit and version == 2:
+            rule["base"] = _field(entry, path, "base_kind", str, source)
+            rule["row_scale"] = _field(entry, path, "row_scale", bool, source)
+            rule["delta_norm_clamp"] = float(_field(entry, path, "delta_norm_clamp", float, source))
         decisions[(layer, kind)] = (path, rule)
     layers: dict[str, Any] = {}
     for layer, kind in sorted(decisions, key=lambda lk: (lk[0], KINDS.index(lk[1]))):
@@ -79,7 +94,7 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
             continue
         layers.setdefault(str(layer), {"tensors": {}})["tensors"][kind] = rule
     return {
-        "version": 1,
+        "version": version,
         "defaults": {
             "enabled": False, "strip_dense": False,
             "gating": {"metric": "cos", "min_mean": -1.0, "min_p05": -1.0},

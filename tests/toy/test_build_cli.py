@@ -44,6 +44,10 @@ def _bad_cases(tmp_path, m):
     make_imatrix(d / "im_missing.gguf", m, skip=["blk.1.ffn_up.weight"])
     make_imatrix(d / "im_wrong.gguf", m, wrong_length=["blk.0.ffn_down.weight"])
     os.symlink(m.path, d / "link.gguf")
+    (d / "metric.json").write_text('{"version": 1, "defaults": {"gating": {"metric": "cosine"}}}')
+    (d / "beyond.json").write_text('{"version": 1, "layers": {"5": {"enabled": true}}}')
+    (d / "gated.json").write_text('{"version": 1, "defaults": {"gating": {"metric": "cos", "min_mean": 0.5, "min_p05": 0.1}}}')
+    (d / "broken.json").write_text('{"version": 1,\n  "defaults": {"enabled": tru}}')
     o = str(d / "out.gguf")
     return [
         ("missing", ["-i", str(d / "nope.gguf"), "-o", o], "not found"),
@@ -63,7 +67,17 @@ def _bad_cases(tmp_path, m):
          "blk.0.ffn_down.weight has 97 values but the weight has 96 inputs"),
         ("same", ["-i", m.path, "-o", m.path], "is the input -i"),
         ("symlink", ["-i", m.path, "-o", str(d / "link.gguf")], "is the input -i"),
-        ("policy", ["-i", m.path, "-o", o, "--policy", str(d / "p.json")], "policy support is not implemented yet"),
+        ("policy_missing", ["-i", m.path, "-o", o, "--policy", str(d / "p.json")], "p.json"),
+        ("policy_metric", ["-i", m.path, "-o", o, "--policy", str(d / "metric.json")],
+         "metric.json: defaults.gating.metric"),
+        ("policy_json", ["-i", m.path, "-o", o, "--policy", str(d / "broken.json")], "broken.json:2:"),
+        ("policy_beyond", ["-i", m.path, "-o", o, "--policy", str(d / "beyond.json")],
+         "beyond.json: layers.5: layer 5 is beyond"),
+        ("policy_gated_no_eval", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json")],
+         "blk.0.ffn_gate.weight (policy"),
+        ("policy_export_is_policy", ["-i", m.path, "-o", o, "--policy", str(d / "gated.json"), "--eval-cols", "8",
+                                     "--policy-export", str(d / "gated.json")], "inputs are never overwritten"),
+        ("stack_cap_negative", ["-i", m.path, "-o", o, "--stack-cost-cap", "-1"], "--stack-cost-cap must be"),
         ("block0", ["-i", m.path, "-o", o, "--scheme", "block", "--block", "0"], "--block must be in 1..4096"),
     ]
 
