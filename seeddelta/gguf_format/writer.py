@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +86,24 @@ def set_kv(writer: GGUFWriter, kv: KV) -> None:
     kv_data[kv.key] = GGUFValue(value=value, type=kv.type, sub_type=kv.sub_type)
 
 
-def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's stored form, as GGUFReader hands it out: `data` in the stored dtype (quantized
+    types as uint8 bytes, one row of blocks per weight row), `tensor_type`, `shape` in ggml order."""
+
+    data: np.ndarray
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Replacement:
+    """Bytes written in place of an input tensor (`replace_tensors`)."""
+
+    data: np.ndarray
+
+
+def _tensor_for_copy(tensor: ReaderTensor | RawTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
     return tensor.data, GGMLQuantizationType(tensor.tensor_type)
 
 
@@ -127,17 +144,23 @@ def write_model_copy(
     add_tensors: Iterable[AddedTensor] = (),
     drop_keys: Iterable[str] = (),
     set_keys: Sequence[KV] = (),
+    replace_tensors: Mapping[str, ReaderTensor | RawTensor] = {},
 ) -> None:
     """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
     then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
-    order and type, then `add_tensors` (numpy order; dtype float16/float32/int16/int32) in the
-    given order. The alignment of `src` is kept.
+    order and type — or, for a name in `replace_tensors`, that tensor's bytes and type at the same
+    place (same shape required; e.g. the weight as another file quantized it) — then `add_tensors`
+    (numpy order; dtype float16/float32/int16/int32) in the given order. The alignment of `src` is kept.
 
     Streamed: the header and tensor table are written first, then each tensor's data in turn —
     input tensors straight from the memory map (whose pages are dropped from this process once
     copied), `LazyTensor`s produced when reached — so memory is bounded by the largest single added
     tensor, not by the file."""
     drop_t = set(drop_tensors)
+    for name, other in replace_tensors.items():
+        mine = src.tensors.get(name)
+        if mine is None or [int(d) for d in mine.shape] != [int(d) for d in other.shape]:
+            raise SeedDeltaError(f"internal: replacement for tensor {name} does not match a tensor of {src.path}")
     drop_k = set(drop_keys)
     if same_file(src.path, out_path):
         raise SeedDeltaError(f"output {os.fspath(out_path)} is the input file; choose another -o")
@@ -153,14 +176,15 @@ def write_model_copy(
         for kv in set_keys:
             set_kv(writer, kv)
         names: set[str] = set()
-        sources: list[ReaderTensor | AddedTensor] = []
+        sources: list[ReaderTensor | _Replacement | AddedTensor] = []
         for tensor in src.reader.tensors:
             if tensor.name in drop_t:
                 continue
-            data, qtype = _tensor_for_copy(tensor)
+            replacement = replace_tensors.get(tensor.name)
+            data, qtype = _tensor_for_copy(replacement if replacement is not None else tensor)
             writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, raw_dtype=qtype)
             names.add(tensor.name)
-            sources.append(tensor)
+            sources.append(tensor if replacement is None else _Replacement(data))
         for added in add_tensors:
             name, shape, dtype = _added_info(added)
             if name in names:
@@ -174,7 +198,9 @@ def write_model_copy(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for item in sources:
-            if isinstance(item, ReaderTensor):
+            if isinstance(item, _Replacement):
+                writer.write_tensor_data(item.data)
+            elif isinstance(item, ReaderTensor):
                 writer.write_tensor_data(item.data)
                 drop_mapped_pages(src.reader.data, int(item.data_offset), int(item.n_bytes))
             else:
