@@ -22,6 +22,7 @@ from seeddelta.regress.measure import Evaluator, fresh_process_memory, greedy_su
 from seeddelta.regress.stats import bootstrap_windows
 
 Progress = Callable[[str], None]
+RSS_REPEATS = 3  # fresh-process loads of the original: their median is the reference, max − min the spread
 
 
 def b1(ev: Evaluator, chunks: int, greedy_limit: int, model: Path, note: Progress) -> dict[str, Any]:
@@ -51,9 +52,12 @@ def b1(ev: Evaluator, chunks: int, greedy_limit: int, model: Path, note: Progres
         note(f"[B1] greedy pack of the original ({len(limit_per_task(ev.pack, greedy_limit))} prompts)")
         g = ev.base_greedy(greedy_limit)
         out["greedy"] = {**greedy_summary(g, None), "throughput": g["throughput"]}
-    mem = fresh_process_memory(model, "materialized")
-    out["memory"] = {"file_bytes": model.stat().st_size, "rss_anon_load_delta_bytes": mem["rss_anon_load_delta_bytes"],
-                     "weights_bytes": mem["weights_bytes"]}
+    note(f"[B1] resident memory of the original, {RSS_REPEATS} fresh processes")
+    mems = [fresh_process_memory(model, "materialized") for _ in range(RSS_REPEATS)]
+    rss = sorted(int(m["rss_anon_load_delta_bytes"]) for m in mems)
+    out["memory"] = {"file_bytes": model.stat().st_size, "rss_anon_load_delta_bytes": rss[len(rss) // 2],
+                     "rss_spread_bytes": rss[-1] - rss[0], "rss_repeats": RSS_REPEATS,
+                     "weights_bytes": mems[0]["weights_bytes"]}
     return out
 
 

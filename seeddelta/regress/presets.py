@@ -34,7 +34,7 @@ from typing import Any
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.jsontext import read_json_file
-from seeddelta.regress.criteria import CRITERIA, FIGURE_FLOOR, FIGURE_SPREAD_Z, V1_CRITERIA
+from seeddelta.regress.criteria import CRITERIA, FIGURE_FLOOR, FIGURE_SPREAD_Z, PAGE_BYTES, V1_CRITERIA
 from seeddelta.regress.stats import bootstrap_windows, pct_from_nll
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -118,9 +118,12 @@ def criterion_result(name: str, result: Mapping[str, Any], base: Mapping[str, An
         stripped = result["build"]["emitted"] > 0
         file_drop = m["file_bytes"] - bm["file_bytes"]
         rss_drop = m["rss_anon_load_delta_bytes"] - bm["rss_anon_load_delta_bytes"]
+        needed = FIGURE_SPREAD_Z * max(int(bm.get("rss_spread_bytes", 0)), PAGE_BYTES)
+        why = "" if stripped else "no weight encoded and stripped"
+        if stripped and file_drop < 0 and -needed <= rss_drop < 0:
+            why = f"resident memory fell by {-rss_drop} B, within the measurement's spread (needs > {needed:.0f} B)"
         return {"criterion": name, "value": {"file_bytes": file_drop, "rss_bytes": rss_drop},
-                "pass": stripped and file_drop < 0 and rss_drop < 0,
-                "why": "" if stripped else "no weight encoded and stripped"}
+                "rss_drop_needed": needed, "pass": stripped and file_drop < 0 and rss_drop < -needed, "why": why}
     raise SeedDeltaError(f"internal: no rule for criterion {name}")
 
 

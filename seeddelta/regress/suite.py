@@ -5,7 +5,10 @@ Steps (each cached per measurement under <out>/cache, so an interrupted run resu
 * **b1** — the original: PPL ± se at ctx 512/1024/2048, the determinism check, the spread of the
   estimate over windows, the greedy pack, prompt and decode throughput, file size and resident memory;
 * **b2**, **b3**, **b4** — `regress.units`;
-* **b5** — strict gating: every preset whose name contains `strict`;
+* **b5** — strict gating: `seeddelta scan` + `seeddelta autogate` with the original autogate's
+  defaults (ffn_gate only, cos_mean_x_w ≥ 0.70, p05 ≥ 0.50, never adjacent layers, each step kept
+  only within ΔNLL 0.01 and a greedy PASS), its policy judged on `criteria.B5_CRITERIA`; and every
+  preset whose name contains `strict` (thresholds alone, as a policy);
 * **presets** — every preset made for this model: the v1 criteria it declares, its figures;
 * **equal-bytes** — `evaluation.equal_bytes`.
 
@@ -37,7 +40,7 @@ from seeddelta.outputs import write_text_atomic
 from seeddelta.regress import STEPS
 from seeddelta.regress import units as U
 from seeddelta.regress.baseline import b1
-from seeddelta.regress.criteria import CTXS
+from seeddelta.regress.criteria import B5_CRITERIA, CTXS
 from seeddelta.regress.measure import Evaluator, Spec, run_specs
 from seeddelta.regress.presets import Preset, judge, load_preset, no_saving_preset_meets_ppl, shipped_presets
 
@@ -157,6 +160,44 @@ def run_presets(c: Context, presets: Sequence[Preset], base: dict[str, Any], ste
     return [judge(p, r, base, fig_settings) for p, r in zip(presets, results, strict=True)]
 
 
+def b5_autogate(c: Context, base: dict[str, Any], layers: Sequence[int]) -> list[dict[str, Any]]:
+    """`seeddelta scan` then `seeddelta autogate` with its defaults, through the command line (their
+    own unit cache under <out>/cache/units), then the policy it wrote judged like a preset."""
+    import contextlib
+    import io
+
+    from seeddelta.cli import main
+    from seeddelta.layers import format_layers
+
+    s, ev = c.settings, c.ev
+    work = s.out / "b5"
+    work.mkdir(parents=True, exist_ok=True)
+    k_gate = U.encoding(U.Config(max(s.densities), True), c.dims)["K_gate"]
+    common = ["-m", str(s.model), "-f", str(s.text), "-c", "512", "--chunks", str(s.unit_chunks),
+              "--cache", str(s.out / "cache" / "units"), "-t", str(s.threads)]
+    scan = ["scan", *common, "--layers", format_layers(list(layers)), "--kinds", "gate", "--K-gate", str(k_gate),
+            "--base", "--row-scale", "--eval-cols", "4096", "--eval-x", "32", "--json", str(work / "scan.json")]
+    if ev.imatrix is not None:
+        scan += ["--imatrix", str(ev.imatrix)]
+    gate = ["autogate", "--scan", str(work / "scan.json"), *common[:2], "-o", str(work / "policy.json"),
+            "--cache", str(s.out / "cache" / "units"), "-t", str(s.threads)]
+    gate += ["--pack", str(s.pack)] if s.pack else ([] if ev.pack else ["--no-greedy"])
+    for argv in (scan, gate):
+        c.note(f"[B5] seeddelta {argv[0]} (the original autogate's defaults)")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            status = main(argv)
+        if status != 0:
+            raise SeedDeltaError(f"B5: seeddelta {argv[0]} failed ({status}): {err.getvalue().strip()[-300:]}")
+    text = (work / "policy.json").read_text(encoding="utf-8")
+    preset = Preset(name="autogate-defaults", path=work / "policy.json",
+                    description="`seeddelta autogate` with its defaults (the original's filters and limits) on a "
+                                f"scan of ffn_gate at K {k_gate}, XOR base, row scale, imatrix",
+                    model_sha256=c.model_sha256, policy_text=text,
+                    encoding={"base": True, "row_scale": True, "imatrix": ev.imatrix is not None},
+                    criteria=B5_CRITERIA, figures={})
+    return run_presets(c, [preset], base, "B5 autogate")
+
+
 # ---------------------------------------------------------------------------------- the whole run
 def run_regress(settings: RegressSettings, progress: Progress | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -223,7 +264,8 @@ def run_regress(settings: RegressSettings, progress: Progress | None = None) -> 
     report["presets_skipped"] = skipped
     strict = [p for p in presets if "strict" in p.name]
     if "b5" in settings.steps:
-        report["b5"] = timed("b5", lambda: run_presets(c, strict, base, "B5 strict gating")) if strict else []
+        report["b5"] = timed("b5", lambda: b5_autogate(c, base, layers)
+                             + (run_presets(c, strict, base, "B5 strict gating") if strict else []))
     if "presets" in settings.steps:
         others = [p for p in presets if p not in strict or "b5" not in settings.steps]
         report["presets"] = timed("presets", lambda: run_presets(c, others, base, "presets"))

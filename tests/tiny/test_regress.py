@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from seeddelta.cli import main
-from seeddelta.regress.criteria import CTXS, V1_CRITERIA
+from seeddelta.regress.criteria import B5_CRITERIA, CTXS, V1_CRITERIA
 from seeddelta.regress.presets import load_preset, shipped_presets
 from seeddelta.testing.regress_ci import CI_ARGS, ci_lock, ci_report
 
@@ -32,10 +32,12 @@ def test_the_shipped_presets_meet_what_they_declare(ci):
     assert report["verdict"] == {**report["verdict"], "result": "PASS", "failures": []}, stdout
     assert status == 0
     judged = report["b5"] + report["presets"]
-    assert sorted(j["preset"] for j in judged) == sorted(p.stem for p in shipped_presets())
+    assert sorted(j["preset"] for j in judged) == sorted(["autogate-defaults", *(p.stem for p in shipped_presets())])
     for j in judged:
         declared = {r["criterion"]: r for r in j["criteria"] if r["declared"]}
-        assert set(declared) == set(load_preset(next(p for p in shipped_presets() if p.stem == j["preset"])).criteria)
+        want = B5_CRITERIA if j["preset"] == "autogate-defaults" else \
+            load_preset(next(p for p in shipped_presets() if p.stem == j["preset"])).criteria
+        assert set(declared) == set(want)
         assert all(r["pass"] for r in declared.values()), j
         assert {r["criterion"] for r in j["criteria"]} == {c.name for c in V1_CRITERIA}  # all measured, shown
 
@@ -44,6 +46,7 @@ def test_every_step_is_reported_with_its_plots(ci):
     _, out, stdout, report, md = ci
     for key in ("b1", "b2", "b3", "b4", "b5", "presets", "equal_bytes", "fragile_layers", "recommended_thresholds"):
         assert key in report, key
+    assert (out / "b5" / "policy.json").is_file() and (out / "b5" / "scan.json").is_file()
     for title in ("## The v1 success criteria, per preset", "## B1", "## B2", "## B3", "## B4",
                   "## Fragile layers", "## Equal bytes"):
         assert title in md

@@ -73,14 +73,15 @@ def _row(d: float, windows: int = 4) -> dict:
     return {"delta_nll": d, "delta_nll_se": 0.0, "kld_mean": 0.0, "same_top_p": 1.0, "window_delta_nll": [d] * windows}
 
 
-def _result(d512=0.0, d1024=0.0, d2048=0.0, greedy="PASS", flagged=0, file_bytes=90, rss=900, emitted=3):
+def _result(d512=0.0, d1024=0.0, d2048=0.0, greedy="PASS", flagged=0, file_bytes=90, rss=80_000, emitted=3):
     return {"ctx512": _row(d512), "ctx1024": _row(d1024), "ctx2048": _row(d2048),
             "greedy": {"verdict": greedy, "flagged": flagged, "n": 300, "accuracy": 0.9, "reasons": []},
             "memory": {"file_bytes": file_bytes, "rss_anon_load_delta_bytes": rss},
             "build": {"emitted": emitted, "file_bytes": file_bytes, "input_bytes": 100}}
 
 
-BASE = {"memory": {"file_bytes": 100, "rss_anon_load_delta_bytes": 1000}}
+BASE = {"memory": {"file_bytes": 100, "rss_anon_load_delta_bytes": 100_000, "rss_spread_bytes": 5_000}}
+NEEDED = C.FIGURE_SPREAD_Z * 5_000  # the drop resident memory must exceed: twice the spread of the measurement
 TINY_STEP = 1e-9  # a ΔNLL of 1e-9 is ΔPPL ≈ 1e-7 %: just past a threshold, far above float rounding of exp
 
 
@@ -103,11 +104,23 @@ def test_greedy_criterion():
     assert not criterion_result("greedy_pass", no_pack, BASE)["pass"]
 
 
-@pytest.mark.parametrize("file_bytes,rss,emitted,ok", [(90, 900, 3, True), (90, 1000, 3, False), (100, 900, 3, False),
-                                                       (90, 1100, 3, False), (90, 900, 0, False)])
+@pytest.mark.parametrize("file_bytes,rss,emitted,ok", [
+    (90, 100_000 - NEEDED - 1, 3, True),  # just beyond the spread
+    (90, 100_000 - NEEDED, 3, False),  # a drop of exactly the allowed noise is not a drop
+    (90, 99_000, 3, False),  # inside the spread
+    (100, 80_000, 3, False),  # the file did not shrink
+    (90, 110_000, 3, False),
+    (90, 80_000, 0, False),  # nothing stripped
+])
 def test_memory_drop_needs_file_and_resident_memory_to_drop_together(file_bytes, rss, emitted, ok):
     r = criterion_result("memory_drop", _result(file_bytes=file_bytes, rss=rss, emitted=emitted), BASE)
     assert r["pass"] is ok
+
+
+def test_memory_spread_is_at_least_a_page():
+    base = {"memory": {**BASE["memory"], "rss_spread_bytes": 0}}
+    r = criterion_result("memory_drop", _result(rss=100_000 - C.PAGE_BYTES), base)
+    assert not r["pass"] and "within the measurement's spread" in r["why"]
 
 
 def _preset(tmp_path: Path, block: dict, name: str = "p") -> Path:
