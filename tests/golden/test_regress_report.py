@@ -18,7 +18,7 @@ from seeddelta.testing.regress_ci import ci_report
 # Measured on the machine, not computed from the model: wall-clock speeds, resident memory, paths.
 MACHINE_KEYS = NOISE_KEYS | {"timing", "prompt_tok_per_s", "decode", "throughput", "rss_anon_load_delta_bytes",
                              "rss_bytes", "weights_bytes", "path", "text", "calibration", "code_fingerprint",
-                             "plots", "window_delta_nll"}
+                             "plots", "window_delta_nll", "rss_spread_bytes", "rss_drop_needed"}
 MD_MACHINE = [
     (re.compile(r"[-+]?\d+\.\d+ MiB"), "<MiB>"),  # resident memory
     (re.compile(r"^(\| \d+ \|.*\| )\d+ \|$", re.M), r"\1<tok/s> |"),  # B1 table: prompt tok/s column
