@@ -37,7 +37,7 @@ from seeddelta.evaluation.memory import Loaded, load
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
 from seeddelta.evaluation.unit_cache import UnitCache, unit_key, unit_spec
 from seeddelta.evaluation.windows import Windows
-from seeddelta.evaluation.workers import Pool, run_tasks, worker_threads
+from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.schema import KINDS
 
 CACHE_LIMIT_BYTES = 2 << 30  # above this the base's logits are recomputed for every unit instead
@@ -324,7 +324,7 @@ class UnitTask:
 
 
 @dataclass
-class UnitWorker:
+class UnitWorker(Threaded):
     """The picklable description of a measurement: on its first task in a process it checks the model
     file is the one measured (SHA-256), loads the base once and then measures units exactly as the
     `UnitMeasure` it came from (`UnitMeasure.run`, no cache: the caller caches the results).
@@ -343,6 +343,9 @@ class UnitWorker:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_measure": None, "_tmp": None}  # the loaded model stays in its process
+
+    def with_threads(self, threads: int) -> UnitWorker:
+        return replace(self, threads=threads, encoding=replace(self.encoding, threads=threads))
 
     def __call__(self, task: UnitTask) -> dict[str, Any]:
         if self._measure is None:

@@ -60,11 +60,23 @@ class Pool:
 def worker_threads(pool: Pool) -> int:
     """torch threads of each process: -t when given; else in this process 0 (torch's default: every
     core), in N local processes cores // N (at least 1) so that N × threads never exceeds the
-    cores, and on a cluster 0 (every core of the worker's machine: one worker process per machine,
-    or -t when several share one)."""
+    cores, and on a cluster 0 here — decided on each worker by `host_threads`."""
     if pool.threads > 0 or pool.in_process or pool.scheduler is not None:
         return pool.threads
     return max(1, (os.cpu_count() or 1) // pool.jobs)
+
+
+def host_threads(cores: int, slots: int) -> int:
+    """A Dask task's torch threads without -t: its machine's cores shared among the task slots that
+    machine's workers run at once (`dask worker --nthreads T --nworkers W`: W·T slots)."""
+    return max(1, cores // max(1, slots))
+
+
+class Threaded:
+    """A worker that can be told its thread count (on a cluster, known only on the worker's machine)."""
+
+    def with_threads(self, threads: int) -> Any:
+        raise NotImplementedError
 
 
 def run_tasks(worker: Callable[[T], R], tasks: Sequence[T], pool: Pool,
@@ -81,7 +93,7 @@ def run_tasks(worker: Callable[[T], R], tasks: Sequence[T], pool: Pool,
     if not tasks:
         return []
     if pool.scheduler is not None:
-        _run_dask(worker, tasks, pool.scheduler, finish)
+        _run_dask(worker, tasks, pool.scheduler, pool.threads, finish)
     elif pool.jobs <= 1 or len(tasks) == 1:
         run = local or worker
         for i, task in enumerate(tasks):
@@ -123,17 +135,34 @@ def _run_processes(worker: Callable[[T], R], tasks: Sequence[T], jobs: int, fini
 _DASK_WORKER: tuple[str, Any] | None = None  # (token, worker): the last worker unpickled in this Dask worker process
 
 
-def _dask_call(token: str, payload: bytes, task: bytes) -> Any:
+def _dask_call(token: str, payload: bytes, task: bytes, slots: dict[str, int] | None) -> Any:
     """Runs inside a Dask worker: the worker object is unpickled once per process (and replaced when
-    a new run sends another one, so a long-lived worker holds one model at a time)."""
+    a new run sends another one, so a long-lived worker holds one model at a time). `slots`: task
+    slots per host when the threads are automatic (None: -t decided)."""
     global _DASK_WORKER
     from seeddelta.resources import prepare_environment
 
     prepare_environment()  # before the first unpickling imports torch
     if _DASK_WORKER is None or _DASK_WORKER[0] != token:
         _DASK_WORKER = None  # let the previous run's model go before loading the next
-        _DASK_WORKER = (token, pickle.loads(payload))
+        worker = pickle.loads(payload)
+        if slots is not None and isinstance(worker, Threaded):
+            from distributed import get_worker
+            from distributed.comm import get_address_host
+
+            me = get_worker()
+            here = slots.get(get_address_host(me.address), me.state.nthreads)  # a worker that joined later: its own
+            worker = worker.with_threads(host_threads(os.cpu_count() or 1, here))
+        _DASK_WORKER = (token, worker)
     return _DASK_WORKER[1](pickle.loads(task))
+
+
+def _slots_per_host(client: Any) -> dict[str, int]:
+    """Task slots (worker threads) per host of the workers connected now."""
+    out: dict[str, int] = {}
+    for info in client.scheduler_info(n_workers=-1)["workers"].values():
+        out[info["host"]] = out.get(info["host"], 0) + int(info["nthreads"])
+    return out
 
 
 def dask_client(address: str) -> Any:
@@ -167,7 +196,8 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
 
 
-def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, finish: Callable[[int, R], None]) -> None:
+def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, threads: int,
+              finish: Callable[[int, R], None]) -> None:
     from distributed import as_completed as dask_completed
 
     payload = pickle.dumps(worker)
@@ -175,9 +205,10 @@ def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, finish
     client = dask_client(address)
     futures: dict[Any, int] = {}
     try:
+        slots = None if threads > 0 else _slots_per_host(client)
         [shared] = client.scatter([payload], broadcast=True, hash=False)
         for i, task in enumerate(tasks):
-            fut = client.submit(_dask_call, token, shared, pickle.dumps(task), pure=False,
+            fut = client.submit(_dask_call, token, shared, pickle.dumps(task), slots, pure=False,
                                 key=f"seeddelta-{token[:12]}-{i}")
             futures[fut] = i
         for fut in dask_completed(list(futures), loop=client.loop):

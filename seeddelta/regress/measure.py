@@ -32,7 +32,7 @@ from seeddelta.evaluation.result_cache import ResultCache
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
 from seeddelta.evaluation.sweep import _cached
 from seeddelta.evaluation.windows import Windows, text_windows
-from seeddelta.evaluation.workers import Pool, run_tasks, worker_threads
+from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
 from seeddelta.resources import configure
@@ -105,7 +105,7 @@ def fresh_process_memory(path: str | os.PathLike[str], mode: str) -> dict[str, A
 
 
 @dataclass
-class Evaluator:
+class Evaluator(Threaded):
     model: Path
     text: Path
     imatrix: Path | None
@@ -126,6 +126,9 @@ class Evaluator:
 
     def __call__(self, spec: Spec) -> dict[str, Any]:
         return self.run(spec)
+
+    def with_threads(self, threads: int) -> Evaluator:
+        return replace(self, threads=threads)
 
     def for_worker(self, pool: Pool) -> Evaluator:
         """The Evaluator another process runs: absolute paths, its share of the threads, the model checked

@@ -44,7 +44,8 @@ def test_a_scan_on_two_dask_workers_writes_the_serial_bytes(scheduler, tmp_path,
 
 def test_a_sweep_on_dask_fills_the_cache_the_next_run_reads(scheduler, tmp_path, capsys):
     cache = tmp_path / "cache"
-    argv = ["sweep", "--layers", "1,6", "--K", "24", "--chunks", "2", "-t", "1", "--cache", str(cache)]
+    # no -t: each worker takes its machine's cores shared among its task slots (1 each here)
+    argv = ["sweep", "--layers", "1,6", "--K", "24", "--chunks", "2", "--cache", str(cache)]
     assert main([*argv, "--scheduler", scheduler, "--json", str(tmp_path / "cluster.json")]) == 0
     capsys.readouterr()
     assert len(list(cache.rglob("*.json"))) == 2  # the workers' results, cached by this process
