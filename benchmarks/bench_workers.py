@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from distributed import LocalCluster
 
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
         variants["Dask LocalCluster, 2 workers x 1 thread"] = ["--scheduler", cluster.scheduler_address]
     except ImportError as exc:
         print(f"(no Dask variant: {exc}; optional extra: pip install 'seeddelta[cluster]')")

@@ -35,6 +35,7 @@ R = TypeVar("R")
 CLUSTER_INSTALL = "pip install 'seeddelta[cluster]'"
 CONNECT_TIMEOUT_S = 10  # how long to wait for a scheduler before saying it cannot be reached
 DEFAULT_SCHEDULER_PORT = 8786  # `dask scheduler`'s
+WAIT_FOR_WORKER_S = 60  # a scheduler without workers: how long to wait for the first one to join
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ def _check_reachable(address: str) -> None:
 
 def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, threads: int,
               finish: Callable[[int, R], None]) -> None:
+    from distributed import KilledWorker
     from distributed import as_completed as dask_completed
 
     payload = pickle.dumps(worker)
@@ -205,6 +207,12 @@ def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, thread
     client = dask_client(address)
     futures: dict[Any, int] = {}
     try:
+        if not client.scheduler_info()["workers"]:
+            try:
+                client.wait_for_workers(1, timeout=WAIT_FOR_WORKER_S)
+            except TimeoutError:
+                raise SeedDeltaError(f"--scheduler {address}: no worker joined within {WAIT_FOR_WORKER_S} s (start "
+                                     f"one: dask worker {address} --nthreads 1)") from None
         slots = None if threads > 0 else _slots_per_host(client)
         [shared] = client.scatter([payload], broadcast=True, hash=False)
         for i, task in enumerate(tasks):
@@ -212,7 +220,12 @@ def _run_dask(worker: Callable[[T], R], tasks: Sequence[T], address: str, thread
                                 key=f"seeddelta-{token[:12]}-{i}")
             futures[fut] = i
         for fut in dask_completed(list(futures), loop=client.loop):
-            finish(futures[fut], fut.result())
+            try:
+                result = fut.result()
+            except KilledWorker as exc:  # the worker process died (out of memory, killed): not a traceback
+                raise SeedDeltaError(f"--scheduler {address}: Dask workers died while measuring task {futures[fut]} "
+                                     f"({exc}); see the workers' logs (out of memory?)") from None
+            finish(futures[fut], result)
     finally:
         if futures:
             client.cancel(list(futures))  # an interrupted run leaves nothing queued on the cluster

@@ -26,7 +26,7 @@ SCAN = ["scan", "--layers", "1-2", "--kinds", "gate,down", "--chunks", "2", "-t"
 @pytest.fixture(scope="module")
 def scheduler():
     # the same environment as the test process (OMP_WAIT_POLICY set by conftest before torch loaded)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") \
             as cluster:
         yield cluster.scheduler_address
 
@@ -68,6 +68,27 @@ def test_regress_measurements_on_dask_equal_the_serial_ones(scheduler, tmp_path)
         return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in results], sort_keys=True)
 
     assert measured(Pool(scheduler=scheduler, threads=1)) == measured(Pool())
+
+
+def test_the_task_slots_per_host_are_what_the_cluster_offers(scheduler):
+    from seeddelta.evaluation.workers import _slots_per_host, dask_client
+
+    client = dask_client(scheduler)
+    try:
+        assert _slots_per_host(client) == {"127.0.0.1": 2}  # two workers of one thread on this machine
+    finally:
+        client.close()
+
+
+def test_a_scheduler_without_workers_is_one_line(tmp_path, capsys, monkeypatch):
+    from seeddelta.evaluation import workers
+
+    monkeypatch.setattr(workers, "WAIT_FOR_WORKER_S", 1)
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
+        status = main([*SCAN, "--scheduler", empty.scheduler_address, "--json", str(tmp_path / "s.json")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and not (tmp_path / "s.json").exists()
+    assert "no worker joined" in lines[-1] and "dask worker" in lines[-1], lines
 
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", "not an address::", "foo://host:8786"])

@@ -124,6 +124,16 @@ def test_worker_threads_never_oversubscribe(monkeypatch):
     assert worker_threads(Pool(jobs=2, threads=3)) == 3  # -t decides when given
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert worker_threads(Pool(jobs=3)) == 2
+    assert worker_threads(Pool(scheduler="tcp://h:8786")) == 0  # decided on each worker's machine:
+
+
+def test_a_cluster_task_shares_its_machine_among_the_task_slots():
+    from seeddelta.evaluation.workers import host_threads
+
+    assert host_threads(cores=8, slots=1) == 8  # `dask worker --nthreads 1`, one per machine: every core
+    assert host_threads(cores=8, slots=3) == 2  # three slots: 3 x 2 <= 8
+    assert host_threads(cores=2, slots=4) == 1  # more slots than cores: one thread each, never 0
+    assert host_threads(cores=2, slots=0) == 2  # an unknown host counts as one slot
 
 
 def test_a_worker_refuses_another_model_under_the_same_path(tmp_path):
