@@ -43,6 +43,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"SEEDDELTA_TEST_SEED={os.environ.get('SEEDDELTA_TEST_SEED', '0')}"
 
 
+@pytest.fixture(autouse=True)
+def _unit_cache_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sweep and scan cache units by default under ~/.cache: each test gets an empty cache of its own
+    instead (never the user's, never another test's results)."""
+    monkeypatch.setenv("SEEDDELTA_CACHE", str(tmp_path_factory.mktemp("unit-cache")))
+
+
 @pytest.fixture
 def seed() -> int:
     """Seed for tests that draw random data; override with SEEDDELTA_TEST_SEED."""

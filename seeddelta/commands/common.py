@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from seeddelta.builder.options import BuildOptions
     from seeddelta.evaluation.memory import Loaded
     from seeddelta.evaluation.windows import TextWindows
+    from seeddelta.evaluation.workers import Pool
     from seeddelta.runtime.tokenizers import Tokenizer
 
 Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
@@ -211,6 +212,31 @@ def add_threads_arg(p: argparse.ArgumentParser, help_text: str = THREADS_HELP) -
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display on stderr")
+
+
+def add_jobs_args(p: argparse.ArgumentParser) -> None:
+    """-j/--jobs and --scheduler: where independent units run (`seeddelta.evaluation.workers`)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-j", "--jobs", type=positive_int, default=1, metavar="N",
+                       help="measure N units at a time in N worker processes (1: in this process). Each process "
+                            "loads its own copy of the model; without -t each uses cores/N threads, so N processes "
+                            "never ask for more threads than the machine has")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the units on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786; "
+                            "optional extra: pip install 'seeddelta[cluster]'); its workers read the model and "
+                            "every input file at the same absolute paths")
+
+
+def pool_from_args(args: argparse.Namespace) -> Pool:
+    """The `Pool` -j/--scheduler/-t describe; a --scheduler that cannot be reached (or Dask missing) is one
+    line now, before any work."""
+    from seeddelta.evaluation.workers import Pool, dask_client
+
+    pool = Pool(jobs=int(getattr(args, "jobs", 1) or 1), scheduler=getattr(args, "scheduler", None),
+                threads=int(getattr(args, "threads", 0) or 0))
+    if pool.scheduler is not None:
+        dask_client(pool.scheduler).close()
+    return pool
 
 
 def apply_threads(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
 from seeddelta.commands.common import (
     Subparsers,
     add_input,
+    add_jobs_args,
     add_model_arg,
     add_output_dir,
     add_threads_arg,
@@ -25,7 +26,7 @@ from seeddelta.commands.common import (
     layers_arg,
     model_path,
     nonnegative_int,
-    positive_int,
+    pool_from_args,
 )
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import write_json_atomic, write_text_atomic
@@ -66,8 +67,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--steps", default=",".join(STEPS), metavar="LIST", help=f"steps to run ({','.join(STEPS)})")
     p.add_argument("--preset", action="append", default=None, metavar="PRESET",
                    help="a preset file to judge (repeatable; default: the shipped presets made for this model)")
-    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
-                   help="worker processes for the measurements (1; each worker uses one thread unless -t says)")
+    add_jobs_args(p)
     add_threads_arg(p)
     p.add_argument("--no-cache", action="store_true", help="measure everything again (the cache is not read)")
     p.add_argument("--show", action="store_true",
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise SeedDeltaError(f"--steps: unknown step {bad[0]!r} (expected {', '.join(STEPS)})")
     quant = None if args.quant_types is None else _quant_types(args.quant_types)
+    pool = pool_from_args(args)
     settings = RegressSettings(
         model=model, text=Path(args.file) if args.file else TINY_VAL_TEXT, out=Path(args.out),
         calibration=Path(args.calibration) if args.calibration else None, pack=Path(args.pack) if args.pack else None,
@@ -142,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         greedy_limit=args.greedy_limit, stack_greedy_limit=args.stack_greedy_limit,
         eq_densities=_densities(args.eq_densities, "--eq-densities"), quant_types=quant,
         steps=steps,
-        presets=tuple(Path(p) for p in args.preset) if args.preset else None, jobs=args.jobs,
-        threads=args.threads, use_cache=not args.no_cache)
+        presets=tuple(Path(p) for p in args.preset) if args.preset else None, jobs=pool.jobs,
+        scheduler=pool.scheduler, threads=args.threads, use_cache=not args.no_cache)
     report = run_regress(settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
     out = settings.out
     status = write_plots(report, out)

@@ -4,7 +4,9 @@ same top-1, bytes saved): the input of `seeddelta autogate`.
 
 Every unit is a file with only that tensor as SeedΔ (dense stripped), measured against the dense
 base on the same llama-perplexity windows, so a unit's figures equal `build` + `kld` of that unit.
-Units are cached (--cache, default ~/.cache/seeddelta/units): an interrupted scan resumes."""
+Units are independent: -j N measures N at a time in local processes, --scheduler on a Dask
+cluster, with the same figures. Units are cached (--cache, default ~/.cache/seeddelta/units): an
+interrupted scan resumes."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
+    add_jobs_args,
     add_model_arg,
     add_output,
     add_output_dir,
@@ -26,6 +29,7 @@ from seeddelta.commands.common import (
     describe,
     encoding_options,
     model_path,
+    pool_from_args,
     windows_from_args,
 )
 
@@ -45,6 +49,7 @@ def register(sub: Subparsers) -> None:
                    help="unit cache directory (default: $SEEDDELTA_CACHE or ~/.cache/seeddelta/units)")
     p.add_argument("--no-cache", action="store_true", help="measure every unit, cache nothing")
     add_encoding_args(p, several_K=True)
+    add_jobs_args(p)
     p.set_defaults(handler=run)
 
 
@@ -80,15 +85,16 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="seeddelta-scan-") as tmp:  # bad flags: before any work
         validate_options(replace(template, output=str(Path(tmp) / "probe.gguf")))
     cache = UnitCache(None if args.no_cache else (args.cache or default_cache_dir()))
+    pool = pool_from_args(args)
     base = load(path, use_seeddelta=False)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer)
     units = scan_units(parse_layers(args.layers, base.model.config.n_layer), kinds, ks)
     print(f"seeddelta scan: {path}, {len(units)} unit(s) (layer x tensor x K), {windows.n_chunk} window(s) of "
-          f"{windows.n_ctx}, {windows.n_scored} scored; cache {cache.directory or 'off'}", file=sys.stderr)
+          f"{windows.n_ctx}, {windows.n_scored} scored; {pool.describe()}; cache {cache.directory or 'off'}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="seeddelta-scan-") as tmp:
-        measure = UnitMeasure(path, base, windows, template, Path(tmp), note=_note, cache=cache)
+        measure = UnitMeasure(path, base, windows, template, Path(tmp), note=_note, cache=cache, threads=args.threads)
         try:
-            rows = run_scan(measure, units, _note)
+            rows = run_scan(measure, units, _note, pool)
         except KeyboardInterrupt:
             if cache.directory is not None:
                 _note(f"interrupted: the units measured so far are cached in {cache.directory}; "

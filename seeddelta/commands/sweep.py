@@ -2,7 +2,9 @@
 safest units together, one more at each step: which layers are safe, and where the cliff is.
 
 Every unit is a file with only that unit encoded (dense stripped), measured against the dense base
-on the same llama-perplexity windows (paired ΔNLL ± se, KLD, same top-1, bytes saved)."""
+on the same llama-perplexity windows (paired ΔNLL ± se, KLD, same top-1, bytes saved). Units are
+independent: -j N runs N at a time in local processes, --scheduler on a Dask cluster. Units are
+cached (--cache, default ~/.cache/seeddelta/units): an interrupted sweep resumes."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
     add_engine_arg,
+    add_jobs_args,
     add_model_arg,
     add_output,
     add_output_dir,
@@ -28,6 +31,7 @@ from seeddelta.commands.common import (
     encoding_template,
     layers_arg,
     model_path,
+    pool_from_args,
     progress,
     progress_note,
     warn,
@@ -49,7 +53,13 @@ def register(sub: Subparsers) -> None:
                    help="then encode the safest units together, adding one at a time (where is the cliff?)")
     add_output(p, "--json", default=None, metavar="PATH", help="write the table as JSON")
     add_output_dir(p, "--keep", default=None, metavar="DIR",
-                   help="keep the per-unit SeedΔ files in DIR (blk.N.gguf, stackN.gguf; created when missing)")
+                   help="keep the per-unit SeedΔ files in DIR (blk.N.gguf, stackN.gguf; created when missing; "
+                        "every unit is built again, the cache is not read; with --scheduler the workers write "
+                        "there, so DIR must be shared with them)")
+    add_output_dir(p, "--cache", default=None, metavar="DIR",
+                   help="unit cache directory (default: $SEEDDELTA_CACHE or ~/.cache/seeddelta/units)")
+    p.add_argument("--no-cache", action="store_true", help="measure every unit, cache nothing")
+    add_jobs_args(p)
     add_encoding_args(p)
     add_quiet_arg(p)
     add_engine_arg(p)
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from seeddelta.builder.options import validate_encoding
     from seeddelta.evaluation.memory import load
     from seeddelta.evaluation.sweep import UnitMeasure, make_units, parse_kinds, stack_units, sweep_units
+    from seeddelta.evaluation.unit_cache import UnitCache, default_cache_dir
     from seeddelta.gguf_format.imatrix_file import read_imatrix
     from seeddelta.layers import parse_layers
     from seeddelta.outputs import check_paths, write_json_atomic
@@ -72,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         read_imatrix(args.imatrix)
     path = model_path(args)
     _dense_model_only(path)
+    pool = pool_from_args(args)
+    cache = UnitCache(None if args.no_cache else (args.cache or default_cache_dir()))
     base = load(path, use_seeddelta=False, engine=args.engine, n_ctx=args.ctx, threads=args.threads)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer, base.model.config.n_ctx_train)
     units = make_units(parse_layers(args.layers, base.model.config.n_layer, note=warn), kinds, args.per_kind)
@@ -80,18 +93,24 @@ def run(args: argparse.Namespace) -> int:
         check_paths([("-m", str(path)), ("-f", str(text_path)), ("--imatrix", args.imatrix)],
                     [("--keep", str(Path(args.keep) / name)) for name in names])
     print(f"seeddelta sweep: {path}, {len(units)} unit(s), {windows.n_chunk} window(s) of {windows.n_ctx}, "
-          f"{windows.n_scored} scored", file=sys.stderr)
+          f"{windows.n_scored} scored; {pool.describe()}; cache {cache.directory or 'off'}", file=sys.stderr)
     note = progress_note(args)
     stack: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="seeddelta-sweep-") as tmp:
         out_dir = Path(args.keep) if args.keep else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         measure = UnitMeasure(path, base, windows, template, out_dir, keep_files=bool(args.keep), note=note,
-                              engine=args.engine, threads=args.threads)
+                              engine=args.engine, threads=args.threads, cache=cache)
         with progress(args, len(units) * (2 if args.stack else 1), "sweep", "unit") as step:
-            rows = sweep_units(measure, units, _each(note, step))
-            if args.stack:
-                stack = stack_units(measure, rows, _each(note, step))
+            try:
+                rows = sweep_units(measure, units, _each(note, step), pool)
+                if args.stack:
+                    stack = stack_units(measure, rows, _each(note, step), pool)
+            except KeyboardInterrupt:
+                if cache.directory is not None:
+                    note(f"interrupted: the units measured so far are cached in {cache.directory}; "
+                         "the same command resumes from there")
+                raise
     _print(rows)
     if stack:
         _print_stack(stack)

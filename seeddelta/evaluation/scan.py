@@ -2,10 +2,11 @@
 metrics (the original's `seeddelta-layer-scan.py` field names) **and** its measured effect on the
 model: paired ΔNLL ± se, KL divergence, same top-1 and the bytes it saves — what autogate ranks.
 
-Each unit goes through `UnitMeasure.measure` (evaluation.sweep): a file with only that tensor as
-SeedΔ at that K (dense stripped), against the dense base on the same windows, so one unit's
-figures equal `build` + `kld` of that unit. Results are cached per unit (evaluation.unit_cache),
-so an interrupted scan resumes where it stopped.
+Each unit goes through `UnitMeasure.measure_all` (evaluation.sweep): a file with only that tensor
+as SeedΔ at that K (dense stripped), against the dense base on the same windows, so one unit's
+figures equal `build` + `kld` of that unit. Units are independent: they run in this process, in
+local worker processes or on a Dask cluster (evaluation.workers) with the same figures. Results
+are cached per unit (evaluation.unit_cache), so an interrupted scan resumes where it stopped.
 
 Field names follow the original scan where one exists (spec-policy-eval §5): `S_mean` =
 rel_l2_mean, `S_p95` = rel_l2_p95, `cos_mean`, `cos_p05`, `cos_mean_x_w`, `cos_p05_x_w`,
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seeddelta.evaluation.sweep import Progress, UnitMeasure
+from seeddelta.evaluation.workers import Pool
 
 SCAN_FORMAT = 1
 METRIC_COPY = ("cos_mean", "cos_p05", "cos_mean_w", "cos_p05_w", "cos_mean_x", "cos_p05_x", "cos_mean_x_w",
@@ -72,25 +74,30 @@ def scan_row(unit: ScanUnit, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_scan(measure: UnitMeasure, units: Sequence[ScanUnit], progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Measure every unit (cached units are read back), in order; progress lines with an estimate of
-    the time left (from the units computed in this run)."""
-    rows: list[dict[str, Any]] = []
+def run_scan(measure: UnitMeasure, units: Sequence[ScanUnit], progress: Progress | None = None,
+             pool: Pool | None = None) -> list[dict[str, Any]]:
+    """Measure every unit (cached units are read back; the others run where `pool` says and are cached
+    as each finishes); the rows in unit order, a progress line per unit as it finishes, with an
+    estimate of the time left (from the units computed in this run)."""
     t0 = time.perf_counter()
-    computed = 0
-    for n, unit in enumerate(units, 1):
-        result = measure.measure({(unit.layer, unit.kind): unit.K}, f"scan_{unit.layer}_{unit.kind}_{unit.K}")
-        rows.append(scan_row(unit, result))
-        if not result["cached"]:
-            computed += 1
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            left = len(units) - n
-            eta = f", ~{elapsed / computed * left:.0f}s left" if computed and left else ""
-            how = "cached" if result["cached"] else f"{elapsed:.1f}s{eta}"
-            progress(f"[{n}/{len(units)}] {unit.label}: ΔNLL {result['delta_nll']:+.5f} ± {result['delta_nll_se']:.5f}, "
-                     f"{result['bytes_saved']:,} B saved  ({how})")
-    return rows
+    computed = finished = 0
+
+    def done(i: int, result: dict[str, Any]) -> None:
+        nonlocal computed, finished
+        finished += 1
+        computed += 0 if result["cached"] else 1
+        if progress is None:
+            return
+        elapsed = time.perf_counter() - t0
+        left = len(units) - finished
+        eta = f", ~{elapsed / computed * left:.0f}s left" if computed and left else ""
+        how = "cached" if result["cached"] else f"{elapsed:.1f}s{eta}"
+        progress(f"[{finished}/{len(units)}] {units[i].label}: ΔNLL {result['delta_nll']:+.5f} ± "
+                 f"{result['delta_nll_se']:.5f}, {result['bytes_saved']:,} B saved  ({how})")
+
+    tasks = [({(u.layer, u.kind): u.K}, f"scan_{u.layer}_{u.kind}_{u.K}") for u in units]
+    results = measure.measure_all(tasks, pool, done)
+    return [scan_row(unit, result) for unit, result in zip(units, results, strict=True)]
 
 
 def scan_document(rows: list[dict[str, Any]], *, model: str, model_sha256: str, text: str, ctx: int, chunks: int,

@@ -10,15 +10,19 @@ computed once for all units. One unit's figures therefore equal `build --layers 
 `UnitMeasure.run(pairs)` is a pure function of (model, windows, encoding, greedy settings, the
 tensors and their K); `UnitMeasure.spec(pairs)` names exactly those inputs, and its `unit_key`
 is the key of the on-disk cache (`evaluation.unit_cache`), so scans and autogate runs resume
-after an interruption and units can be computed anywhere that shares the cache directory."""
+after an interruption. `UnitMeasure.measure_all` measures many units at once: cached ones are read
+back, the others run where the `Pool` says (this process, local worker processes or a Dask
+cluster, `evaluation.workers`) through a `UnitWorker` — the picklable description of the
+measurement, which loads the base once per worker process — and are cached as each one finishes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,14 @@ from seeddelta.evaluation.memory import Loaded, load
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
 from seeddelta.evaluation.unit_cache import UnitCache, unit_key, unit_spec
 from seeddelta.evaluation.windows import Windows
+from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.schema import KINDS
 
 CACHE_LIMIT_BYTES = 2 << 30  # above this the base's logits are recomputed for every unit instead
 
 Pair = tuple[int, str]  # (layer, kind)
 Progress = Callable[[str], None]
+Done = Callable[[int, dict[str, Any]], None]  # (task index, its result): called as each unit finishes
 # Encoding flags that do not change the encoded tensors (left out of cache keys).
 NOT_ENCODING = ("input", "output", "layers", "threads", "progress", "report_json", "policy", "policy_strict",
                 "policy_export", "deterministic_report", "overwrite_existing", "strip_dense", "K", "K_gate", "K_up",
@@ -178,6 +184,10 @@ class UnitMeasure:
         result = self.measure(ks, name)
         return {k: result[k] for k in SWEEP_FIELDS}
 
+    @property
+    def model_sha256(self) -> str:
+        return str(self.spec({})["model_sha256"])
+
     def spec(self, ks: Mapping[Pair, int]) -> dict[str, Any]:
         """Everything the figures of these tensors at these K depend on (the cache key's inputs)."""
         if self._spec_base is None:
@@ -205,6 +215,55 @@ class UnitMeasure:
         result = self.run(ks, name)
         self.cache.put(key, spec, result)
         return {**result, "cached": False}
+
+    def measure_all(self, tasks: Sequence[tuple[Mapping[Pair, int], str]], pool: Pool | None = None,
+                    on_result: Done | None = None) -> list[dict[str, Any]]:
+        """`measure` of every (tensors and their K, file name), in order: cached units read back first,
+        the others run where `pool` says and cached as each one finishes (so an interrupted run keeps
+        them). With `keep_files` every unit is built again (its file must exist), and still cached."""
+        pool = pool or Pool()
+        done = on_result or (lambda _i, _r: None)
+        results: list[dict[str, Any] | None] = [None] * len(tasks)
+        keys: list[tuple[str, dict[str, Any]] | None] = [None] * len(tasks)
+        for i, (ks, _name) in enumerate(tasks):
+            if self.cache.directory is None:
+                continue
+            spec = self.spec(ks)
+            key = unit_key(spec)
+            keys[i] = (key, spec)
+            cached = None if self.keep_files else self.cache.get(key)
+            if cached is not None:
+                row = {**cached, "cached": True}
+                results[i] = row
+                done(i, row)
+        todo = [i for i, r in enumerate(results) if r is None]
+
+        def finished(j: int, result: dict[str, Any]) -> None:
+            i = todo[j]
+            entry = keys[i]
+            if entry is not None:
+                self.cache.put(entry[0], entry[1], result)
+            row = {**result, "cached": False}
+            results[i] = row
+            done(i, row)
+
+        units = [UnitTask(tuple(tasks[i][0].items()), tasks[i][1]) for i in todo]
+        if units:
+            remote = self.worker(pool) if not pool.in_process else None
+            run_tasks(remote or self._run_task, units, pool, finished, local=self._run_task)
+        return [r for r in results if r is not None]
+
+    def _run_task(self, task: UnitTask) -> dict[str, Any]:
+        return self.run(dict(task.ks), task.name)
+
+    def worker(self, pool: Pool) -> UnitWorker:
+        """What another process needs to measure units as this one does (paths made absolute)."""
+        threads = worker_threads(replace(pool, threads=self.threads))  # the forward's and the encoder's
+        imatrix = self.encoding.imatrix
+        encoding = replace(self.encoding, imatrix=os.path.abspath(imatrix) if imatrix else imatrix, threads=threads)
+        return UnitWorker(Path(os.path.abspath(self.model_path)), self.model_sha256, self.windows, encoding,
+                          self.greedy, self.engine, threads,
+                          Path(os.path.abspath(self.out_dir)) if self.keep_files else None)
 
     def base_greedy(self) -> dict[str, Any]:
         if self._base_greedy is None:
@@ -256,6 +315,71 @@ class UnitMeasure:
         return out
 
 
+@dataclass(frozen=True)
+class UnitTask:
+    """One unit to measure: its tensors with their K, and the name of its file."""
+
+    ks: tuple[tuple[Pair, int], ...]
+    name: str
+
+
+@dataclass
+class UnitWorker(Threaded):
+    """The picklable description of a measurement: on its first task in a process it checks the model
+    file is the one measured (SHA-256), loads the base once and then measures units exactly as the
+    `UnitMeasure` it came from (`UnitMeasure.run`, no cache: the caller caches the results).
+    `keep_dir`: where unit files are kept (None: a temporary directory of the worker's own)."""
+
+    model_path: Path
+    model_sha256: str
+    windows: Windows
+    encoding: BuildOptions
+    greedy: GreedySettings | None
+    engine: str
+    threads: int
+    keep_dir: Path | None
+    _measure: UnitMeasure | None = field(default=None, repr=False, compare=False)
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_measure": None, "_tmp": None}  # the loaded model stays in its process
+
+    def with_threads(self, threads: int) -> UnitWorker:
+        return replace(self, threads=threads, encoding=replace(self.encoding, threads=threads))
+
+    def __call__(self, task: UnitTask) -> dict[str, Any]:
+        if self._measure is None:
+            self._measure = self._start()
+        return self._measure.run(dict(task.ks), task.name)
+
+    def _start(self) -> UnitMeasure:
+        import socket
+
+        from seeddelta.assets import sha256_file
+        from seeddelta.resources import configure
+
+        where = f"worker on {socket.gethostname()}"
+        if not self.model_path.is_file():
+            raise SeedDeltaError(f"{where}: model not found at {self.model_path} (workers must read the same files at "
+                                 "the same absolute paths)")
+        if sha256_file(self.model_path) != self.model_sha256:
+            raise SeedDeltaError(f"{where}: {self.model_path} is not the model being measured (SHA-256 differs)")
+        if self.encoding.imatrix and not Path(self.encoding.imatrix).is_file():
+            raise SeedDeltaError(f"{where}: imatrix not found at {self.encoding.imatrix}")
+        configure(self.threads)
+        base = load(self.model_path, use_seeddelta=False, engine=self.engine, n_ctx=self.windows.n_ctx,
+                    threads=self.threads)
+        if self.keep_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="seeddelta-unit-")
+            out_dir = Path(self._tmp.name)
+        else:
+            out_dir = self.keep_dir
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return UnitMeasure(self.model_path, base, self.windows, self.encoding, out_dir,
+                           keep_files=self.keep_dir is not None, greedy=self.greedy, engine=self.engine,
+                           threads=self.threads)
+
+
 def safest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["delta_nll"], r["layer"]))
 
@@ -264,30 +388,41 @@ def row_label(row: dict[str, Any]) -> str:
     return Unit(row["layer"], tuple(row["kinds"])).label
 
 
-def sweep_units(measure: UnitMeasure, units: Sequence[Unit], progress: Progress | None = None) -> list[dict[str, Any]]:
+def sweep_units(measure: UnitMeasure, units: Sequence[Unit], progress: Progress | None = None,
+                pool: Pool | None = None) -> list[dict[str, Any]]:
     """Each unit alone: its row (layer, kinds and the measured figures), in the order given."""
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for n, unit in enumerate(units, 1):
-        row: dict[str, Any] = {"layer": unit.layer, "kinds": list(unit.kinds)}
-        row.update(measure(unit.pairs, unit.label))
-        rows.append(row)
-        if progress is not None:
-            progress(f"[{n}/{len(units)}] {unit.label}: ΔNLL {row['delta_nll']:+.5f}  {time.perf_counter() - t0:.1f}s")
-    return rows
+    tasks = [({pair: measure.encoding.kind_K(pair[1]) for pair in sorted(unit.pairs)}, unit.label) for unit in units]
+    results = measure.measure_all(tasks, pool, _reporter(progress, [u.label for u in units], ""))
+    return [{"layer": unit.layer, "kinds": list(unit.kinds), **{k: r[k] for k in SWEEP_FIELDS}}
+            for unit, r in zip(units, results, strict=True)]
 
 
-def stack_units(measure: UnitMeasure, rows: list[dict[str, Any]], progress: Progress | None = None) -> list[dict[str, Any]]:
-    """The safest units together, one more at each step (step n: the n safest units)."""
-    stack: list[dict[str, Any]] = []
+def stack_units(measure: UnitMeasure, rows: list[dict[str, Any]], progress: Progress | None = None,
+                pool: Pool | None = None) -> list[dict[str, Any]]:
+    """The safest units together, one more at each step (step n: the n safest units); the steps are
+    independent measurements, run like the units."""
+    order = safest_first(rows)
+    tasks: list[tuple[Mapping[Pair, int], str]] = []
     chosen: set[Pair] = set()
-    t0 = time.perf_counter()
-    for n, unit in enumerate(safest_first(rows), 1):
+    for n, unit in enumerate(order, 1):
         chosen |= {(unit["layer"], k) for k in unit["kinds"]}
-        step: dict[str, Any] = {"step": n, "added": row_label(unit)}
-        step.update(measure(frozenset(chosen), f"stack{n}"))
-        stack.append(step)
+        tasks.append(({pair: measure.encoding.kind_K(pair[1]) for pair in sorted(chosen)}, f"stack{n}"))
+    labels = [f"+ {row_label(unit)}" for unit in order]
+    results = measure.measure_all(tasks, pool, _reporter(progress, labels, "stack "))
+    return [{"step": n, "added": row_label(unit), **{k: r[k] for k in SWEEP_FIELDS}}
+            for n, (unit, r) in enumerate(zip(order, results, strict=True), 1)]
+
+
+def _reporter(progress: Progress | None, labels: Sequence[str], what: str) -> Done:
+    """A progress line per finished unit (in the order they finish)."""
+    t0 = time.perf_counter()
+    count = 0
+
+    def done(i: int, r: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
         if progress is not None:
-            progress(f"[stack {n}/{len(rows)}] + {step['added']}: ΔNLL {step['delta_nll']:+.5f}  "
-                     f"{time.perf_counter() - t0:.1f}s")
-    return stack
+            how = "cached" if r.get("cached") else f"{time.perf_counter() - t0:.1f}s"
+            progress(f"[{what}{count}/{len(labels)}] {labels[i]}: ΔNLL {r['delta_nll']:+.5f}  {how}")
+
+    return done

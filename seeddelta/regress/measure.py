@@ -4,20 +4,20 @@ windows, the greedy pack, and (for presets) the file size and resident memory in
 
 A measurement is described by a `Spec` (JSON-able, the key of its cached result) and run by an
 `Evaluator`, which holds the original model, its logits per context (computed once) and its greedy
-results. `run_specs` serves cached results, and measures the rest in this process or in worker
-processes (`jobs` > 1; each worker has its own Evaluator, results are identical either way).
+results. `run_specs` serves cached results, and measures the rest where a `Pool` says
+(`evaluation.workers`: this process, local worker processes or a Dask cluster; each worker process
+has its own Evaluator, loaded on its first spec; results are identical either way).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from seeddelta.evaluation.result_cache import ResultCache
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
 from seeddelta.evaluation.sweep import _cached
 from seeddelta.evaluation.windows import Windows, text_windows
+from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
 from seeddelta.resources import configure
@@ -104,25 +105,61 @@ def fresh_process_memory(path: str | os.PathLike[str], mode: str) -> dict[str, A
 
 
 @dataclass
-class Evaluator:
+class Evaluator(Threaded):
     model: Path
     text: Path
     imatrix: Path | None
     pack: Sequence[PackItem]
-    work_dir: Path
+    work_dir: Path | None  # None: a temporary directory of this process's own (a cluster worker)
     threads: int = 0  # 0: automatic (seeddelta.resources)
     keep_files: bool = False
+    model_sha256: str | None = None  # the model's SHA-256 when known (computed for workers otherwise)
+    check_model: bool = False  # a worker process: check the file is that model before loading it
     _base: Loaded | None = None
     _windows: dict[tuple[int, int], Windows] = field(default_factory=dict)
     _logits: dict[tuple[int, int], Logits] = field(default_factory=dict)
     _greedy: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # what crosses to a worker process: the description, nothing loaded
+        return {**self.__dict__, "_base": None, "_windows": {}, "_logits": {}, "_greedy": {}, "_tmp": None}
+
+    def __call__(self, spec: Spec) -> dict[str, Any]:
+        return self.run(spec)
+
+    def with_threads(self, threads: int) -> Evaluator:
+        return replace(self, threads=threads)
+
+    def for_worker(self, pool: Pool) -> Evaluator:
+        """The Evaluator another process runs: absolute paths, its share of the threads, the model checked
+        by SHA-256; on a cluster a work directory of the worker's own."""
+        from seeddelta.assets import sha256_file
+
+        def absolute(p: Path | None) -> Path | None:
+            return None if p is None else Path(os.path.abspath(p))
+
+        return replace(self, model=Path(os.path.abspath(self.model)), text=Path(os.path.abspath(self.text)),
+                       imatrix=absolute(self.imatrix),
+                       work_dir=absolute(self.work_dir) if pool.scheduler is None else None,
+                       threads=worker_threads(replace(pool, threads=self.threads)),
+                       model_sha256=self.model_sha256 or sha256_file(self.model), check_model=True,
+                       _base=None, _windows={}, _logits={}, _greedy={}, _tmp=None)
 
     @property
     def base(self) -> Loaded:
         if self._base is None:
+            if self.check_model and self.model_sha256 is not None:
+                _check_model(self.model, self.model_sha256)
             configure(self.threads)
             self._base = load(self.model)
         return self._base
+
+    def work(self) -> Path:
+        if self.work_dir is not None:
+            return self.work_dir
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="seeddelta-regress-")
+        return Path(self._tmp.name)
 
     def windows(self, ctx: int, chunks: int) -> Windows:
         key = (ctx, chunks)
@@ -172,15 +209,16 @@ class Evaluator:
 
     def run(self, spec: Spec) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        work_dir = self.work()
+        work_dir.mkdir(parents=True, exist_ok=True)
         if spec.candidate is not None:
             ctx, chunks = spec.evals[0]
             point = eb.Candidate(spec.candidate["family"], spec.candidate["label"], dict(spec.candidate["settings"]))
             row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads),
-                                       self.base_logits(ctx, chunks), self.windows(ctx, chunks), self.work_dir,
+                                       self.base_logits(ctx, chunks), self.windows(ctx, chunks), work_dir,
                                        self.keep_files)
             return {"name": spec.name, "row": row, "seconds": time.perf_counter() - t0}
-        path = self.work_dir / f"{spec.name}.gguf"
+        path = work_dir / f"{spec.name}.gguf"
         out: dict[str, Any] = {"name": spec.name, "build": self.build(spec, path)}
         try:
             cand = load(path, mode="sparse")
@@ -203,23 +241,26 @@ class Evaluator:
         return out
 
 
-_WORKER: Evaluator | None = None
+def _check_model(path: Path, sha256: str) -> None:
+    import socket
+
+    from seeddelta.assets import sha256_file
+    from seeddelta.errors import SeedDeltaError
+
+    where = f"worker on {socket.gethostname()}"
+    if not path.is_file():
+        raise SeedDeltaError(f"{where}: model not found at {path} (workers must read the same files at the same "
+                             "absolute paths)")
+    if sha256_file(path) != sha256:
+        raise SeedDeltaError(f"{where}: {path} is not the model being measured (SHA-256 differs)")
 
 
-def _worker_init(ev: Evaluator) -> None:
-    global _WORKER
-    _WORKER = ev
-
-
-def _worker_run(spec: Spec) -> dict[str, Any]:
-    assert _WORKER is not None
-    return _WORKER.run(spec)
-
-
-def run_specs(ev: Evaluator, specs: Sequence[Spec], cache: ResultCache, step: str, *, jobs: int = 1,
+def run_specs(ev: Evaluator, specs: Sequence[Spec], cache: ResultCache, step: str, *, pool: Pool | None = None,
               progress: Progress | None = None, label: Callable[[Spec, Mapping[str, Any]], str] | None = None
               ) -> list[dict[str, Any]]:
-    """Every spec's result, in order: from the cache, else measured (and cached as soon as it is done)."""
+    """Every spec's result, in order: from the cache, else measured where `pool` says (default: this
+    process) and cached as soon as it is done."""
+    pool = pool or Pool()
     note = progress or (lambda _m: None)
     results: list[dict[str, Any] | None] = [cache.get(step, s.settings()) for s in specs]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -228,24 +269,16 @@ def run_specs(ev: Evaluator, specs: Sequence[Spec], cache: ResultCache, step: st
     if done:
         note(f"[{step}] {done}/{len(specs)} from the cache")
 
-    def finish(i: int, r: dict[str, Any]) -> None:
+    def finish(j: int, r: dict[str, Any]) -> None:
         nonlocal done
+        i = todo[j]
         cache.put(step, specs[i].settings(), r)
         results[i] = r
         done += 1
         text = label(specs[i], r) if label is not None else specs[i].name
         note(f"[{step} {done}/{len(specs)}] {text}  {time.perf_counter() - t0:.0f}s")
 
-    if jobs <= 1 or len(todo) <= 1:
-        for i in todo:
-            finish(i, ev.run(specs[i]))
-    else:
-        # one thread per worker unless -t says otherwise: the workers share the cores
-        worker = replace(ev, threads=ev.threads or 1, _base=None, _windows={}, _logits={}, _greedy={})
-        # spawn, not fork: a forked copy of a process whose torch/OpenMP threads already ran can hang
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(worker,)) as pool:
-            futures = {pool.submit(_worker_run, specs[i]): i for i in todo}
-            for fut in as_completed(futures):
-                finish(futures[fut], fut.result())
+    if todo:
+        worker = ev if pool.in_process else ev.for_worker(pool)
+        run_tasks(worker, [specs[i] for i in todo], pool, finish, local=ev.run)
     return [r for r in results if r is not None]

@@ -32,6 +32,7 @@ from seeddelta.evaluation.activations import collect_imatrix
 from seeddelta.evaluation.greedy import PackItem, load_pack
 from seeddelta.evaluation.result_cache import ResultCache, code_fingerprint
 from seeddelta.evaluation.windows import text_windows
+from seeddelta.evaluation.workers import Pool
 from seeddelta.gguf_format.imatrix_file import write_imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS
@@ -65,8 +66,9 @@ class RegressSettings:
     quant_types: tuple[str, ...] | None = None  # equal bytes: llama.cpp file types (None: the default set)
     steps: tuple[str, ...] = STEPS
     presets: tuple[Path, ...] | None = None  # None: the shipped presets made for this model
-    jobs: int = 1
-    threads: int = 0  # torch threads per process (0: automatic; one per worker when jobs > 1)
+    jobs: int = 1  # local worker processes (evaluation.workers)
+    scheduler: str | None = None  # a Dask scheduler's address: measurements run on its workers instead
+    threads: int = 0  # torch threads per process (0: automatic; cores / jobs per worker when jobs > 1)
     use_cache: bool = True
 
     def public(self) -> dict[str, Any]:
@@ -88,9 +90,12 @@ class Context:
     n_layer: int
     timing: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def pool(self) -> Pool:
+        return Pool(jobs=self.settings.jobs, scheduler=self.settings.scheduler, threads=self.settings.threads)
+
     def run(self, specs: list[Spec], step: str) -> list[dict[str, Any]]:
-        return run_specs(self.ev, specs, self.cache, step, jobs=self.settings.jobs, progress=self.note,
-                         label=_label)
+        return run_specs(self.ev, specs, self.cache, step, pool=self.pool, progress=self.note, label=_label)
 
 
 def _label(spec: Spec, r: Any) -> str:
@@ -175,8 +180,9 @@ def b5_autogate(c: Context, base: dict[str, Any], layers: Sequence[int]) -> list
     k_gate = U.encoding(U.Config(max(s.densities), True), c.dims)["K_gate"]
     common = ["-m", str(s.model), "-f", str(s.text), "-c", "512", "--chunks", str(s.unit_chunks),
               "--cache", str(s.out / "cache" / "units"), "-t", str(s.threads)]
+    where = ["--scheduler", s.scheduler] if s.scheduler else ["-j", str(s.jobs)]
     scan = ["scan", *common, "--layers", format_layers(list(layers)), "--kinds", "gate", "--K-gate", str(k_gate),
-            "--base", "--row-scale", "--eval-cols", "4096", "--eval-x", "32", "--json", str(work / "scan.json")]
+            "--base", "--row-scale", "--eval-cols", "4096", "--eval-x", "32", "--json", str(work / "scan.json"), *where]
     if ev.imatrix is not None:
         scan += ["--imatrix", str(ev.imatrix)]
     gate = ["autogate", "--scan", str(work / "scan.json"), *common[:2], "-o", str(work / "policy.json"),
@@ -213,6 +219,7 @@ def run_regress(settings: RegressSettings, progress: Progress | None = None) -> 
     sha = sha256_file(settings.model)
     calibration = calibration_text(settings, out)
     ev = Evaluator(settings.model, settings.text, None, pack_items(settings), out / "work", settings.threads)
+    ev.model_sha256 = sha  # worker processes check they read this file
     cache = ResultCache(out / "cache", {"model_sha256": sha, "text_sha256": sha256_file(settings.text),
                                         "calibration_sha256": sha256_file(calibration) if calibration else None,
                                         "pack": [p.id for p in ev.pack]}, enabled=settings.use_cache)
@@ -298,7 +305,7 @@ def equal_bytes_step(c: Context) -> dict[str, Any]:
     specs = [Spec(f"eq-{i}", {}, evals=((512, s.unit_chunks),),
                   candidate={"family": x.family, "label": x.label, "settings": dict(x.settings)})
              for i, x in enumerate(cands)]
-    rows = [r["row"] for r in run_specs(c.ev, specs, c.cache, "equal bytes", jobs=s.jobs, progress=c.note,
+    rows = [r["row"] for r in run_specs(c.ev, specs, c.cache, "equal bytes", pool=c.pool, progress=c.note,
                                         label=lambda sp, r: f"{sp.candidate['label'] if sp.candidate else sp.name}: "
                                         f"{r['row']['bits_per_weight']:.2f} bits/weight, KLD {r['row']['kld_mean']:.5f}")]
     eb.mark_pareto(rows)
