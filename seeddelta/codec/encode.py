@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from seeddelta.codec.base import (
     Base,
@@ -169,6 +167,9 @@ class SeedDeltaWeight:
         cols, vals = self._residual_table
         if x2.shape[0] * cols.size <= _SMALL_GATHER:
             return np.einsum("tok,ok->to", x2[:, cols], vals)
+        import torch  # only here: the builder's metrics (few tokens) never need it
+        import torch.nn.functional as F
+
         table = torch.from_numpy(np.ascontiguousarray(x2.T))
         out = F.embedding_bag(torch.from_numpy(cols), table, per_sample_weights=torch.from_numpy(vals), mode="sum")
         return out.numpy().T

@@ -12,22 +12,31 @@ def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
     score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: one partition
-    for the k-th value, then an exact tie fill by index, then a small stable sort of k columns."""
+    for the k-th value, the entries at or above it (rows with more ties at the k-th value than
+    slots keep their lowest-index ties), then an order of the k picked scores: an unstable sort,
+    redone stably only in the rows where two picked scores are equal (so equal scores keep
+    ascending index order, as a stable sort of the whole would)."""
     n_rows, n = score.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
     if k == n:
         chosen = np.broadcast_to(np.arange(n), (n_rows, n))
     else:
-        kth = np.partition(score, n - k, axis=1)[:, n - k : n - k + 1]  # k-th largest per row
-        above = score > kth
-        tied = score == kth
-        need = k - above.sum(axis=1, keepdims=True)
-        take_tied = tied & (np.cumsum(tied, axis=1) <= need)  # lowest-index ties first
-        rows, cols = np.nonzero(above | take_tied)  # row-major: cols ascending within a row
-        chosen = cols.reshape(n_rows, k)
-    picked = np.take_along_axis(score, chosen, axis=1)
-    order = np.argsort(-picked, axis=1, kind="stable")  # stable: equal scores keep ascending index
+        kth = np.partition(score, n - k, axis=1)[:, n - k, None]  # k-th largest per row
+        take = score >= kth
+        extra = np.count_nonzero(take, axis=1) - k  # ties at the k-th value beyond the k slots
+        amb = np.nonzero(extra)[0]
+        if amb.size:
+            tied = score[amb] == kth[amb]
+            rank = np.cumsum(tied, axis=1)
+            take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
+        chosen = np.nonzero(take)[1].reshape(n_rows, k)  # row-major: ascending index within a row
+    picked = -np.take_along_axis(score, chosen, axis=1)
+    order = np.argsort(picked, axis=1)
+    in_order = np.take_along_axis(picked, order, axis=1)
+    tie_rows = np.nonzero(np.any(in_order[:, 1:] == in_order[:, :-1], axis=1))[0]
+    if tie_rows.size:
+        order[tie_rows] = np.argsort(picked[tie_rows], axis=1, kind="stable")
     return np.take_along_axis(chosen, order, axis=1).astype(np.int64)
 
 
