@@ -180,7 +180,7 @@ def _bucket_fit(
     flat_u = u.ravel()
     v = vals.ravel()
     if omega is None:
-        s0 = np.bincount(flat_u, minlength=L).astype(np.float64)
+        s0: np.ndarray = np.bincount(flat_u, minlength=L).astype(np.float64)
         s1 = np.bincount(flat_u, weights=v, minlength=L)
         s2 = np.bincount(flat_u, weights=v * v, minlength=L)
     else:

@@ -66,7 +66,7 @@ def _hadamard_torch(length: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _hadamard_np(length: int, dtype: type[np.floating]) -> np.ndarray:
+def _hadamard_np(length: int, dtype: np.dtype) -> np.ndarray:
     out = hadamard_matrix(length).astype(dtype)
     out.flags.writeable = False
     return out
@@ -87,12 +87,12 @@ def fwht_sequential(v: np.ndarray) -> np.ndarray:
     a, b = kron_split(length)
     grid = v.reshape(*v.shape[:-1], a, b)
     if a > 1:
-        h_a = _hadamard_np(a, v.dtype.type)
+        h_a = _hadamard_np(a, v.dtype)
         acc = np.zeros_like(grid)
         for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :]
             acc += h_a[:, k, None] * grid[..., k, None, :]
         grid = acc
-    h_b = _hadamard_np(b, v.dtype.type)
+    h_b = _hadamard_np(b, v.dtype)
     out = np.zeros_like(grid)
     for k in range(b):  # out[:, j] += V[:, k]·H_b[k, j]
         out += grid[..., k, None] * h_b[k]

@@ -8,6 +8,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values[r, index[r, j]] for every row r (`np.take_along_axis(values, index, axis=1)`), as one
+    flat gather: the same elements, several times faster than the two-array fancy index."""
+    n_rows, n = values.shape
+    flat = np.ascontiguousarray(values).reshape(-1)
+    offsets = np.arange(n_rows, dtype=np.intp)[:, None] * n
+    return np.take(flat, index.astype(np.intp, copy=False) + offsets)
+
+
 def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
@@ -31,13 +40,13 @@ def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
             rank = np.cumsum(tied, axis=1)
             take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
         chosen = np.nonzero(take)[1].reshape(n_rows, k)  # row-major: ascending index within a row
-    picked = -np.take_along_axis(score, chosen, axis=1)
+    picked = -take_rows(score, chosen)
     order = np.argsort(picked, axis=1)
-    in_order = np.take_along_axis(picked, order, axis=1)
+    in_order = take_rows(picked, order)
     tie_rows = np.nonzero(np.any(in_order[:, 1:] == in_order[:, :-1], axis=1))[0]
     if tie_rows.size:
         order[tie_rows] = np.argsort(picked[tie_rows], axis=1, kind="stable")
-    return np.take_along_axis(chosen, order, axis=1).astype(np.int64)
+    return take_rows(chosen, order).astype(np.int64)
 
 
 def coo_select(residual: np.ndarray, k: int, scale: np.ndarray | None) -> np.ndarray:

@@ -9,6 +9,7 @@ float32 numpy array `(n_out, n_in)` (one output per row).
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from typing import Any
@@ -78,7 +79,7 @@ class _Reader(GGUFReader):
             parts += [whole[i : i + 1] for i in range(n)]
             return 12 + int(whole.nbytes), parts, list(range(2, 2 + n)), [GGUFValueType.ARRAY, itype]
         plain = self._plain()
-        buf = memoryview(plain)
+        buf = memoryview(plain.data)
         u64 = np.dtype(np.uint64).newbyteorder("I")
         unpack = struct.Struct("<Q" if np.little_endian else ">Q").unpack_from
         for _ in range(n):
@@ -139,8 +140,21 @@ def field_value(fld: ReaderField) -> Any:
 
 def field_raw_value(fld: ReaderField) -> bytes:
     """The field's value exactly as encoded in the file: u32 type tag followed by the value."""
-    # parts = [key length, key bytes, type tag, value parts...], all views of the file in order.
-    return b"".join(part.tobytes() for part in fld.parts[2:])
+    # parts = [key length, key bytes, type tag, value parts...], all views of the file in order:
+    # when they lie end to end in one buffer (always, for a file read here), one slice of it.
+    parts = fld.parts[2:]
+    if len(parts) <= 2:
+        return b"".join(part.tobytes() for part in parts)
+    root = parts[0]
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root.ndim == 1 and root.dtype == np.uint8:
+        origin = root.__array_interface__["data"][0]
+        start = parts[0].__array_interface__["data"][0] - origin
+        end = parts[-1].__array_interface__["data"][0] - origin + parts[-1].nbytes
+        if 0 <= start < end <= root.nbytes and end - start == sum(p.nbytes for p in parts):
+            return root[start:end].tobytes()
+    return b"".join(part.tobytes() for part in parts)
 
 
 def _tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
@@ -149,6 +163,20 @@ def _tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
 
 def tensor_nbytes(tensor: ReaderTensor) -> int:
     return int(tensor.n_bytes)
+
+
+def drop_mapped_pages(data: Any, offset: int, nbytes: int) -> None:
+    """Let this process's resident set drop the pages of a read-only file mapping (`numpy.memmap`)
+    in [offset, offset + nbytes) once copied: they stay in the page cache, and are read again from it
+    if touched, so copying a file of any size never keeps it resident."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or nbytes <= 0:
+        return
+    start = (int(offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, min(int(offset) + int(nbytes), len(mm)) - start)
+    except (OSError, ValueError):
+        pass  # an optimisation only
 
 
 def dequantize_tensor(tensor: ReaderTensor, path: str = "") -> np.ndarray:
@@ -303,6 +331,9 @@ class GGUFModel:
         if len(tensor.shape) != 2:
             raise SeedDeltaError(f"{self.path}: tensor {name} is not 2-D (ggml shape {list(_tensor_shape(tensor))})")
         out = dequantize_tensor(tensor, self.path)
+        # the copy is made: let the file's pages leave this process (a model of any size is read one
+        # tensor at a time without its pages piling up in the resident set)
+        drop_mapped_pages(self.reader.data, int(tensor.data_offset), int(tensor.n_bytes))
         if check_finite and not np.isfinite(out).all():
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             rows = np.nonzero(~np.isfinite(out).all(axis=1))[0]
