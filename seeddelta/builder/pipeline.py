@@ -53,6 +53,7 @@ from seeddelta.gguf_format.schema import (
 )
 from seeddelta.gguf_format.writer import KV, AddedTensor, write_model_copy
 from seeddelta.layers import parse_layers
+from seeddelta.resources import reuse_freed_memory
 
 
 @dataclass
@@ -292,16 +293,17 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
     spill = SpillFile(os.path.dirname(os.path.abspath(opts.output)))
     try:
-        decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None,
-                             park=spill.park)
-        # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
-        n_in_by_kind: dict[str, int] = {}
-        for layer, kind, _cfg in plan.tasks:
-            n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
-        opts = clamp_K(opts, n_in_by_kind)
-        out = assemble(model, opts, plan, decided, log)
-        write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
-                         drop_keys=out.drop_keys, set_keys=out.set_keys)
+        with reuse_freed_memory():  # numpy temporaries reused, not page-faulted in afresh
+            decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None,
+                                 park=spill.park)
+            # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
+            n_in_by_kind: dict[str, int] = {}
+            for layer, kind, _cfg in plan.tasks:
+                n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
+            opts = clamp_K(opts, n_in_by_kind)
+            out = assemble(model, opts, plan, decided, log)
+            write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
+                             drop_keys=out.drop_keys, set_keys=out.set_keys)
     finally:
         spill.close()
 

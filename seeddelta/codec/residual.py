@@ -17,29 +17,49 @@ def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take(flat, index.astype(np.intp, copy=False) + offsets)
 
 
+def _exact_top_set(score: np.ndarray, k: int) -> np.ndarray:
+    """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index)."""
+    n_rows, n = score.shape
+    kth = np.partition(score, n - k, axis=1)[:, n - k, None]  # k-th largest per row
+    take = score >= kth
+    extra = np.count_nonzero(take, axis=1) - k  # ties at the k-th value beyond the k slots
+    amb = np.nonzero(extra)[0]
+    if amb.size:  # those rows keep their lowest-index ties
+        tied = score[amb] == kth[amb]
+        rank = np.cumsum(tied, axis=1)
+        take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
+    return np.nonzero(take)[1].reshape(n_rows, k)  # row-major: ascending index within a row
+
+
+def _top_set(score: np.ndarray, k: int) -> np.ndarray:
+    """`_exact_top_set`, found on float32 copies of the scores (half the bytes to partition).
+
+    Rounding to float32 is monotone, so a float32 value above the k-th largest float32 value
+    belongs to the top k and one below it does not: the float32 top k is the exact top k in every
+    row where no score outside it rounds to the same float32 value as the k-th. The other rows (a
+    tie at the boundary, in float32 or exactly) are decided on the float64 scores."""
+    n = score.shape[1]
+    s32 = score.astype(np.float32)
+    part = np.argpartition(s32, n - k, axis=1)
+    kth32 = take_rows(s32, part[:, n - k, None])
+    chosen = np.sort(part[:, n - k :], axis=1)
+    unsure = np.nonzero(np.count_nonzero(s32 >= kth32, axis=1) != k)[0]
+    if unsure.size:
+        chosen[unsure] = _exact_top_set(score[unsure], k)
+    return chosen
+
+
 def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
-    score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: one partition
-    for the k-th value, the entries at or above it (rows with more ties at the k-th value than
-    slots keep their lowest-index ties), then an order of the k picked scores: an unstable sort,
-    redone stably only in the rows where two picked scores are equal (so equal scores keep
-    ascending index order, as a stable sort of the whole would)."""
+    score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: the set of the
+    k largest (`_top_set`), then their order: an unstable sort of the k picked scores, redone
+    stably only in the rows where two picked scores are equal (so equal scores keep ascending
+    index order, as a stable sort of the whole would)."""
     n_rows, n = score.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
-    if k == n:
-        chosen = np.broadcast_to(np.arange(n), (n_rows, n))
-    else:
-        kth = np.partition(score, n - k, axis=1)[:, n - k, None]  # k-th largest per row
-        take = score >= kth
-        extra = np.count_nonzero(take, axis=1) - k  # ties at the k-th value beyond the k slots
-        amb = np.nonzero(extra)[0]
-        if amb.size:
-            tied = score[amb] == kth[amb]
-            rank = np.cumsum(tied, axis=1)
-            take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
-        chosen = np.nonzero(take)[1].reshape(n_rows, k)  # row-major: ascending index within a row
+    chosen = np.broadcast_to(np.arange(n), (n_rows, n)) if k == n else _top_set(score, k)
     picked = -take_rows(score, chosen)
     order = np.argsort(picked, axis=1)
     in_order = take_rows(picked, order)
