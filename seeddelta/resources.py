@@ -64,7 +64,7 @@ _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
 @contextlib.contextmanager
-def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> Iterator[bool]:
+def reuse_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> Iterator[bool]:
     """Inside: glibc serves blocks up to `mmap_threshold` from its heap and keeps up to `trim_threshold`
     of freed heap instead of returning it to the kernel at once. numpy's megabyte-sized temporaries
     otherwise come fresh from mmap every time, and every page of them is faulted in and zeroed by the

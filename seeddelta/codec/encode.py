@@ -34,7 +34,8 @@ SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
 _SMALL_GATHER = 1 << 24  # T·n_out·K up to which Δ·x is a plain gather (fast for one or a few tokens)
-_ROW_CHUNK = 2048  # rows encoded at once: bounds the float64 working set to chunk × n_in
+_CHUNK_ELEMENTS = 2048 * 4096  # rows encoded at once hold at most this many values (64 MB per float64
+# temporary, whatever n_in is); every row is encoded on its own, so the chunking changes no result
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,9 @@ def _fit_base(W: np.ndarray, config: EncodeConfig, scale: np.ndarray | None, rng
     return None
 
 
-def _chunks(n: int) -> list[np.ndarray]:
-    return [np.arange(a, min(n, a + _ROW_CHUNK)) for a in range(0, n, _ROW_CHUNK)]
+def _chunks(n: int, n_in: int) -> list[np.ndarray]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_in))
+    return [np.arange(a, min(n, a + step)) for a in range(0, n, step)]
 
 
 def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None = None) -> SeedDeltaWeight:
@@ -255,7 +257,7 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
         width = min(-(-k_budget // config.block), n_blocks_total(n_in, config.block))
     idx = np.zeros((n_out, width), dtype=np.int64)
     val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
-    for rows in _chunks(n_out):
+    for rows in _chunks(n_out, n_in):
         w0 = base.dense_rows(rows) if base is not None else 0.0
         resid = W[rows].astype(np.float64) - w0
         if config.scheme == "coo":
@@ -286,7 +288,7 @@ def _fit_row_scale(W: np.ndarray, sdw: SeedDeltaWeight, scale: np.ndarray | None
     """Weighted least squares s_o = <w, ŵ>_ω / ‖ŵ‖²_ω against the stored ŵ (ω = s²), stored as f16."""
     omega = np.ones(sdw.n_in) if scale is None else scale**2
     out = np.ones(sdw.n_out)
-    for rows in _chunks(sdw.n_out):
+    for rows in _chunks(sdw.n_out, sdw.n_in):
         w_hat = sdw.dense(rows)
         num = (W[rows].astype(np.float64) * w_hat) @ omega
         den = (w_hat * w_hat) @ omega

@@ -182,14 +182,17 @@ def drop_mapped_pages(data: Any, offset: int, nbytes: int) -> None:
 def dequantize_tensor(tensor: ReaderTensor, path: str = "") -> np.ndarray:
     """Any tensor as a private, writable float32 numpy array in numpy order (reversed ggml shape).
 
-    Always a copy: an F32 tensor would otherwise be a view of the read-only memory map."""
+    Always a copy: an F32 tensor would otherwise be a view of the read-only memory map (a quantized
+    one is decoded into a new array already, which is kept: no second copy of a large tensor)."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     try:
         values = dequantize(tensor.data, qtype)
     except NotImplementedError:
         raise SeedDeltaError(f"{path}: tensor {tensor.name} has type {qtype.name}, which gguf cannot dequantize") from None
     shape = tuple(reversed(_tensor_shape(tensor)))
-    return np.array(values, dtype=np.float32, copy=True, order="C").reshape(shape)
+    fresh = values.dtype == np.float32 and values.flags.c_contiguous and values.flags.writeable \
+        and not np.may_share_memory(values, tensor.data)
+    return (values if fresh else np.array(values, dtype=np.float32, copy=True, order="C")).reshape(shape)
 
 
 class GGUFModel:
