@@ -17,9 +17,9 @@ def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take(flat, index.astype(np.intp, copy=False) + offsets)
 
 
-def _exact_top_set(score: np.ndarray, k: int) -> np.ndarray:
-    """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index)."""
-    n_rows, n = score.shape
+def _exact_top_mask(score: np.ndarray, k: int) -> np.ndarray:
+    """(n_rows, n) bool: each row's k largest scores (ties: lowest index)."""
+    n = score.shape[1]
     kth = np.partition(score, n - k, axis=1)[:, n - k, None]  # k-th largest per row
     take = score >= kth
     extra = np.count_nonzero(take, axis=1) - k  # ties at the k-th value beyond the k slots
@@ -28,25 +28,26 @@ def _exact_top_set(score: np.ndarray, k: int) -> np.ndarray:
         tied = score[amb] == kth[amb]
         rank = np.cumsum(tied, axis=1)
         take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
-    return np.nonzero(take)[1].reshape(n_rows, k)  # row-major: ascending index within a row
+    return take
 
 
 def _top_set(score: np.ndarray, k: int) -> np.ndarray:
-    """`_exact_top_set`, found on float32 copies of the scores (half the bytes to partition).
+    """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index),
+    found on float32 copies of the scores (half the bytes to partition).
 
     Rounding to float32 is monotone, so a float32 value above the k-th largest float32 value
     belongs to the top k and one below it does not: the float32 top k is the exact top k in every
     row where no score outside it rounds to the same float32 value as the k-th. The other rows (a
     tie at the boundary, in float32 or exactly) are decided on the float64 scores."""
-    n = score.shape[1]
+    n_rows, n = score.shape
     s32 = score.astype(np.float32)
-    part = np.argpartition(s32, n - k, axis=1)
-    kth32 = take_rows(s32, part[:, n - k, None])
-    chosen = np.sort(part[:, n - k :], axis=1)
-    unsure = np.nonzero(np.count_nonzero(s32 >= kth32, axis=1) != k)[0]
+    kth32 = np.partition(s32, n - k, axis=1)[:, n - k, None]
+    take = s32 >= kth32
+    unsure = np.nonzero(np.count_nonzero(take, axis=1) != k)[0]
     if unsure.size:
-        chosen[unsure] = _exact_top_set(score[unsure], k)
-    return chosen
+        take[unsure] = _exact_top_mask(score[unsure], k)
+    # flat positions of the k marks of each row, in row-major order (a 1-D nonzero: ~8x faster than 2-D)
+    return np.flatnonzero(take).reshape(n_rows, k) - (np.arange(n_rows) * n)[:, None]
 
 
 def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
