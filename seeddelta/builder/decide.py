@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,20 +155,25 @@ def decide_weight(model: GGUFModel, opts: BuildOptions, task: Task, pool: TrialP
 
 
 class _Progress:
-    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q)."""
+    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q — then tqdm is
+    not even imported: its import alone costs a build of a small model a few percent)."""
 
     def __init__(self, total: int, stream: TextIO | None) -> None:
-        from tqdm import tqdm
+        self.bar: Any = None
+        if stream is not None:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream if stream is not None else sys.stderr,
-                        leave=False, dynamic_ncols=True, disable=True if stream is None else None)
+            self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream, leave=False, dynamic_ncols=True,
+                            disable=None)
 
     def step(self, label: str) -> None:
-        self.bar.set_postfix_str(label, refresh=False)
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix: Imatrix | None, log: TextIO,
