@@ -67,8 +67,7 @@ class XorCirculantBase:
     d3: np.ndarray  # (B, L)
     perm1: np.ndarray  # (B, L) int16 | int32, gather semantics
     perm2: np.ndarray | None = None
-    sse: float = field(default=0.0, compare=False)  # weighted within-bucket SSE of the fit when
-    # permutation trials were compared (information; nan after a single trial, which needs none)
+    sse: float = field(default=0.0, compare=False)  # weighted within-bucket SSE of the fit (information)
     kind: str = "xor_circulant"
 
     @property
@@ -174,11 +173,10 @@ class XorCirculantBase:
 
 
 def _bucket_fit(
-    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, *, with_sse: bool = True
+    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int
 ) -> tuple[np.ndarray, float]:
-    """Weighted mean per XOR bucket and the within-bucket SSE (nan without `with_sse`: a single
-    permutation trial has nothing to compare). vals, u: (S, J); omega: (J,), None for unit weights
-    (the same sums: 1·v is v exactly, and a count of ones is exact in float64)."""
+    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,), None
+    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64)."""
     flat_u = u.ravel()
     v = vals.ravel()
     if omega is None:
@@ -190,8 +188,6 @@ def _bucket_fit(
         wv = w * v
     s1 = np.bincount(flat_u, weights=wv, minlength=L)
     h2 = np.divide(s1, s0, out=np.zeros(L), where=s0 > 0)
-    if not with_sse:
-        return h2, float("nan")
     s2 = np.bincount(flat_u, weights=wv * v, minlength=L)
     sse = float(np.sum(np.maximum(s2 - np.divide(s1 * s1, s0, out=np.zeros(L), where=s0 > 0), 0.0)[s0 > 0]))
     return h2, sse
@@ -240,8 +236,7 @@ def fit_xor_circulant(
             u = local[:, None] ^ slots[None, :]
             # the identity trial's columns are one contiguous range: a slice, not a gather
             block_vals = sub[:, cols[0] : cols[-1] + 1] if t == 0 and cols.size else sub[:, cols]
-            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L,
-                                      with_sse=trials > 1)
+            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L)
             if best is None or sse < best[0]:
                 best = (sse, kernel, perm)
         assert best is not None
