@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench_codec", "bench_build", "bench_runtime", "bench_threads", "bench_workers")
+MODULES = ("bench_codec", "bench_build", "bench_build_compare", "bench_large", "bench_runtime", "bench_threads",
+           "bench_workers")
 
 
 def main(argv: list[str]) -> int:

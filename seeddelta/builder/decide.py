@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import numpy as np
+from threadpoolctl import threadpool_limits
+
 from seeddelta.builder.encode import Trial, WeightResult, attempt_record, gate_trial, run_trial, weight_result
 from seeddelta.builder.options import BuildOptions, TensorConfig
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.gguf_format.writer import AddedTensor
 
 # Stack guard of the original (Appendix A.4): (count from which it applies, floors per group).
 GUARD_STRICT_FROM = 8
@@ -152,25 +155,34 @@ def decide_weight(model: GGUFModel, opts: BuildOptions, task: Task, pool: TrialP
 
 
 class _Progress:
-    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q)."""
+    """A tqdm bar on `stream` (none when it is not a terminal, or without a stream: -q — then tqdm is
+    not even imported: its import alone costs a build of a small model a few percent)."""
 
     def __init__(self, total: int, stream: TextIO | None) -> None:
-        from tqdm import tqdm
+        self.bar: Any = None
+        if stream is not None:
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream if stream is not None else sys.stderr,
-                        leave=False, dynamic_ncols=True, disable=True if stream is None else None)
+            self.bar = tqdm(total=total, desc="encoding", unit="weight", file=stream, leave=False, dynamic_ncols=True,
+                            disable=None)
 
     def step(self, label: str) -> None:
-        self.bar.set_postfix_str(label, refresh=False)
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix: Imatrix | None, log: TextIO,
-               *, policy_fields: bool = False) -> dict[tuple[int, str], WeightResult]:
-    """Decide every planned weight in build order (trials encoded ahead by worker threads)."""
+               *, policy_fields: bool = False,
+               park: Callable[[str, np.ndarray], AddedTensor] | None = None) -> dict[tuple[int, str], WeightResult]:
+    """Decide every planned weight in build order (trials encoded ahead by worker threads, at most
+    two per worker ahead of the decisions, so memory holds a few weights whatever the model's size).
+    `park`: where each decided weight's tensors go at once (the builder's spill file) instead of
+    staying in memory until the write."""
     threads = opts.threads or (os.cpu_count() or 1)
 
     def compute(layer: int, kind: str, cfg: TensorConfig, K: int) -> Trial:
@@ -180,14 +192,21 @@ def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix:
     state = StackState()
     decided: dict[tuple[int, str], WeightResult] = {}
     progress = _Progress(len(tasks), log if opts.progress else None)
+    # The workers are the parallelism: a BLAS call's own threads (the metrics' small products) would
+    # only wait for cores the workers hold — 30 ms per call measured on a busy 2-core machine.
+    blas = threadpool_limits(limits=1, user_api="blas")
+    ahead = 2 * max(1, min(threads, len(tasks)))
     try:
-        for layer, kind, cfg in tasks:
-            pool.prefetch(layer, kind, cfg, cfg.k_schedule()[0])
-        for task in tasks:
+        for i, task in enumerate(tasks):
+            for layer, kind, cfg in tasks[i : i + ahead]:
+                pool.prefetch(layer, kind, cfg, cfg.k_schedule()[0])
             res = decide_weight(model, opts, task, pool, state, policy_fields=policy_fields)
+            if park is not None:
+                res.tensors = [park(*t) if isinstance(t, tuple) else t for t in res.tensors]
             decided[(res.layer, res.kind)] = res
             progress.step(f"blk.{res.layer}.{res.kind}")
     finally:
         progress.close()  # also on Ctrl-C: the next line starts on a line of its own
         pool.close()
+        blas.restore_original_limits()
     return decided

@@ -24,6 +24,7 @@ from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
+from seeddelta.gguf_format.writer import AddedTensor
 
 
 @dataclass
@@ -33,7 +34,7 @@ class WeightResult:
     layer: int
     kind: str
     entry: dict[str, Any] | None  # report entry (None: no entry, e.g. missing tensor without report)
-    tensors: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    tensors: list[AddedTensor] = field(default_factory=list)  # arrays, or parked (builder.spill) once decided
     strip: bool = False
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -237,7 +238,7 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
         entry_values["autotune_attempts"] = attempts or []
     entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
     entry_values.update(extra or {})
-    result = WeightResult(layer, kind, weight_entry(**entry_values), tensors, strip,
+    result = WeightResult(layer, kind, weight_entry(**entry_values), list[AddedTensor](tensors), strip,
                           trial.seconds if seconds is None else seconds, list(trial.warnings))
     result.added_bytes = sum(int(a.nbytes) for _, a in tensors)
     result.stripped_bytes = dense_bytes if strip else 0

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import numpy as np
 from gguf import GGUFValueType
 
 from seeddelta.builder.decide import decide_all
@@ -41,6 +40,7 @@ from seeddelta.builder.report import (
     top_level,
     write_report,
 )
+from seeddelta.builder.spill import SpillFile
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
 from seeddelta.gguf_format.reader import GGUFModel
@@ -51,8 +51,9 @@ from seeddelta.gguf_format.schema import (
     tensor_kv_prefix,
     weight_name,
 )
-from seeddelta.gguf_format.writer import KV, write_model_copy
+from seeddelta.gguf_format.writer import KV, AddedTensor, write_model_copy
 from seeddelta.layers import parse_layers
+from seeddelta.resources import reuse_freed_memory
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Assembly:
 
     results: list[WeightResult]
     drop_tensors: set[str]
-    add_tensors: list[tuple[str, np.ndarray]]
+    add_tensors: list[AddedTensor]
     drop_keys: set[str]
     set_keys: list[KV]
     bytes_added: int
@@ -263,7 +264,7 @@ def assemble(model: GGUFModel, opts: BuildOptions, plan: BuildPlan, decided: dic
         assert res.entry is not None
         set_keys += _tensor_keys(res.entry)
     return Assembly(results, drop_tensors, add_tensors, drop_keys, set_keys,
-                    sum(int(a.nbytes) for _, a in add_tensors), bytes_stripped, bytes_replaced, pass_gate_up, pass_down)
+                    sum(r.added_bytes for r in results), bytes_stripped, bytes_replaced, pass_gate_up, pass_down)
 
 
 def _read_policy_bytes(opts: BuildOptions) -> bytes | None:
@@ -290,15 +291,21 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
     imatrix = read_imatrix(opts.imatrix) if opts.imatrix else None
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
-    decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None)
-    # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
-    n_in_by_kind: dict[str, int] = {}
-    for layer, kind, _cfg in plan.tasks:
-        n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
-    opts = clamp_K(opts, n_in_by_kind)
-    out = assemble(model, opts, plan, decided, log)
-    write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
-                     drop_keys=out.drop_keys, set_keys=out.set_keys)
+    spill = SpillFile(os.path.dirname(os.path.abspath(opts.output)))
+    try:
+        with reuse_freed_memory():  # numpy temporaries reused, not page-faulted in afresh
+            decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None,
+                                 park=spill.park)
+            # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
+            n_in_by_kind: dict[str, int] = {}
+            for layer, kind, _cfg in plan.tasks:
+                n_in_by_kind[kind] = max(n_in_by_kind.get(kind, 0), model.weight_dims(layer, kind)[0])
+            opts = clamp_K(opts, n_in_by_kind)
+            out = assemble(model, opts, plan, decided, log)
+            write_model_copy(model, opts.output, drop_tensors=out.drop_tensors, add_tensors=out.add_tensors,
+                             drop_keys=out.drop_keys, set_keys=out.set_keys)
+    finally:
+        spill.close()
 
     output_bytes = os.path.getsize(opts.output)
     seconds = time.perf_counter() - t_start

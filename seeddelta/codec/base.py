@@ -16,9 +16,8 @@ from functools import cached_property
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from seeddelta.codec.hadamard import fwht, fwht_torch, is_pow2, next_pow2
+from seeddelta.codec.hadamard import fwht, fwht_sequential, is_pow2, next_pow2
 from seeddelta.codec.storage import val_dtype
 
 
@@ -51,9 +50,6 @@ class Geometry:
     @property
     def tall(self) -> bool:
         return self.n_out >= self.n_in
-
-
-_TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _safe_gather_index(perm: np.ndarray, length: int) -> np.ndarray:
@@ -104,36 +100,41 @@ class XorCirculantBase:
         rows = np.asarray(rows, dtype=np.int64)
         if not self._closed_form:
             return self._chain(np.eye(self.n_in, dtype=np.float64))[:, rows].T
-        L, B, n_in = self.geometry.L, self.geometry.B, self.n_in
-        if self.geometry.tall:
-            b, p = rows // L, rows % L
-            inv = self.inv_perm1[b][:, :n_in]  # (R, n_in)
-            return np.take_along_axis(self.h2[b], p[:, None] ^ inv, axis=1)
-        u = rows[:, None, None] ^ self.inv_perm1[None, :, :]  # (R, B, L)
-        vals = np.take_along_axis(np.broadcast_to(self.h2[None], u.shape), u, axis=2)
-        return vals.reshape(len(rows), B * L)[:, :n_in]
+        L, n_in = self.geometry.L, self.n_in
+        kernel = self.h2.reshape(-1)  # block b's kernel at [b·L, (b+1)·L)
+        inv = self.inv_perm1.astype(np.intp)
+        if self.geometry.tall:  # row r = b·L + p: W0[r, j] = h2_b[p XOR inv_b[j]]
+            out = np.empty((len(rows), n_in))
+            blocks, p = rows // L, rows % L
+            for b in np.unique(blocks):
+                sel = np.nonzero(blocks == b)[0]
+                out[sel] = kernel[(p[sel, None] ^ inv[b, None, :n_in]) + b * L]
+            return out
+        # wide: column j = b·L + q of block b: W0[r, j] = h2_b[r XOR inv_b[q]]
+        col_inv = inv.reshape(-1)[:n_in]
+        col_base = (np.arange(n_in) // L) * L
+        return kernel[(rows.astype(np.intp)[:, None] ^ col_inv[None, :]) + col_base[None, :]]
 
-    def _block_op(self, v: torch.Tensor) -> torch.Tensor:
+    def _block_op(self, v: np.ndarray) -> np.ndarray:
         """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype, runtime order.
-        Torch for speed (`fwht_torch`, within its stated rounding bound of the numpy butterfly)."""
+        The transforms are `fwht_sequential` (torch's matrix-product arithmetic, in numpy: the
+        builder measures what the runtime computes without importing torch)."""
         L = v.shape[-1]
+        dtype = v.dtype.type
 
-        def diag(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a.astype(np.float64)).to(v.dtype)
+        def gather(t: np.ndarray, perm: np.ndarray) -> np.ndarray:
+            index = np.broadcast_to(_safe_gather_index(perm, L), t.shape)
+            return np.take_along_axis(t, index, axis=-1)
 
-        def gather(t: torch.Tensor, perm: np.ndarray) -> torch.Tensor:
-            index = torch.from_numpy(_safe_gather_index(perm, L)).expand(t.shape)
-            return torch.gather(t, -1, index)
-
-        v = gather(v * diag(self.d1), self.perm1)
-        v = fwht_torch(v)
+        v = gather(v * self.d1.astype(dtype), self.perm1)
+        v = fwht_sequential(v)
         if self.d2 is None and self.perm2 is None:
-            return v * diag(self.d3)
+            return v * self.d3.astype(dtype)
         if self.d2 is not None:
-            v = v * diag(self.d2)
+            v = v * self.d2.astype(dtype)
         if self.perm2 is not None:
             v = gather(v, self.perm2)
-        return fwht_torch(v) * diag(self.d3)
+        return fwht_sequential(v) * self.d3.astype(dtype)
 
     def _chain(self, x: np.ndarray) -> np.ndarray:
         """Runtime evaluation (spec §9.3): x (T, n_in) -> (T, n_out) in x's dtype."""
@@ -141,17 +142,17 @@ class XorCirculantBase:
         L, B = g.L, g.B
         T = x.shape[0]
         if g.tall:
-            xh = torch.zeros((T, 1, L), dtype=_TORCH_DTYPE[x.dtype.type])
-            xh[:, 0, : self.n_in] = torch.from_numpy(x)
-            out = self._block_op(xh.expand(T, B, L))
-            return out.reshape(T, B * L)[:, : self.n_out].numpy()
-        xb = torch.zeros((T, B * L), dtype=_TORCH_DTYPE[x.dtype.type])
-        xb[:, : self.n_in] = torch.from_numpy(x)
+            xh = np.zeros((T, 1, L), dtype=x.dtype)
+            xh[:, 0, : self.n_in] = x
+            out = self._block_op(np.broadcast_to(xh, (T, B, L)))
+            return out.reshape(T, B * L)[:, : self.n_out]
+        xb = np.zeros((T, B * L), dtype=x.dtype)
+        xb[:, : self.n_in] = x
         blocks = self._block_op(xb.reshape(T, B, L))
-        acc = blocks[:, 0, :].clone()
+        acc = blocks[:, 0, :].copy()
         for b in range(1, B):  # accumulation in block order, as the runtime does
             acc += blocks[:, b, :]
-        return acc[:, : self.n_out].numpy()
+        return acc[:, : self.n_out]
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return self._chain(np.asarray(x, dtype=np.float32))
@@ -172,16 +173,22 @@ class XorCirculantBase:
 
 
 def _bucket_fit(
-    vals: np.ndarray, omega: np.ndarray, u: np.ndarray, L: int
+    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int
 ) -> tuple[np.ndarray, float]:
-    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,)."""
-    w = np.broadcast_to(omega[None, :], vals.shape).ravel()
+    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,), None
+    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64)."""
     flat_u = u.ravel()
     v = vals.ravel()
-    s0 = np.bincount(flat_u, weights=w, minlength=L)
-    s1 = np.bincount(flat_u, weights=w * v, minlength=L)
-    s2 = np.bincount(flat_u, weights=w * v * v, minlength=L)
+    if omega is None:
+        s0: np.ndarray = np.bincount(flat_u, minlength=L).astype(np.float64)
+        wv = v
+    else:
+        w = np.broadcast_to(omega[None, :], vals.shape).ravel()
+        s0 = np.bincount(flat_u, weights=w, minlength=L)
+        wv = w * v
+    s1 = np.bincount(flat_u, weights=wv, minlength=L)
     h2 = np.divide(s1, s0, out=np.zeros(L), where=s0 > 0)
+    s2 = np.bincount(flat_u, weights=wv * v, minlength=L)
     sse = float(np.sum(np.maximum(s2 - np.divide(s1 * s1, s0, out=np.zeros(L), where=s0 > 0), 0.0)[s0 > 0]))
     return h2, sse
 
@@ -227,7 +234,9 @@ def fit_xor_circulant(
             slots = np.nonzero(valid)[0]
             cols = src[slots]
             u = local[:, None] ^ slots[None, :]
-            kernel, sse = _bucket_fit(sub[:, cols].astype(np.float64), omega_all[cols], u, L)
+            # the identity trial's columns are one contiguous range: a slice, not a gather
+            block_vals = sub[:, cols[0] : cols[-1] + 1] if t == 0 and cols.size else sub[:, cols]
+            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L)
             if best is None or sse < best[0]:
                 best = (sse, kernel, perm)
         assert best is not None

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from seeddelta.codec.base import (
     Base,
@@ -28,7 +26,7 @@ from seeddelta.codec.base import (
     fit_xor_circulant,
     xor_base_from_tensors,
 )
-from seeddelta.codec.residual import block_select, block_values, coo_select, n_blocks_total
+from seeddelta.codec.residual import block_select, block_values, coo_select, n_blocks_total, take_rows
 from seeddelta.codec.storage import index_type_for, store_indices, store_values
 from seeddelta.errors import SeedDeltaError
 
@@ -36,7 +34,8 @@ SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
 _SMALL_GATHER = 1 << 24  # T·n_out·K up to which Δ·x is a plain gather (fast for one or a few tokens)
-_ROW_CHUNK = 2048  # rows encoded at once: bounds the float64 working set to chunk × n_in
+_CHUNK_ELEMENTS = 2048 * 4096  # rows encoded at once hold at most this many values (64 MB per float64
+# temporary, whatever n_in is); every row is encoded on its own, so the chunking changes no result
 
 
 @dataclass(frozen=True)
@@ -123,30 +122,31 @@ class SeedDeltaWeight:
         return cls(n_in, n_out, scheme, block, idx, val, None if scale is None else np.asarray(scale).reshape(-1), base)
 
     # --- reconstruction -------------------------------------------------------------------
-    def _residual_coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, cols, values as float64) of every stored residual entry that the runtime uses."""
+    def _residual_coords(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, values as float64) of every stored residual entry that the runtime uses, in
+        row-major order; with `rows` (ascending, distinct), the entries of those output rows only."""
+        idx, val = (self.idx, self.val) if rows is None else (self.idx[rows], self.val[rows])
+        row_ids = np.arange(self.n_out) if rows is None else rows
         if self.scheme == "coo":
-            rows = np.broadcast_to(np.arange(self.n_out)[:, None], self.idx.shape)
-            cols = self.idx.astype(np.int64)
-            vals = self.val.astype(np.float64)
+            out_rows = np.broadcast_to(row_ids[:, None], idx.shape)
+            cols = idx.astype(np.int64)
         else:
-            nb = self.idx.shape[1]
-            starts = self.idx.astype(np.int64)[:, :, None] * self.block
+            starts = idx.astype(np.int64)[:, :, None] * self.block
             cols = np.where(starts >= 0, starts + np.arange(self.block)[None, None, :], -1)
-            rows = np.broadcast_to(np.arange(self.n_out)[:, None, None], (self.n_out, nb, self.block))
-            vals = self.val.astype(np.float64)
+            out_rows = np.broadcast_to(row_ids[:, None, None], cols.shape)
+        vals = val.astype(np.float64)
         keep = (cols >= 0) & (cols < self.n_in)
-        return rows[keep], cols[keep], vals[keep]
+        return out_rows[keep], cols[keep], vals[keep]
 
     def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
         """s·(W0 + Δ) for the given output rows (all by default), float64, from the stored arrays."""
         rows = np.arange(self.n_out) if rows is None else np.asarray(rows, dtype=np.int64)
         out = np.zeros((len(rows), self.n_in)) if self.base is None else self.base.dense_rows(rows)
-        r, c, v = self._residual_coords()
         position = np.full(self.n_out, -1, dtype=np.int64)
         position[rows] = np.arange(len(rows))
-        sel = position[r] >= 0
-        np.add.at(out, (position[r[sel]], c[sel]), v[sel])
+        # only the entries of the requested rows, in the same (row-major) order as over all rows
+        r, c, v = self._residual_coords(np.nonzero(position >= 0)[0])
+        np.add.at(out, (position[r], c), v)
         if self.row_scale is not None:
             out *= self.row_scale.astype(np.float64)[rows][:, None]
         return out
@@ -163,15 +163,37 @@ class SeedDeltaWeight:
         valid = (cols >= 0) & (cols < self.n_in)
         return np.where(valid, cols, 0), np.where(valid, vals, np.float32(0))
 
-    def _residual_apply(self, x2: np.ndarray) -> np.ndarray:
+    def _residual_apply(self, x2: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Δ·x for x2 (T, n_in): a direct gather for few tokens, else one embedding_bag call whose
-        "embedding table" is xᵀ (n_in × T), i.e. every token at once with weights = stored values."""
+        "embedding table" is xᵀ (n_in × T), i.e. every token at once with weights = stored values.
+        With `rows`, only those outputs, each computed exactly as over all rows (same kernel choice,
+        same per-output sum)."""
         cols, vals = self._residual_table
-        if x2.shape[0] * cols.size <= _SMALL_GATHER:
+        small = x2.shape[0] * cols.size <= _SMALL_GATHER
+        if rows is not None:
+            cols, vals = cols[rows], vals[rows]
+        if small:
             return np.einsum("tok,ok->to", x2[:, cols], vals)
+        import torch  # only here: the builder's metrics (few tokens) never need it
+        import torch.nn.functional as F
+
         table = torch.from_numpy(np.ascontiguousarray(x2.T))
-        out = F.embedding_bag(torch.from_numpy(cols), table, per_sample_weights=torch.from_numpy(vals), mode="sum")
+        out = F.embedding_bag(torch.from_numpy(np.ascontiguousarray(cols)), table,
+                              per_sample_weights=torch.from_numpy(np.ascontiguousarray(vals)), mode="sum")
         return out.numpy().T
+
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """`apply(x)[:, rows]` for x (T, n_in), bit for bit and in the same memory layout (numpy's
+        fancy index makes that column-major, and float64 sums over it are summed in that order),
+        computing the residual of those rows only (the builder's functional metrics sample a few)."""
+        x2 = np.asarray(x, dtype=np.float32).reshape(-1, self.n_in)
+        rows = np.asarray(rows, dtype=np.int64)
+        y = self._residual_apply(x2, rows)
+        if self.base is not None:
+            y = self.base.apply(x2)[:, rows] + y
+        if self.row_scale is not None:
+            y = y * self.row_scale.astype(np.float32)[rows][None, :]
+        return np.asfortranarray(y, dtype=np.float32)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Runtime arithmetic in float32: x (..., n_in) → (..., n_out)."""
@@ -205,8 +227,9 @@ def _fit_base(W: np.ndarray, config: EncodeConfig, scale: np.ndarray | None, rng
     return None
 
 
-def _chunks(n: int) -> list[np.ndarray]:
-    return [np.arange(a, min(n, a + _ROW_CHUNK)) for a in range(0, n, _ROW_CHUNK)]
+def _chunks(n: int, n_in: int) -> list[np.ndarray]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_in))
+    return [np.arange(a, min(n, a + step)) for a in range(0, n, step)]
 
 
 def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None = None) -> SeedDeltaWeight:
@@ -234,12 +257,12 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
         width = min(-(-k_budget // config.block), n_blocks_total(n_in, config.block))
     idx = np.zeros((n_out, width), dtype=np.int64)
     val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
-    for rows in _chunks(n_out):
+    for rows in _chunks(n_out, n_in):
         w0 = base.dense_rows(rows) if base is not None else 0.0
         resid = W[rows].astype(np.float64) - w0
         if config.scheme == "coo":
             idx[rows] = coo_select(resid, width, scale)
-            val[rows] = np.take_along_axis(resid, idx[rows], axis=1)
+            val[rows] = take_rows(resid, idx[rows])
         else:
             idx[rows] = block_select(resid, width, config.block, scale)
             val[rows] = block_values(resid, idx[rows], config.block)
@@ -265,7 +288,7 @@ def _fit_row_scale(W: np.ndarray, sdw: SeedDeltaWeight, scale: np.ndarray | None
     """Weighted least squares s_o = <w, ŵ>_ω / ‖ŵ‖²_ω against the stored ŵ (ω = s²), stored as f16."""
     omega = np.ones(sdw.n_in) if scale is None else scale**2
     out = np.ones(sdw.n_out)
-    for rows in _chunks(sdw.n_out):
+    for rows in _chunks(sdw.n_out, sdw.n_in):
         w_hat = sdw.dense(rows)
         num = (W[rows].astype(np.float64) * w_hat) @ omega
         den = (w_hat * w_hat) @ omega

@@ -2,15 +2,21 @@
 
 `fwht(v)` equals `H @ v` with H[i, j] = (-1)^popcount(i & j) along the last axis, using exactly
 the butterfly order of the original runtime (len = 1, 2, 4, …): the numpy reference. `fwht_torch`
-computes the same transform as two small dense products (fast), within a stated rounding bound.
+computes the same transform as two small dense products (fast), within a stated rounding bound;
+`fwht_sequential` is the same two products in numpy, every output summed term by term in index
+order — the arithmetic of torch's CPU matrix product here (tests assert them bit for bit), so the
+builder gets torch's float32 figures without importing torch.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def next_pow2(n: int) -> int:
@@ -54,7 +60,43 @@ def fwht_torch_levels(length: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _hadamard_torch(length: int, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(hadamard_matrix(length)).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_np(length: int, dtype: np.dtype) -> np.ndarray:
+    out = hadamard_matrix(length).astype(dtype)
+    out.flags.writeable = False
+    return out
+
+
+def fwht_sequential(v: np.ndarray) -> np.ndarray:
+    """`fwht_torch`'s transform in numpy, in v's float dtype: v viewed as (…, a, b) maps to H_a·V·H_b,
+    and each output of either product is accumulated term by term in index order (0 + h₀v₀, + h₁v₁, …).
+    With ±1 factors every term is exact, so the result is fixed by that order alone: it equals a
+    CPU matrix product that accumulates along k in order (torch's, bit for bit — tested), and it is
+    `fwht`'s within the same fwht_torch_levels(L)·u·Σ|v| bound. a·b passes over v: for the small
+    batches of the builder's metrics, not for a forward pass."""
+    length = v.shape[-1]
+    if not is_pow2(length):
+        raise ValueError(f"fwht needs a power-of-two length, got {length}")
+    if length == 1:
+        return np.array(v, copy=True)
+    a, b = kron_split(length)
+    grid = v.reshape(*v.shape[:-1], a, b)
+    if a > 1:
+        h_a = _hadamard_np(a, v.dtype)
+        acc = np.zeros_like(grid)
+        for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :]
+            acc += h_a[:, k, None] * grid[..., k, None, :]
+        grid = acc
+    h_b = _hadamard_np(b, v.dtype)
+    out = np.zeros_like(grid)
+    for k in range(b):  # out[:, j] += V[:, k]·H_b[k, j]
+        out += grid[..., k, None] * h_b[k]
+    return out.reshape(v.shape)
 
 
 def fwht_torch(v: torch.Tensor) -> torch.Tensor:
@@ -62,6 +104,8 @@ def fwht_torch(v: torch.Tensor) -> torch.Tensor:
     order), v viewed as (…, a, b) maps to H_a·V·H_b. Matrix products run at BLAS speed where the
     log2 L butterfly passes are memory-bound (4-5× faster at 512 × 4096); ±1 entries make each
     output a sum of a then b terms, so the result is `fwht`'s within fwht_torch_levels(L)·u·Σ|v|."""
+    import torch
+
     length = v.shape[-1]
     if not is_pow2(length):
         raise ValueError(f"fwht needs a power-of-two length, got {length}")

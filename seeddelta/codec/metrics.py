@@ -74,7 +74,7 @@ def functional_metrics(
     if x_scale is not None:
         x = (x * x_scale[None, :]).astype(np.float32)
     y = x.astype(np.float64) @ np.asarray(W[rows], dtype=np.float64).T
-    y_hat = sdw.apply(x)[:, rows]
+    y_hat = sdw.apply_rows(x, rows)
     return compare_rows(y, y_hat)
 
 

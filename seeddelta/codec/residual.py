@@ -8,27 +8,66 @@ from __future__ import annotations
 import numpy as np
 
 
+def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values[r, index[r, j]] for every row r (`np.take_along_axis(values, index, axis=1)`), as one
+    flat gather: the same elements, several times faster than the two-array fancy index."""
+    n_rows, n = values.shape
+    flat = np.ascontiguousarray(values).reshape(-1)
+    offsets = np.arange(n_rows, dtype=np.intp)[:, None] * n
+    return np.take(flat, index.astype(np.intp, copy=False) + offsets)
+
+
+def _exact_top_mask(score: np.ndarray, k: int) -> np.ndarray:
+    """(n_rows, n) bool: each row's k largest scores (ties: lowest index)."""
+    n = score.shape[1]
+    kth = np.partition(score, n - k, axis=1)[:, n - k, None]  # k-th largest per row
+    take = score >= kth
+    extra = np.count_nonzero(take, axis=1) - k  # ties at the k-th value beyond the k slots
+    amb = np.nonzero(extra)[0]
+    if amb.size:  # those rows keep their lowest-index ties
+        tied = score[amb] == kth[amb]
+        rank = np.cumsum(tied, axis=1)
+        take[amb] &= ~(tied & (rank > (rank[:, -1] - extra[amb])[:, None]))
+    return take
+
+
+def _top_set(score: np.ndarray, k: int) -> np.ndarray:
+    """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index),
+    found on float32 copies of the scores (half the bytes to partition).
+
+    Rounding to float32 is monotone, so a float32 value above the k-th largest float32 value
+    belongs to the top k and one below it does not: the float32 top k is the exact top k in every
+    row where no score outside it rounds to the same float32 value as the k-th. The other rows (a
+    tie at the boundary, in float32 or exactly) are decided on the float64 scores."""
+    n_rows, n = score.shape
+    s32 = score.astype(np.float32)
+    kth32 = np.partition(s32, n - k, axis=1)[:, n - k, None]
+    take = s32 >= kth32
+    unsure = np.nonzero(np.count_nonzero(take, axis=1) != k)[0]
+    if unsure.size:
+        take[unsure] = _exact_top_mask(score[unsure], k)
+    # flat positions of the k marks of each row, in row-major order (a 1-D nonzero: ~8x faster than 2-D)
+    return np.flatnonzero(take).reshape(n_rows, k) - (np.arange(n_rows) * n)[:, None]
+
+
 def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
-    score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: one partition
-    for the k-th value, then an exact tie fill by index, then a small stable sort of k columns."""
+    score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: the set of the
+    k largest (`_top_set`), then their order: an unstable sort of the k picked scores, redone
+    stably only in the rows where two picked scores are equal (so equal scores keep ascending
+    index order, as a stable sort of the whole would)."""
     n_rows, n = score.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
-    if k == n:
-        chosen = np.broadcast_to(np.arange(n), (n_rows, n))
-    else:
-        kth = np.partition(score, n - k, axis=1)[:, n - k : n - k + 1]  # k-th largest per row
-        above = score > kth
-        tied = score == kth
-        need = k - above.sum(axis=1, keepdims=True)
-        take_tied = tied & (np.cumsum(tied, axis=1) <= need)  # lowest-index ties first
-        rows, cols = np.nonzero(above | take_tied)  # row-major: cols ascending within a row
-        chosen = cols.reshape(n_rows, k)
-    picked = np.take_along_axis(score, chosen, axis=1)
-    order = np.argsort(-picked, axis=1, kind="stable")  # stable: equal scores keep ascending index
-    return np.take_along_axis(chosen, order, axis=1).astype(np.int64)
+    chosen = np.broadcast_to(np.arange(n), (n_rows, n)) if k == n else _top_set(score, k)
+    picked = -take_rows(score, chosen)
+    order = np.argsort(picked, axis=1)
+    in_order = take_rows(picked, order)
+    tie_rows = np.nonzero(np.any(in_order[:, 1:] == in_order[:, :-1], axis=1))[0]
+    if tie_rows.size:
+        order[tie_rows] = np.argsort(picked[tie_rows], axis=1, kind="stable")
+    return take_rows(chosen, order).astype(np.int64)
 
 
 def coo_select(residual: np.ndarray, k: int, scale: np.ndarray | None) -> np.ndarray:

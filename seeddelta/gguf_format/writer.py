@@ -8,7 +8,6 @@ temporary file next to the target and renamed. Tensors are streamed (see `write_
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import GGUFModel, field_raw_value
+from seeddelta.gguf_format.reader import GGUFModel, drop_mapped_pages, field_raw_value
 from seeddelta.outputs import AtomicOutput, same_file, write_error
 
 
@@ -120,20 +119,6 @@ class LazyTensor:
 
 AddedTensor = tuple[str, np.ndarray] | LazyTensor
 _ADD_DTYPES = (np.float16, np.float32, np.int16, np.int32)
-
-
-def drop_mapped_pages(data: Any, offset: int, nbytes: int) -> None:
-    """Let this process's resident set drop the pages of a read-only file mapping (`numpy.memmap`)
-    in [offset, offset + nbytes) once copied: they stay in the page cache, and are read again from it
-    if touched, so copying a file of any size never keeps it resident."""
-    mm = getattr(data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or nbytes <= 0:
-        return
-    start = (int(offset) // mmap.PAGESIZE) * mmap.PAGESIZE
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, start, min(int(offset) + int(nbytes), len(mm)) - start)
-    except (OSError, ValueError):
-        pass  # an optimisation only
 
 
 def write_model_copy(

@@ -265,17 +265,25 @@ def test_block_scheme_with_a_partial_last_block(tmp_path):
 def test_in_memory_arrays_survive_write_and_read_exactly(tmp_path):
     import io
 
-    from seeddelta.builder.options import BuildOptions
+    from seeddelta.builder.encode import run_trial
+    from seeddelta.builder.options import BuildOptions, baseline_resolver
     from seeddelta.builder.pipeline import run_build
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.schema import seeddelta_tensor_name
 
     m = make_llama_gguf(tmp_path / "in.gguf", n_layer=1, n_embd=N_EMBD, n_ff=N_FF, seed=8)
     opts = BuildOptions(input=m.path, output=str(tmp_path / "o.gguf"), K=9, base=True, row_scale=True,
                         val_type="f32", idx_type="i32", threads=1, progress=False)
     result = run_build(opts, log=io.StringIO())
     raw = {t.name: t for t in GGUFReader(tmp_path / "o.gguf").tensors}
+    # the build parks its tensors on disk once decided; the codec gives the same arrays again
+    # (deterministic), which are what must come back from the file
+    model, resolve = GGUFModel(m.path), baseline_resolver(opts)
     n = 0
     for res in result.results:
-        for name, arr in res.tensors:
+        trial = run_trial(model, opts, res.layer, res.kind, resolve(res.layer, res.kind), 9, None)
+        for suffix, arr in trial.sdw.tensors().items():
+            name = seeddelta_tensor_name(res.layer, res.kind, suffix)
             t = raw[name]
             assert t.data.dtype == arr.dtype and t.data.shape == arr.shape, name
             assert t.data.tobytes() == np.ascontiguousarray(arr).tobytes(), name

@@ -1,0 +1,129 @@
+"""The builder's fast paths against straightforward references, bit for bit.
+
+The speed work (issue 12) may change no output byte, so every fast path here is compared with
+exact equality (no tolerance): the torch-free Hadamard transform with torch's matrix product, the
+top-K selection with a sort of (−score, index), the sampled-rows metrics with the full
+computation (values and memory layout), the GGUF reader with gguf's own, and whole builds across
+thread counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from seeddelta.builder.options import BuildOptions
+from seeddelta.builder.pipeline import run_build
+from seeddelta.codec.encode import EncodeConfig, encode
+from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_torch, fwht_torch_levels
+from seeddelta.codec.residual import topk_indices
+from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, open_gguf
+from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
+from seeddelta.testing.tolerances import U32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 2, 8, 32, 128, 1024, 4096])
+def test_sequential_fwht_is_torchs_matrix_product_bit_for_bit(length, dtype):
+    """The builder's metrics were computed with `fwht_torch`; `fwht_sequential` must give the same
+    bits so that the report is unchanged (and the runtime's arithmetic is what the builder measures)."""
+    v = np.random.default_rng(length).standard_normal((5, 3, length)).astype(dtype)
+    got = fwht_sequential(v)
+    assert got.dtype == v.dtype
+    np.testing.assert_array_equal(got, fwht_torch(torch.from_numpy(v)).numpy())
+
+
+@pytest.mark.parametrize("length", [2, 64, 2048])
+def test_sequential_fwht_is_the_transform_within_its_bound(length):
+    """Against the exact transform (float64 butterfly of float32 inputs): each output is a sum of
+    fwht_torch_levels(L)+1 terms, so its error is at most that many roundings of Σ|v| (u = 2^-24)."""
+    v = np.random.default_rng(1).standard_normal((4, length)).astype(np.float32)
+    exact = fwht(v.astype(np.float64))
+    l1 = np.abs(v.astype(np.float64)).sum(axis=-1, keepdims=True)
+    assert np.all(np.abs(fwht_sequential(v) - exact) <= fwht_torch_levels(length) * U32 * l1)
+
+
+def _reference_topk(score: np.ndarray, k: int) -> np.ndarray:
+    """Each row sorted by (score descending, index ascending), first k: the definition."""
+    return np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in score]).astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "quantized", "float32_collisions"])
+@pytest.mark.parametrize("k", [1, 3, 17, 63, 64])
+def test_topk_is_the_sort_of_minus_score_then_index(kind, k):
+    rng = np.random.default_rng(k)
+    score = np.abs(rng.standard_normal((40, 64)))
+    if kind == "quantized":  # many exact ties (a quantized weight without base)
+        score = np.round(score * 4) / 4
+    if kind == "float32_collisions":  # pairs equal in float32, distinct in float64
+        score[:, 0::2] = score[:, 1::2] * (1 + rng.integers(-3, 4, (40, 32)) * 2.0**-40)
+    np.testing.assert_array_equal(topk_indices(score, k), _reference_topk(score, k))
+
+
+@pytest.mark.parametrize("scheme,base,row_scale,shape,tokens", [
+    ("coo", "xor_circulant", False, (96, 64), 5), ("coo", "xor_circulant", True, (64, 96), 3),
+    ("block", "xor_circulant", True, (80, 48), 4), ("coo", "none", True, (50, 70), 2),
+    ("coo", "xor_circulant", True, (1024, 512), 40),  # T·n_out·K above the gather limit: embedding_bag
+])
+def test_sampled_rows_equal_the_full_computation_layout_included(scheme, base, row_scale, shape, tokens):
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal(shape).astype(np.float32)
+    sdw = encode(W, EncodeConfig(K=min(shape[1], 400), scheme=scheme, block=8, base=base, row_scale=row_scale, seed=2))
+    x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+    rows = np.sort(rng.choice(shape[0], min(shape[0], 24), replace=False))
+    full = sdw.apply(x)[:, rows]
+    part = sdw.apply_rows(x, rows)
+    np.testing.assert_array_equal(part, full)
+    # the metrics sum over these arrays; numpy sums in memory order, so the layout must match too
+    assert part.strides == full.strides and part.flags.f_contiguous == full.flags.f_contiguous
+    np.testing.assert_array_equal(sdw.dense(rows), sdw.dense()[rows])
+
+
+def test_reader_parses_what_ggufs_reader_parses(tmp_path):
+    m = make_llama_gguf(tmp_path / "m.gguf", n_layer=2, n_embd=32, n_ff=64, n_head=2, n_head_kv=1, vocab=300,
+                        seed=5, extra_kv={"x.empty": "", "x.flag": True, "x.f": 0.5})
+    ours, theirs = open_gguf(m.path), GGUFReader(m.path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, fa in theirs.fields.items():
+        fb = ours.fields[key]
+        assert (fb.offset, fb.name, fb.data, fb.types) == (fa.offset, fa.name, fa.data, fa.types), key
+        assert len(fb.parts) == len(fa.parts), key
+        for pa, pb in zip(fa.parts, fb.parts, strict=True):
+            assert pa.dtype == pb.dtype and pa.shape == pb.shape and pa.tobytes() == pb.tobytes(), key
+        assert field_raw_value(fb) == b"".join(p.tobytes() for p in fa.parts[2:]), key
+    for ta, tb in zip(theirs.tensors, ours.tensors, strict=True):
+        assert (ta.name, ta.data_offset, ta.data.dtype, ta.data.shape) == (tb.name, tb.data_offset, tb.data.dtype,
+                                                                          tb.data.shape)
+        np.testing.assert_array_equal(ta.data, tb.data)
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+@pytest.mark.parametrize("ffn_dtype,scheme", [("Q4_1", "coo"), ("Q8_0", "block"), ("F16", "coo")])
+def test_build_is_byte_identical_across_thread_counts(tmp_path, monkeypatch, ffn_dtype, scheme):
+    """Trials run on worker threads ahead of the decisions and are parked in a spill file: neither the
+    thread count nor the timing may change a byte of the GGUF or the report."""
+    m = make_llama_gguf(tmp_path / "in.gguf", n_layer=3, n_embd=64, n_ff=96, ffn_dtype=ffn_dtype, seed=4)
+    make_imatrix(tmp_path / "im.gguf", m, seed=1)
+    outputs = []
+    for threads in (1, 2, 3):
+        d = tmp_path / f"t{threads}"
+        d.mkdir()
+        monkeypatch.chdir(d)  # the report names the output as given: the same relative name in each run
+        opts = BuildOptions(input=m.path, output="o.gguf", report_json="r.json", K=12,
+                            scheme=scheme, block=4, base=True, row_scale=True, imatrix=str(tmp_path / "im.gguf"),
+                            eval_cols=16, eval_x=8, threads=threads, deterministic_report=True, progress=False)
+        run_build(opts, log=io.StringIO())
+        assert sorted(os.listdir(d)) == ["o.gguf", "r.json"]  # the spill file leaves nothing behind
+        outputs.append((_sha(str(d / "o.gguf")), _sha(str(d / "r.json"))))
+        GGUFModel(opts.output)  # a readable llama GGUF
+    assert outputs[0] == outputs[1] == outputs[2]
