@@ -85,7 +85,17 @@ def set_kv(writer: GGUFWriter, kv: KV) -> None:
     kv_data[kv.key] = GGUFValue(value=value, type=kv.type, sub_type=kv.sub_type)
 
 
-def _tensor_for_copy(tensor: ReaderTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's stored form, as GGUFReader hands it out: `data` in the stored dtype (quantized
+    types as uint8 bytes, one row of blocks per weight row), `tensor_type`, `shape` in ggml order."""
+
+    data: np.ndarray
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+def _tensor_for_copy(tensor: ReaderTensor | RawTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
     return tensor.data, GGMLQuantizationType(tensor.tensor_type)
 
 
@@ -94,14 +104,15 @@ def write_model_copy(
     out_path: str | os.PathLike[str],
     *,
     drop_tensors: Iterable[str] = (),
-    add_tensors: Sequence[tuple[str, np.ndarray]] = (),
+    add_tensors: Sequence[tuple[str, np.ndarray | RawTensor]] = (),
     drop_keys: Iterable[str] = (),
     set_keys: Sequence[KV] = (),
 ) -> None:
     """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
     then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
-    order and type, then `add_tensors` (numpy order; dtype float16/float32/int16/int32) in the
-    given order. The alignment of `src` is kept."""
+    order and type, then `add_tensors` (numpy order; dtype float16/float32/int8/int16/int32, or a
+    `RawTensor` in any ggml type: a SeedΔ variant's quantized base) in the given order. The alignment
+    of `src` is kept."""
     drop_t = set(drop_tensors)
     drop_k = set(drop_keys)
     if same_file(src.path, out_path):
@@ -127,8 +138,12 @@ def write_model_copy(
         for name, array in add_tensors:
             if name in names:
                 raise SeedDeltaError(f"internal: tensor {name} would be written twice")
+            if isinstance(array, RawTensor):
+                writer.add_tensor(name, np.ascontiguousarray(array.data), raw_dtype=array.tensor_type)
+                names.add(name)
+                continue
             arr = np.ascontiguousarray(array)
-            if arr.dtype not in (np.float16, np.float32, np.int16, np.int32):
+            if arr.dtype not in (np.float16, np.float32, np.int8, np.int16, np.int32):
                 raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {arr.dtype}")
             writer.add_tensor(name, arr)
             names.add(name)
