@@ -22,6 +22,7 @@ _METRIC_GROUP = {"cos": "", "cos_w": "_w", "cos_x": "_x", "cos_x_w": "_x_w"}
 VARIANTS = ("none", "sdq")
 SDQ_CODINGS = ("coo", "c8")
 SDQ_REFITS = ("none", "full")
+SDQ_QUANTIZERS = ("rtn", "gptq")
 BASE_FROM_FILE = "file"  # the quantized base of variant sdq taken from --quant-base-from
 
 
@@ -34,7 +35,7 @@ class VariantSpec:
     --quant-base-from stores it), `rotate` (random-sign Hadamard before quantizing), `holdout`
     (each row's K largest entries kept out of the quantization), `coding` of the residual (coo: 4 bytes
     per entry; c8: 2), `refit` of its values (none: the residual itself; full: least squares on
-    --xtx)."""
+    --xtx), `quantizer` of the base (rtn: gguf-py's round-to-nearest; gptq: error feedback on --xtx)."""
 
     name: str = "none"
     base_type: str = "Q4_0"
@@ -42,6 +43,7 @@ class VariantSpec:
     holdout: bool = False
     coding: str = "coo"
     refit: str = "none"
+    quantizer: str = "rtn"
 
     @property
     def is_variant(self) -> bool:
@@ -50,8 +52,8 @@ class VariantSpec:
     def to_json(self) -> dict[str, object]:
         if not self.is_variant:
             return {"name": "none"}
-        return {"name": self.name, "base_type": self.base_type, "rotate": self.rotate, "holdout": self.holdout,
-                "coding": self.coding, "refit": self.refit}
+        return {"name": self.name, "base_type": self.base_type, "quantizer": self.quantizer, "rotate": self.rotate,
+                "holdout": self.holdout, "coding": self.coding, "refit": self.refit}
 
     def problem(self) -> str | None:
         """Why this spec is not a valid one (None: it is)."""
@@ -68,8 +70,15 @@ class VariantSpec:
             return f"unknown residual coding {self.coding!r} (expected {', '.join(SDQ_CODINGS)})"
         if self.refit not in SDQ_REFITS:
             return f"unknown refit {self.refit!r} (expected {', '.join(SDQ_REFITS)})"
-        if self.base_type == BASE_FROM_FILE and (self.rotate or self.holdout):
-            return "a base taken from --quant-base-from cannot be rotated or hold out entries"
+        if self.quantizer not in SDQ_QUANTIZERS:
+            return f"unknown quantizer {self.quantizer!r} (expected {', '.join(SDQ_QUANTIZERS)})"
+        if self.base_type == BASE_FROM_FILE and (self.rotate or self.holdout or self.quantizer != "rtn"):
+            return "a base taken from --quant-base-from is used as stored (no rotation, holdout or gptq)"
+        if self.quantizer == "gptq":
+            from seeddelta.codec.gptq import GPTQ_TYPES
+
+            if self.base_type.upper() not in GPTQ_TYPES:
+                return f"quantizer gptq supports base types {', '.join(GPTQ_TYPES)}, not {self.base_type}"
         return None
 
 
@@ -117,11 +126,12 @@ class BuildOptions:
     holdout: bool = False
     coding: str = "coo"
     refit: str = "none"
+    quantizer: str = "rtn"
     xtx: str | None = None
 
     def variant_spec(self) -> VariantSpec:
         base = BASE_FROM_FILE if self.quant_base_from is not None else self.quant_base
-        return VariantSpec(self.variant, base, self.rotate, self.holdout, self.coding, self.refit)
+        return VariantSpec(self.variant, base, self.rotate, self.holdout, self.coding, self.refit, self.quantizer)
 
     def kind_K(self, kind: str) -> int:
         """Effective CLI budget of a kind (Appendix A.1 step 4): --K-<kind> if > 0, else --K (a variant
@@ -231,8 +241,9 @@ def validate_encoding(opts: BuildOptions) -> None:
                                  "not apply")
         if opts.base:
             raise SeedDeltaError(f"--variant {opts.variant} has a quantized base; --base (XOR-circulant) does not apply")
-    if spec.refit == "full" and spec.is_variant and opts.xtx is None:
-        raise SeedDeltaError("--refit full needs the calibration activations' XᵀX: --xtx FILE (seeddelta imatrix --xtx)")
+    if spec.is_variant and (spec.refit == "full" or spec.quantizer == "gptq") and opts.xtx is None:
+        raise SeedDeltaError(f"{'--refit full' if spec.refit == 'full' else '--quantizer gptq'} needs the calibration "
+                             "activations' XᵀX: --xtx FILE (seeddelta imatrix --xtx)")
     if opts.idx_type not in ("i16", "i32"):
         raise SeedDeltaError(f"--idx-type must be i16 or i32, got {opts.idx_type!r}")
     if opts.val_type not in ("f16", "f32"):

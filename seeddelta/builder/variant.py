@@ -59,8 +59,9 @@ def stored_base(opts: BuildOptions, name: str, n_in: int, n_out: int) -> tuple[n
 
 
 def sdq_config(opts: BuildOptions, spec: VariantSpec, K: int, row_scale: bool, seed: int) -> SdqConfig:
-    return SdqConfig(K=K, base_type=spec.base_type, rotate=spec.rotate, holdout=spec.holdout, coding=spec.coding,
-                     refit=spec.refit, row_scale=row_scale, idx_type=opts.idx_type, val_type=opts.val_type, seed=seed)
+    return SdqConfig(K=K, base_type=spec.base_type, quantizer=spec.quantizer, rotate=spec.rotate,
+                     holdout=spec.holdout, coding=spec.coding, refit=spec.refit, row_scale=row_scale,
+                     idx_type=opts.idx_type, val_type=opts.val_type, seed=seed)
 
 
 def encode_variant(opts: BuildOptions, spec: VariantSpec, name: str, W: np.ndarray, K: int, row_scale: bool,
@@ -70,9 +71,9 @@ def encode_variant(opts: BuildOptions, spec: VariantSpec, name: str, W: np.ndarr
         raise SeedDeltaError(f"internal: unknown variant {spec.name!r}")
     n_out, n_in = W.shape
     xtx = None
-    if spec.refit == "full":
+    if spec.refit == "full" or spec.quantizer == "gptq":
         if opts.xtx is None:
-            raise SeedDeltaError(f"{name}: refit full needs --xtx FILE (seeddelta imatrix --xtx)")
+            raise SeedDeltaError(f"{name}: refit full and quantizer gptq need --xtx FILE (seeddelta imatrix --xtx)")
         xtx = xtx_file(opts.xtx).matrix(name, n_in)
     base = stored_base(opts, name, n_in, n_out) if spec.base_type == BASE_FROM_FILE else None
     return encode_sdq(W, sdq_config(opts, spec, K, row_scale, seed), scale, xtx, base)
@@ -94,9 +95,9 @@ def check_variant_inputs(opts: BuildOptions, spec: VariantSpec, name: str, n_in:
             check_base_type(spec.base_type, n_in)
         except SeedDeltaError as exc:
             raise SeedDeltaError(f"{name}: {exc}") from None
-    if spec.refit == "full":
+    if spec.refit == "full" or spec.quantizer == "gptq":
         if opts.xtx is None:
-            raise SeedDeltaError(f"{name}: refit full needs --xtx FILE (seeddelta imatrix --xtx)")
+            raise SeedDeltaError(f"{name}: refit full and quantizer gptq need --xtx FILE (seeddelta imatrix --xtx)")
         x = xtx_file(opts.xtx)
         from seeddelta.gguf_format.xtx_file import input_name
 

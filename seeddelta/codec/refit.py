@@ -56,7 +56,7 @@ def refit_diagonal(W: np.ndarray, W0: np.ndarray, idx: np.ndarray, omega: np.nda
 
     Without a row scale δ = e_S (e = w − w0): the exact minimiser. With one, a minimises the
     weighted error off the support, Σ_{j∉S} ω_j (w_j − a·w0_j)², and δ = w_S/a − w0_S makes the
-    support exact for the stored a."""
+    support exact for the stored a; a row keeps a = 1 where the rounded scale would not lower it."""
     W = np.asarray(W, dtype=np.float64)
     W0 = np.asarray(W0, dtype=np.float64)
     rows = np.arange(W.shape[0])[:, None]
@@ -67,15 +67,32 @@ def refit_diagonal(W: np.ndarray, W0: np.ndarray, idx: np.ndarray, omega: np.nda
     off[rows, idx] = 0.0
     num = np.sum(off * W * W0, axis=1)
     den = np.sum(off * W0 * W0, axis=1)
-    a = np.where(den > 1e-300, num / np.where(den > 1e-300, den, 1.0), 1.0)
-    a = _safe_scale(a)
+    a = _safe_scale(np.where(den > 1e-300, num / np.where(den > 1e-300, den, 1.0), 1.0))
+    j_a = np.sum(off * (W - a[:, None] * W0) ** 2, axis=1)
+    j_1 = np.sum(off * (W - W0) ** 2, axis=1)
+    a = np.where(j_a <= j_1, a, 1.0)
     delta = W[rows, idx] / a[:, None] - W0[rows, idx]
     return delta, a
 
 
+def _delta_for_scale(w: np.ndarray, w0: np.ndarray, S: np.ndarray, C: np.ndarray, Css: np.ndarray, a: np.ndarray,
+                     lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(δ = δ'/a, objective per row) with δ' minimising (w − a·w0 − P δ')ᵀC(…) + λ‖δ' − a·e_S‖² for fixed a."""
+    rows = np.arange(w.shape[0])[:, None]
+    t = w - a[:, None] * w0
+    rhs = (t @ C)[rows, S] + lam * a[:, None] * (w[rows, S] - w0[rows, S])
+    d_prime = np.linalg.solve(Css, rhs[..., None])[..., 0]
+    resid = t.copy()
+    resid[rows, S] -= d_prime
+    return d_prime / a[:, None], np.einsum("oi,ij,oj->o", resid, C, resid)
+
+
 def refit_full(W: np.ndarray, W0: np.ndarray, idx: np.ndarray, C: np.ndarray,
                row_scale: bool, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray | None]:
-    """(δ, stored row scale or None) minimising (w − ŵ)ᵀC(w − ŵ) per row for the support `idx`."""
+    """(δ, stored row scale or None) minimising (w − ŵ)ᵀC(w − ŵ) per row for the support `idx`.
+
+    With a row scale, (a, δ') is solved jointly, a rounded to f16, δ' re-solved for it; a row keeps
+    a = 1 where that is at least as good, so the result is never worse than the refit without scale."""
     W = np.asarray(W, dtype=np.float64)
     W0 = np.asarray(W0, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
@@ -89,25 +106,24 @@ def refit_full(W: np.ndarray, W0: np.ndarray, idx: np.ndarray, C: np.ndarray,
         w, w0, S = W[r], W0[r], idx[r]
         rows = np.arange(w.shape[0])[:, None]
         Css = C[S[:, :, None], S[:, None, :]] + lam * eye  # (R, K, K)
+        ones = np.ones(w.shape[0])
+        d1, j1 = _delta_for_scale(w, w0, S, C, Css, ones, lam)
+        if not row_scale:
+            delta[r] = d1
+            continue
+        # unknowns (a, δ'): ŵ = a·w0 + P_S δ'; ridge λ‖δ' − a·e_S‖² with e_S = (w − w0)_S
         Cw, Cw0 = w @ C, w0 @ C  # C symmetric: (C w)ᵀ = wᵀ C
-        if row_scale:
-            # unknowns (a, δ' = a·δ): ŵ = a·w0 + P_S δ'; ridge λ‖δ' − a·e_S‖² with e_S = (w − w0)_S
-            e_s = w[rows, S] - w0[rows, S]
-            g = np.empty((w.shape[0], k + 1, k + 1))
-            g[:, 0, 0] = np.einsum("oi,oi->o", w0, Cw0) + lam * np.sum(e_s * e_s, axis=1)
-            g[:, 0, 1:] = Cw0[rows, S] - lam * e_s
-            g[:, 1:, 0] = g[:, 0, 1:]
-            g[:, 1:, 1:] = Css
-            rhs = np.concatenate([np.einsum("oi,oi->o", w0, Cw)[:, None], Cw[rows, S]], axis=1)
-            z = np.linalg.solve(g, rhs[..., None])[..., 0]
-            a = _safe_scale(z[:, 0])
-            assert scale is not None
-            scale[r] = a
-        else:
-            a = np.ones(w.shape[0])
-        # δ' for the stored a: minimise (w − a·w0 − P δ')ᵀ C (…) + λ‖δ' − a·e_S‖²
-        t = w - a[:, None] * w0
-        rhs2 = (t @ C)[rows, S] + lam * a[:, None] * (w[rows, S] - w0[rows, S])
-        d_prime = np.linalg.solve(Css, rhs2[..., None])[..., 0]
-        delta[r] = d_prime / a[:, None]
+        e_s = w[rows, S] - w0[rows, S]
+        g = np.empty((w.shape[0], k + 1, k + 1))
+        g[:, 0, 0] = np.einsum("oi,oi->o", w0, Cw0) + lam * np.sum(e_s * e_s, axis=1)
+        g[:, 0, 1:] = Cw0[rows, S] - lam * e_s
+        g[:, 1:, 0] = g[:, 0, 1:]
+        g[:, 1:, 1:] = Css
+        rhs = np.concatenate([np.einsum("oi,oi->o", w0, Cw)[:, None], Cw[rows, S]], axis=1)
+        a = _safe_scale(np.linalg.solve(g, rhs[..., None])[..., 0, 0])
+        da, ja = _delta_for_scale(w, w0, S, C, Css, a, lam)
+        better = ja <= j1
+        assert scale is not None
+        scale[r] = np.where(better, a, 1.0)
+        delta[r] = np.where(better[:, None], da, d1)
     return delta, scale

@@ -5,7 +5,8 @@
 
 Encoding steps (`encode_sdq`):
 
-1. **Base** — W quantized by gguf-py (`codec.quant_base`), after a random-sign block Hadamard
+1. **Base** — W quantized by gguf-py's round-to-nearest (`codec.quant_base`) or by error feedback
+   on the calibration XᵀX (`quantizer="gptq"`, `codec.gptq`), after a random-sign block Hadamard
    rotation when asked; or a base taken from another GGUF (any type gguf-py dequantizes, e.g. a
    K-quant written by llama-quantize). With `holdout`, each row's K largest |w|·s entries are set
    to 0 before quantizing (SpQR's idea: an outlier no longer sets its block's scale, so the rest of
@@ -31,11 +32,13 @@ from gguf.constants import GGMLQuantizationType
 
 from seeddelta.codec import compact
 from seeddelta.codec.encode import SeedDeltaWeight
+from seeddelta.codec.gptq import gptq_quantize, grid_for
 from seeddelta.codec.quant_base import (
     QuantBase,
     base_from_stored,
     check_base_type,
     quantize_base,
+    rotate_rows,
     rotation_signs,
 )
 from seeddelta.codec.refit import refit_diagonal, refit_full
@@ -47,12 +50,14 @@ VARIANT = "sdq"
 EXT_VERSION = 1
 CODINGS = ("coo", "c8")
 REFITS = ("none", "full")
+QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
 class SdqConfig:
     K: int = 8  # residual entries per row; 0 = the quantized base alone
     base_type: str = "Q4_0"
+    quantizer: str = "rtn"  # rtn: gguf-py's round-to-nearest; gptq: error feedback on XᵀX (codec.gptq)
     rotate: bool = False
     holdout: bool = False
     coding: str = "coo"
@@ -69,6 +74,8 @@ class SdqConfig:
             raise SeedDeltaError(f"unknown residual coding {self.coding!r} (expected {' or '.join(CODINGS)})")
         if self.refit not in REFITS:
             raise SeedDeltaError(f"unknown refit {self.refit!r} (expected {' or '.join(REFITS)})")
+        if self.quantizer not in QUANTIZERS:
+            raise SeedDeltaError(f"unknown quantizer {self.quantizer!r} (expected {' or '.join(QUANTIZERS)})")
 
 
 @dataclass
@@ -117,6 +124,18 @@ def _holdout(W: np.ndarray, k: int, scale: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def gptq_base(W: np.ndarray, xtx: np.ndarray, qtype: GGMLQuantizationType, signs: np.ndarray | None) -> QuantBase:
+    """The base quantized by GPTQ (error feedback on XᵀX); with a rotation, W·Rᵀ on the rotated inputs'
+    second moment R·XᵀX·Rᵀ."""
+    n_out, n_in = W.shape
+    target, C = np.asarray(W, dtype=np.float64), np.asarray(xtx, dtype=np.float64)
+    if signs is not None:
+        target = rotate_rows(target, signs)
+        C = rotate_rows(rotate_rows(C, signs).T, signs).T  # R·C·Rᵀ (rotate_rows(M) = M·Rᵀ)
+    data, _ = gptq_quantize(target, C, grid_for(qtype.name))
+    return QuantBase(n_in, n_out, qtype, np.ascontiguousarray(data), signs)
+
+
 def encode_sdq(W: np.ndarray, config: SdqConfig, imatrix_scale: np.ndarray | None = None,
                xtx: np.ndarray | None = None, stored_base: tuple[np.ndarray, GGMLQuantizationType] | None = None,
                ) -> SdqWeight:
@@ -134,9 +153,10 @@ def encode_sdq(W: np.ndarray, config: SdqConfig, imatrix_scale: np.ndarray | Non
     scale = None if imatrix_scale is None else np.asarray(imatrix_scale, dtype=np.float64).reshape(-1)
     if scale is not None and (scale.shape != (n_in,) or not np.all(np.isfinite(scale)) or np.any(scale < 0)):
         raise SeedDeltaError(f"imatrix scale must be {n_in} finite non-negative values, got shape {scale.shape}")
-    if config.refit == "full":
+    if config.refit == "full" or config.quantizer == "gptq":
         if xtx is None:
-            raise SeedDeltaError("refit full needs the calibration activations' XᵀX (--xtx FILE)")
+            raise SeedDeltaError(f"{'refit full' if config.refit == 'full' else 'quantizer gptq'} needs the "
+                                 "calibration activations' XᵀX (--xtx FILE)")
         xtx = np.asarray(xtx, dtype=np.float64)
         if xtx.shape != (n_in, n_in) or not np.all(np.isfinite(xtx)):
             raise SeedDeltaError(f"XᵀX must be a finite {n_in}×{n_in} matrix, got shape {xtx.shape}")
@@ -154,7 +174,11 @@ def encode_sdq(W: np.ndarray, config: SdqConfig, imatrix_scale: np.ndarray | Non
         qtype = check_base_type(config.base_type, n_in)
         signs = rotation_signs(n_in, config.seed) if config.rotate else None
         target = _holdout(W, k, scale) if config.holdout else W
-        base = quantize_base(target, qtype, signs)
+        if config.quantizer == "gptq":
+            assert xtx is not None
+            base = gptq_base(target, xtx, qtype, signs)
+        else:
+            base = quantize_base(target, qtype, signs)
     W0 = base.dense_rows(np.arange(n_out))
     W64 = W.astype(np.float64)
 

@@ -313,6 +313,9 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
                         "(Q4_0)")
     add_input(g, "--quant-base-from", default=None, metavar="FILE.gguf",
               help="take the sdq base from this GGUF's FFN weights as stored (e.g. llama-quantize's K-quants)")
+    g.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="sdq base: rtn (gguf-py's round-to-nearest) or gptq (error feedback on --xtx; Q8_0, Q4_0, "
+                        "MXFP4)")
     g.add_argument("--rotate", action="store_true",
                    help="random-sign block Walsh–Hadamard rotation of the rows before quantizing the base")
     g.add_argument("--holdout", action="store_true",
@@ -328,7 +331,7 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
 ENCODING_FIELDS = ("scheme", "block", "K", "K_gate", "K_up", "K_down", "idx_type", "val_type", "row_scale", "imatrix",
                    "imatrix_eps", "imatrix_power", "base", "base_max_samples", "base_perm_trials", "seed",
                    "delta_norm_clamp_down", "threads", "variant", "quant_base", "quant_base_from", "rotate",
-                   "holdout", "coding", "refit", "xtx")
+                   "holdout", "coding", "refit", "quantizer", "xtx")
 
 
 def encoding_options(args: argparse.Namespace) -> dict[str, Any]:
