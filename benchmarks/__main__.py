@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ("bench_codec", "bench_build", "bench_runtime", "bench_threads")
+MODULES = ("bench_codec", "bench_build", "bench_runtime", "bench_threads", "bench_variants")
 
 
 def main(argv: list[str]) -> int:

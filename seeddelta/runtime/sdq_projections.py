@@ -11,7 +11,8 @@ version 1; docs/file-format.md), independent of `seeddelta.codec.sdq`:
 
 `SdqPayload.dense` is the float64 reconstruction of any column range (the materialized mode, and what a
 dense export writes); `SparseSdqProjection` never holds a dense Ŵ: it keeps the base's stored bytes and
-dequantizes ≤ `CHUNK_VALUES` weights at a time inside each product (a transient float32 block), the
+dequantizes ≤ `CHUNK_VALUES` weights at a time inside each product (a transient float32 block; Q4_0,
+Q8_0 and MXFP4 unpacked by torch from the bytes, `torch_dequantize`, other types by gguf-py), the
 residual as CSR.
 """
 
@@ -31,6 +32,39 @@ from seeddelta.gguf_format.writer import RawTensor
 
 CHUNK_VALUES = 1 << 20  # base weights dequantized at once in the sparse mode (4 MiB of float32)
 INDEX_BLOCK = 256
+_MX_KVALUES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0, -12.0)
+# block types the sparse mode unpacks with torch from the stored bytes (ggml-common.h layouts); any
+# other type is dequantized by gguf-py, a block of rows at a time
+TORCH_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.MXFP4)
+
+
+def torch_dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """float32 (rows, n_in) of stored bytes (rows, row bytes) uint8 for Q4_0, Q8_0 or MXFP4:
+
+    * Q4_0 block (18 B): f16 d, 16 bytes of nibbles; value j = (low nibble of byte j − 8)·d, value
+      j + 16 = (high nibble − 8)·d;
+    * Q8_0 block (34 B): f16 d, 32 int8 q; value = q·d;
+    * MXFP4 block (17 B): E8M0 byte e, 16 bytes of nibbles indexing the e2m1 values (doubled)
+      {0, 1, 2, 3, 4, 6, 8, 12, −0, −1, …, −12}; value = kvalue·2^(e − 128) (ggml's half scale)."""
+    rows = raw.shape[0]
+    bs, nbytes = GGML_QUANT_SIZES[qtype]
+    b = raw.reshape(rows, -1, nbytes)
+    if qtype == GGMLQuantizationType.Q8_0:
+        d = b[..., :2].contiguous().view(torch.float16).to(torch.float32)
+        q = b[..., 2:].contiguous().view(torch.int8).to(torch.float32)
+        return (q * d).reshape(rows, -1)
+    head = 2 if qtype == GGMLQuantizationType.Q4_0 else 1
+    qs = b[..., head:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int64)  # (rows, nb, 32): j, then j + 16
+    if qtype == GGMLQuantizationType.Q4_0:
+        d = b[..., :2].contiguous().view(torch.float16).to(torch.float32)
+        return ((codes - 8).to(torch.float32) * d).reshape(rows, -1)
+    e = b[..., :1].to(torch.int64)
+    # ggml_e8m0_to_fp32_half: e < 2 → 2^(e − 128) as a denormal (0x00200000 << e), else bits (e − 1) << 23
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int64) << e, (e - 1) << 23).to(torch.int32)
+    d = bits.view(torch.float32)
+    table = torch.tensor(_MX_KVALUES, dtype=torch.float32)
+    return (table[codes] * d).reshape(rows, -1)
 
 
 @dataclass
@@ -166,6 +200,8 @@ class SparseSdqProjection:
         self.name = payload.name
         self.n_in, self.n_out = payload.n_in, payload.n_out
         self.base = payload.base
+        self.raw = (torch.from_numpy(np.ascontiguousarray(payload.base.data))
+                    if payload.base.qtype in TORCH_TYPES and payload.base.data.dtype == np.uint8 else None)
         self.signs = None if payload.base.signs is None else torch.from_numpy(payload.base.signs.astype(np.float32))
         self.rows_per_chunk = max(1, CHUNK_VALUES // max(1, self.n_in))
         idx, val = payload.residual_entries()
@@ -199,7 +235,11 @@ class SparseSdqProjection:
         y = torch.empty((x2.shape[0], self.n_out), dtype=torch.float32)
         for r0 in range(0, self.n_out, self.rows_per_chunk):
             r1 = min(self.n_out, r0 + self.rows_per_chunk)
-            y[:, r0:r1] = torch.nn.functional.linear(xr, torch.from_numpy(self.base.rows(r0, r1)))
+            if self.raw is not None:
+                block = torch_dequantize(self.raw[r0:r1], self.base.qtype)
+            else:
+                block = torch.from_numpy(self.base.rows(r0, r1))
+            y[:, r0:r1] = torch.nn.functional.linear(xr, block)
         if self.n_entries:
             y += torch.sparse.mm(self.csr, x2.t()).t()
         if self.scale is not None:
