@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from seeddelta.resources import prepare_environment
+
+prepare_environment()  # before torch: idle OpenMP threads sleep (a busy machine otherwise slows every forward)
+
+import torch  # noqa: E402
 
 
 def ffn_bits(path: str) -> tuple[int, int]:
