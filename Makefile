@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Tiers CI runs: everything that needs no optional download or extra package.
 TEST_MARKERS ?= not real and not interop and not slow
+REGRESS_OUT ?= runs/regress
+REGRESS_ARGS ?= --jobs 2
 
 .PHONY: setup run test regress bench golden-update lint typecheck clean
 
@@ -18,17 +20,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the built-in default.
+# The main job on the built-in default, then the headline of the last regress report (`make regress`).
 run: $(STAMP)
 	$(BIN)/seeddelta demo
+	$(BIN)/seeddelta regress --show --out $(REGRESS_OUT)
 
 # The gate is deterministic: hypothesis draws the same examples every run (profile "ci");
 # `make regress` keeps exploring new ones (profile "dev", or HYPOTHESIS_PROFILE=nightly).
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -m "$(TEST_MARKERS)" $(PYTEST_ARGS)
 
+# The gate before merging: `seeddelta regress` on the tiny model (the v1 criteria every shipped preset
+# declares, B1-B5, the equal-bytes comparison; report in $(REGRESS_OUT)/report.md; exit 1 when a declared
+# criterion or figure fails), then every test tier but the opt-in sweeps (`pytest -m slow`).
 regress: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/seeddelta regress --out $(REGRESS_OUT) $(REGRESS_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(PYTEST_ARGS)

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     filters = Filters(allow_up=args.allow_up, enable_down=args.enable_down, min_gap=args.min_gap,
                       cos_metric=args.gate_cos_metric, cos_p05_metric=args.gate_cos_p05_metric,
                       cos_threshold=args.gate_cos_threshold, cos_p05_threshold=args.gate_cos_p05_threshold,
-                      band=band_layers(args.band, len(base.model.layers)), band_extreme=args.band_extreme)
+                      band=band_layers(args.band, base.model.config.n_layer), band_extreme=args.band_extreme)
     windows = text_windows(text, args.ctx or scan.ctx, args.chunks or scan.chunks, base.tokenizer).windows
     greedy = None
     if args.greedy:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
+from seeddelta.runtime.engines import DEFAULT_CTX, ENGINES
 
 if TYPE_CHECKING:
     from seeddelta.builder.options import BuildOptions
@@ -180,14 +181,24 @@ def warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- runtime
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ppl, kld, greedy and imatrix."""
+def add_runtime_args(p: argparse.ArgumentParser, *, engines: bool = True) -> None:
+    """Options shared by ppl, kld, greedy and imatrix (`--engine` where llama.cpp can do the job)."""
     p.add_argument("--sparse", action="store_true",
                    help="evaluate SeedΔ projections without building dense weights (default: materialized)")
     p.add_argument("--no-seeddelta", dest="use_seeddelta", action="store_false",
                    help="ignore SeedΔ tensors and run the dense weights (fails on stripped files)")
     add_threads_arg(p)
     add_quiet_arg(p)
+    if engines:
+        add_engine_arg(p)
+
+
+
+
+def add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (our runtime) or llama.cpp (stock llama.cpp via llama-cpp-python, extra `interop`; "
+                        "SeedΔ files are materialized for it)")
 
 
 THREADS_HELP = ("threads for the computation (default 0: automatic — every core, with idle threads sleeping "
@@ -209,10 +220,13 @@ def apply_threads(args: argparse.Namespace) -> int:
     return configure(int(getattr(args, "threads", 0) or 0))
 
 
-def load_from_args(args: argparse.Namespace, path: str | Path) -> Loaded:
+def load_from_args(args: argparse.Namespace, path: str | Path, *, use_seeddelta: bool | None = None) -> Loaded:
+    """The model at `path` on the engine the options name (`use_seeddelta` overrides --no-seeddelta)."""
     from seeddelta.evaluation.memory import load
 
-    return load(path, use_seeddelta=bool(args.use_seeddelta), mode="sparse" if args.sparse else "materialized")
+    return load(path, use_seeddelta=bool(args.use_seeddelta if use_seeddelta is None else use_seeddelta),
+                mode="sparse" if args.sparse else "materialized", engine=getattr(args, "engine", "torch"),
+                n_ctx=getattr(args, "ctx", DEFAULT_CTX), threads=getattr(args, "threads", 0))
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -311,7 +325,7 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-base", default="Q4_0", metavar="TYPE",
                    help="ggml type of the sdq base, quantized by gguf-py: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, MXFP4, F16 "
                         "(Q4_0)")
-    add_input(g, "--quant-base-from", default=None, metavar="FILE.gguf",
+    add_input(p, "--quant-base-from", group=g, default=None, metavar="FILE.gguf",
               help="take the sdq base from this GGUF's FFN weights as stored (e.g. llama-quantize's K-quants)")
     g.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="sdq base: rtn (gguf-py's round-to-nearest) or gptq (error feedback on --xtx; Q8_0, Q4_0, "
@@ -324,7 +338,7 @@ def add_variant_args(p: argparse.ArgumentParser) -> None:
                    help="sdq residual: coo (i16 index + f16 value) or c8 (byte offset + int8 value, per-row step)")
     g.add_argument("--refit", choices=("none", "full"), default="none",
                    help="sdq residual values: none (the error itself) or full (least squares on --xtx)")
-    add_input(g, "--xtx", default=None, metavar="XTX.gguf",
+    add_input(p, "--xtx", group=g, default=None, metavar="XTX.gguf",
               help="calibration Σ x xᵀ per FFN input (seeddelta imatrix --xtx), for --refit full")
 
 

@@ -67,14 +67,14 @@ def _print(label: str, res: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seeddelta.evaluation import greedy as pack
-    from seeddelta.evaluation.memory import load, model_info
+    from seeddelta.evaluation.memory import model_info
     from seeddelta.outputs import write_json_atomic
 
     apply_threads(args)
     path = model_path(args)
     items = _limit(pack.load_pack(args.pack), args.limit)
     loaded = load_from_args(args, path)
-    base = load(args.base, use_seeddelta=False) if args.base else None  # a bad base fails before the long run
+    base = load_from_args(args, args.base, use_seeddelta=False) if args.base else None  # fails before the long run
     m = loaded.model
     print(f"seeddelta greedy: {path}: {m.n_seeddelta} SeedΔ projection(s) of {len(m.projections())} in use; "
           f"{len(items)} prompt(s)", file=sys.stderr)

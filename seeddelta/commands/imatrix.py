@@ -33,7 +33,7 @@ def register(sub: Subparsers) -> None:
     add_output(p, "--xtx", default=None, metavar="XTX.gguf",
                help="also write Σ x xᵀ per FFN input (for build --variant sdq --refit full); n_in² floats per input")
     add_text_args(p, "UTF-8 calibration text")
-    add_runtime_args(p)
+    add_runtime_args(p, engines=False)
     p.set_defaults(handler=run)
 
 

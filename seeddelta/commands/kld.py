@@ -42,7 +42,7 @@ def register(sub: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seeddelta.evaluation.drift import LayerDrift
-    from seeddelta.evaluation.memory import load, model_info
+    from seeddelta.evaluation.memory import model_info
     from seeddelta.evaluation.scoring import kl_divergence, model_logits
     from seeddelta.evaluation.windows import tokenize_text
     from seeddelta.outputs import write_json_atomic
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     path = model_path(args)
     cand = load_from_args(args, path)  # the candidate first: a damaged file fails before the base is loaded
-    base = load(args.base, use_seeddelta=bool(args.base_seeddelta), mode="sparse" if args.sparse else "materialized")
+    base = load_from_args(args, args.base, use_seeddelta=bool(args.base_seeddelta))
     if base.model.config.n_vocab != cand.model.config.n_vocab:
         raise SeedDeltaError(f"vocabularies differ: base {args.base} has {base.model.config.n_vocab} tokens, "
                              f"model {path} has {cand.model.config.n_vocab}")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"seeddelta kld: base {args.base} ({base.model.n_seeddelta} SeedΔ), model {path} "
           f"({cand.model.n_seeddelta} SeedΔ of {len(cand.model.projections())}); {windows.n_chunk} window(s) "
           f"of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
-    drift = LayerDrift(base.model, cand.model) if LayerDrift.applies(base.model, cand.model) else None
+    drift = LayerDrift.of(base.model, cand.model)
     with drift if drift is not None else contextlib.nullcontext():
         with progress(args, windows.n_chunk, "KL divergence", "window") as step:
             res = kl_divergence(model_logits(base.model), model_logits(cand.model), windows, lambda i: step())

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cache = UnitCache(None if args.no_cache else (args.cache or default_cache_dir()))
     base = load(path, use_seeddelta=False)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer)
-    units = scan_units(parse_layers(args.layers, len(base.model.layers)), kinds, ks)
+    units = scan_units(parse_layers(args.layers, base.model.config.n_layer), kinds, ks)
     print(f"seeddelta scan: {path}, {len(units)} unit(s) (layer x tensor x K), {windows.n_chunk} window(s) of "
           f"{windows.n_ctx}, {windows.n_scored} scored; cache {cache.directory or 'off'}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="seeddelta-scan-") as tmp:

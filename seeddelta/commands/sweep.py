@@ -16,6 +16,7 @@ from typing import Any
 from seeddelta.commands.common import (
     Subparsers,
     add_encoding_args,
+    add_engine_arg,
     add_model_arg,
     add_output,
     add_output_dir,
@@ -51,6 +52,7 @@ def register(sub: Subparsers) -> None:
                    help="keep the per-unit SeedΔ files in DIR (blk.N.gguf, stackN.gguf; created when missing)")
     add_encoding_args(p)
     add_quiet_arg(p)
+    add_engine_arg(p)
     p.set_defaults(handler=run)
 
 
@@ -70,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
         read_imatrix(args.imatrix)
     path = model_path(args)
     _dense_model_only(path)
-    base = load(path, use_seeddelta=False)
+    base = load(path, use_seeddelta=False, engine=args.engine, n_ctx=args.ctx, threads=args.threads)
     text_path, _, _, windows = windows_from_args(args, base.tokenizer, base.model.config.n_ctx_train)
-    units = make_units(parse_layers(args.layers, len(base.model.layers), note=warn), kinds, args.per_kind)
+    units = make_units(parse_layers(args.layers, base.model.config.n_layer, note=warn), kinds, args.per_kind)
     if args.keep:  # the per-unit files must not replace an input either
         names = [f"{u.label}.gguf" for u in units] + [f"stack{n}.gguf" for n in range(1, len(units) + 1)]
         check_paths([("-m", str(path)), ("-f", str(text_path)), ("--imatrix", args.imatrix)],
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="seeddelta-sweep-") as tmp:
         out_dir = Path(args.keep) if args.keep else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        measure = UnitMeasure(path, base, windows, template, out_dir, keep_files=bool(args.keep), note=note)
+        measure = UnitMeasure(path, base, windows, template, out_dir, keep_files=bool(args.keep), note=note,
+                              engine=args.engine, threads=args.threads)
         with progress(args, len(units) * (2 if args.stack else 1), "sweep", "unit") as step:
             rows = sweep_units(measure, units, _each(note, step))
             if args.stack:
@@ -95,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, {
             "model": str(path), "text": str(text_path), "ctx": windows.n_ctx, "chunks": windows.n_chunk,
-            "encoding": encoding_options(args), "kinds": list(kinds), "per_kind": bool(args.per_kind), "layers": rows,
+            "engine": args.engine, "encoding": encoding_options(args), "kinds": list(kinds), "per_kind": bool(args.per_kind), "layers": rows,
             "stack": stack,
-            "method": "per unit: a file with only that unit's FFN weights as SeedΔ (dense stripped), sparse runtime, "
+            "method": "per unit: a file with only that unit's FFN weights as SeedΔ (dense stripped), sparse runtime "
+                      "(engine llama.cpp: materialized for stock llama.cpp), "
                       "against the dense base on the same llama-perplexity windows; delta_nll = mean paired "
                       "NLL_model - NLL_base = ln(PPL ratio); stack step n: the n units with the smallest "
                       "delta_nll encoded together"})

@@ -8,7 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from seeddelta.errors import SeedDeltaError
 from seeddelta.evaluation.windows import Windows
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 from seeddelta.runtime.model import LlamaModel
 
 Observer = Callable[[int, str, torch.Tensor], None]
@@ -35,7 +37,7 @@ def _accumulate(sums: dict[str, np.ndarray], counts: dict[str, int], name: str, 
         counts[name] = rows
 
 
-def collect_statistics(model: LlamaModel, windows: Windows, progress: Callable[[], None] | None = None, *,
+def collect_statistics(model: EvalModel, windows: Windows, progress: Callable[[], None] | None = None, *,
                        xtx: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int],
                                                    dict[str, np.ndarray], dict[str, int]]:
     """(imatrix sums, counts, XᵀX sums, counts) in one pass over the windows (XᵀX empty unless `xtx`).
@@ -45,6 +47,8 @@ def collect_statistics(model: LlamaModel, windows: Windows, progress: Callable[[
     ffn_norm output (gate, up) and silu(gate)·up (down), in float64.
     XᵀX: Σ x xᵀ (float64) per input *vector*: `blk.N.ffn_gate.weight` (the ffn_norm output, read by
     ffn_gate and ffn_up alike) and `blk.N.ffn_down.weight`."""
+    if not isinstance(model, LlamaModel):
+        raise SeedDeltaError("imatrix statistics need the torch runtime (llama.cpp offers no hook into FFN inputs)")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     xsums: dict[str, np.ndarray] = {}
@@ -61,7 +65,7 @@ def collect_statistics(model: LlamaModel, windows: Windows, progress: Callable[[
     return sums, counts, xsums, xcounts
 
 
-def collect_imatrix(model: LlamaModel, windows: Windows,
+def collect_imatrix(model: EvalModel, windows: Windows,
                     progress: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σx² per input column and row counts at the inputs of every ffn_gate/ffn_up/ffn_down
     (see `collect_statistics`)."""
@@ -69,7 +73,7 @@ def collect_imatrix(model: LlamaModel, windows: Windows,
     return sums, counts
 
 
-def collect_xtx(model: LlamaModel, windows: Windows,
+def collect_xtx(model: EvalModel, windows: Windows,
                 progress: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Σ x xᵀ and row counts per FFN input vector (see `collect_statistics`)."""
     _, _, xsums, xcounts = collect_statistics(model, windows, progress, xtx=True)

@@ -28,6 +28,14 @@ class LayerDrift:
     def applies(base: LlamaModel, model: LlamaModel) -> bool:
         return len(base.layers) == len(model.layers) and base.config.n_embd == model.config.n_embd
 
+    @classmethod
+    def of(cls, base: object, model: object) -> LayerDrift | None:
+        """A drift table for two torch runtime models of the same shape, else None (llama.cpp offers no
+        hook into the residual stream)."""
+        if isinstance(base, LlamaModel) and isinstance(model, LlamaModel) and cls.applies(base, model):
+            return cls(base, model)
+        return None
+
     def _keep(self, layer: int, h: torch.Tensor) -> None:
         self._h[layer] = h  # a fresh tensor per block (h = h + …), never written again; float64 only when compared
 

@@ -30,7 +30,7 @@ from seeddelta.evaluation.pack import DEFAULT_MAX_NEW as DEFAULT_MAX_NEW
 from seeddelta.evaluation.pack import DEFAULT_TOLERANCE as DEFAULT_TOLERANCE
 from seeddelta.evaluation.pack import PackItem as PackItem
 from seeddelta.evaluation.pack import load_pack as load_pack
-from seeddelta.runtime.model import LlamaModel
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 from seeddelta.runtime.tokenizers import Tokenizer
 
 LOOP_MAX_PERIOD = 8
@@ -64,7 +64,7 @@ class Decoded:
     decode_seconds: float
 
 
-def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
+def greedy_decode(model: EvalModel, tokenizer: Tokenizer, prompt: str, max_new: int = DEFAULT_MAX_NEW) -> Decoded:
     add_bos = bool(getattr(tokenizer, "add_bos", True))
     ids = list(tokenizer.encode(prompt, add_bos=add_bos))
     cache = model.new_cache(len(ids) + max_new)
@@ -91,7 +91,7 @@ def greedy_decode(model: LlamaModel, tokenizer: Tokenizer, prompt: str, max_new:
     return Decoded(out, tokenizer.decode(out), stop, len(ids), t1 - t0, n_decode, t2 - t1)
 
 
-def run_pack(model: LlamaModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW,
+def run_pack(model: EvalModel, tokenizer: Tokenizer, items: Sequence[PackItem], max_new: int = DEFAULT_MAX_NEW,
              progress: Callable[[], None] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     prefill_t = decode_t = 0.0

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from seeddelta.evaluation.windows import Windows
-from seeddelta.runtime.model import LlamaModel
+from seeddelta.runtime.llama_cpp_engine import EvalModel
 
 Logits = Callable[[np.ndarray, int], torch.Tensor]  # (window tokens, first) -> logits for positions first..
 
 
-def model_logits(model: LlamaModel) -> Logits:
-    """Scored-position logits (n_ctx − 1 − first, n_vocab) of one window, from a LlamaModel-like object."""
+def model_logits(model: EvalModel) -> Logits:
+    """Scored-position logits (n_ctx − 1 − first, n_vocab) of one window, from either engine's model."""
 
     def run(window: np.ndarray, first: int) -> torch.Tensor:
         return model.forward(window, logits_start=first)[:-1]
@@ -75,9 +75,23 @@ def percentiles(x: np.ndarray, fractions: Sequence[float]) -> dict[str, float]:
     return out
 
 
+ROW_BLOCK_BYTES = 4 << 20  # float64 bytes of log-probabilities formed at once (rows are independent)
+
+
+def row_blocks(n_rows: int, n_vocab: int) -> list[slice]:
+    """Row ranges whose float64 (rows, n_vocab) arrays take about ROW_BLOCK_BYTES: a large vocabulary's
+    float64 copies of a whole window (100 MB each at 49k tokens) are never formed."""
+    step = max(1, ROW_BLOCK_BYTES // (8 * max(1, n_vocab)))
+    return [slice(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
+
+
 def nll_of(logits: torch.Tensor, targets: np.ndarray) -> np.ndarray:
-    lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-    return (-lp.gather(1, torch.as_tensor(targets, dtype=torch.int64)[:, None])[:, 0]).numpy()
+    tgt = torch.as_tensor(targets, dtype=torch.int64)[:, None]
+    parts = []
+    for rows in row_blocks(logits.shape[0], logits.shape[-1]):
+        lp = torch.log_softmax(logits[rows].to(torch.float64), dim=-1)
+        parts.append(-lp.gather(1, tgt[rows])[:, 0])
+    return torch.cat(parts).numpy()
 
 
 # ---------------------------------------------------------------------------------- perplexity
@@ -104,6 +118,7 @@ def perplexity(logits_fn: Logits, windows: Windows, progress: Callable[[int, flo
         lg = logits_fn(windows.inputs[i], windows.first)
         seconds += time.perf_counter() - t0
         nlls.append(nll_of(lg, windows.targets[i]))
+        del lg  # not alive during the next window's forward (50 MB at a 49k vocabulary)
         if progress is not None:
             progress(i, math.exp(float(np.concatenate(nlls).mean())))
     nll = np.concatenate(nlls)
@@ -166,16 +181,19 @@ def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
         lm = model_fn(windows.inputs[i], windows.first)
         secs[0] += t1 - t0
         secs[1] += time.perf_counter() - t1
-        lp = torch.log_softmax(lb.to(torch.float64), dim=-1)
-        lq = torch.log_softmax(lm.to(torch.float64), dim=-1)
-        p = lp.exp()
-        tgt = torch.as_tensor(windows.targets[i], dtype=torch.int64)[:, None]
-        parts["kld"].append((p * (lp - lq)).sum(-1).numpy())
-        parts["same"].append((lp.argmax(-1) == lq.argmax(-1)).numpy())
-        lpc, lqc = lp.gather(1, tgt)[:, 0], lq.gather(1, tgt)[:, 0]
-        parts["dp"].append((lqc.exp() - lpc.exp()).numpy())
-        parts["nb"].append((-lpc).numpy())
-        parts["nm"].append((-lqc).numpy())
+        targets = torch.as_tensor(windows.targets[i], dtype=torch.int64)[:, None]
+        for rows in row_blocks(lb.shape[0], lb.shape[-1]):
+            lp = torch.log_softmax(lb[rows].to(torch.float64), dim=-1)
+            lq = torch.log_softmax(lm[rows].to(torch.float64), dim=-1)
+            p = lp.exp()
+            tgt = targets[rows]
+            parts["kld"].append((p * (lp - lq)).sum(-1).numpy())
+            parts["same"].append((lp.argmax(-1) == lq.argmax(-1)).numpy())
+            lpc, lqc = lp.gather(1, tgt)[:, 0], lq.gather(1, tgt)[:, 0]
+            parts["dp"].append((lqc.exp() - lpc.exp()).numpy())
+            parts["nb"].append((-lpc).numpy())
+            parts["nm"].append((-lqc).numpy())
+        del lb, lm, lp, lq, p  # not alive during the next window's forwards
         if progress is not None:
             progress(i)
     cat = {k: np.concatenate(v) for k, v in parts.items()}
@@ -184,7 +202,7 @@ def kl_divergence(base_fn: Logits, model_fn: Logits, windows: Windows,
                      n / secs[0] if secs[0] > 0 else float("nan"), n / secs[1] if secs[1] > 0 else float("nan"))
 
 
-def decode_speed(model: LlamaModel, prompt: Sequence[int], n_new: int = 16) -> dict[str, float]:
+def decode_speed(model: EvalModel, prompt: Sequence[int], n_new: int = 16) -> dict[str, float]:
     """Greedy decode n_new tokens after prompt with the KV cache; prompt and decode tok/s."""
     cache = model.new_cache(len(prompt) + n_new)
     t0 = time.perf_counter()

@@ -155,10 +155,11 @@ class UnitMeasure:
 
     def __init__(self, model_path: Path, base: Loaded, windows: Windows, encoding: BuildOptions, out_dir: Path,
                  *, keep_files: bool = False, note: Progress | None = None, greedy: GreedySettings | None = None,
-                 cache: UnitCache | None = None) -> None:
+                 cache: UnitCache | None = None, engine: str = "torch", threads: int = 0) -> None:
         self.model_path, self.windows, self.encoding, self.out_dir = model_path, windows, encoding, out_dir
         self.keep_files = keep_files
         self.base, self.greedy, self.cache = base, greedy, cache or UnitCache(None)
+        self.engine, self.threads = engine, threads
         self._base_greedy: dict[str, Any] | None = None
         self._spec_base: dict[str, Any] | None = None
         logits = model_logits(base.model)
@@ -184,7 +185,8 @@ class UnitMeasure:
 
             evaluation: dict[str, Any] = {
                 "windows_sha256": windows_sha256(self.windows), "ctx": self.windows.n_ctx,
-                "chunks": self.windows.n_chunk, "runtime": "sparse", "strip_dense": True,
+                "chunks": self.windows.n_chunk, "runtime": "sparse" if self.engine == "torch" else self.engine,
+                "strip_dense": True,
                 "greedy": self.greedy.spec() if self.greedy is not None else None,
             }
             self._spec_base = {"model_sha256": sha256_file(self.model_path), "encoding": encoding_spec(self.encoding),
@@ -215,8 +217,9 @@ class UnitMeasure:
         (with greedy settings) run the pack on it; a pure function of the unit and the settings."""
         chosen = frozenset(ks)
         path = self.out_dir / f"{name}.gguf"
-        layers = ",".join(str(layer) for layer in sorted({layer for layer, _ in chosen}))
-        opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=layers, strip_dense=True,
+        # every layer visited (the others disabled): the same file, keys included, as `build --policy` of a
+        # policy enabling exactly these tensors
+        opts = replace(self.encoding, input=str(self.model_path), output=str(path), layers=None, strip_dense=True,
                        progress=False)
         return self._evaluate(path, run_build(opts, only(opts, chosen, ks)))
 
@@ -231,7 +234,7 @@ class UnitMeasure:
         return self._evaluate(path, build(opts))
 
     def _evaluate(self, path: Path, result: Any) -> dict[str, Any]:
-        cand = load(path, mode="sparse")
+        cand = load(path, mode="sparse", engine=self.engine, n_ctx=self.windows.n_ctx, threads=self.threads)
         s = kl_divergence(self.base_logits, model_logits(cand.model), self.windows).summary()
         out: dict[str, Any] = {
             "delta_nll": s["delta_nll"]["mean"], "delta_nll_se": s["delta_nll"]["se"], "ppl_ratio": s["ppl_ratio"],

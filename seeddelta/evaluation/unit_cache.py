@@ -31,7 +31,7 @@ from seeddelta import __version__
 from seeddelta.errors import SeedDeltaError
 from seeddelta.outputs import finite_or_null, write_json_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: unit files visit every layer (file_bytes as `build --policy`)
 ENV_VAR = "SEEDDELTA_CACHE"
 
 

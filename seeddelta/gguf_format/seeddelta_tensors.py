@@ -413,8 +413,9 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
         if entry.scheme == "block":
             arrays.pop("d_idx", None)
             arrays.pop("d_val", None)
+        plain_arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
         try:
-            weights[(entry.layer, entry.kind)] = SeedDeltaWeight.from_tensors(arrays, entry.n_in, entry.n_out)
+            weights[(entry.layer, entry.kind)] = SeedDeltaWeight.from_tensors(plain_arrays, entry.n_in, entry.n_out)
         except (SeedDeltaError, ValueError, IndexError) as exc:  # malformed shapes from a foreign writer
             raise SeedDeltaError(f"{model.path}: blk.{entry.layer}.{entry.kind}: invalid SeedΔ tensors ({exc})") from None
     return SeedDeltaFile(

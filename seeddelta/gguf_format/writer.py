@@ -3,13 +3,14 @@
 Every KV pair of the input is copied byte-for-byte (its raw encoding, so value types are preserved
 exactly), then the new keys are set; every input tensor is copied byte-for-byte in its original type
 unless dropped (stripped dense weights, replaced SeedΔ tensors); the output is written to a
-temporary file next to the target and renamed.
+temporary file next to the target and renamed. Tensors are streamed (see `write_model_copy`).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,44 @@ class RawTensor:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _Replacement:
+    """Bytes written in place of an input tensor (`replace_tensors`)."""
+
+    data: np.ndarray
+
+
 def _tensor_for_copy(tensor: ReaderTensor | RawTensor) -> tuple[np.ndarray, GGMLQuantizationType]:
     return tensor.data, GGMLQuantizationType(tensor.tensor_type)
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to add whose values are produced only when the writer reaches it, so a file of any
+    size is written holding one produced tensor at a time."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+
+AddedTensor = tuple[str, "np.ndarray | RawTensor"] | LazyTensor
+_ADD_DTYPES = (np.float16, np.float32, np.int8, np.int16, np.int32)
+
+
+def drop_mapped_pages(data: Any, offset: int, nbytes: int) -> None:
+    """Let this process's resident set drop the pages of a read-only file mapping (`numpy.memmap`)
+    in [offset, offset + nbytes) once copied: they stay in the page cache, and are read again from it
+    if touched, so copying a file of any size never keeps it resident."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or nbytes <= 0:
+        return
+    start = (int(offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, min(int(offset) + int(nbytes), len(mm)) - start)
+    except (OSError, ValueError):
+        pass  # an optimisation only
 
 
 def write_model_copy(
@@ -104,16 +141,27 @@ def write_model_copy(
     out_path: str | os.PathLike[str],
     *,
     drop_tensors: Iterable[str] = (),
-    add_tensors: Sequence[tuple[str, np.ndarray | RawTensor]] = (),
+    add_tensors: Iterable[AddedTensor] = (),
     drop_keys: Iterable[str] = (),
     set_keys: Sequence[KV] = (),
+    replace_tensors: Mapping[str, ReaderTensor | RawTensor] = {},
 ) -> None:
     """Write `src` to `out_path` atomically: its KV pairs (minus `drop_keys`) copied byte-for-byte,
     then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
-    order and type, then `add_tensors` (numpy order; dtype float16/float32/int8/int16/int32, or a
-    `RawTensor` in any ggml type: a SeedΔ variant's quantized base) in the given order. The alignment
-    of `src` is kept."""
+    order and type — or, for a name in `replace_tensors`, that tensor's bytes and type at the same
+    place (same shape required; e.g. the weight as another file quantized it) — then `add_tensors`
+    (numpy order; dtype float16/float32/int8/int16/int32, or a `RawTensor` in any ggml type: a SeedΔ
+    variant's quantized base) in the given order. The alignment of `src` is kept.
+
+    Streamed: the header and tensor table are written first, then each tensor's data in turn —
+    input tensors straight from the memory map (whose pages are dropped from this process once
+    copied), `LazyTensor`s produced when reached — so memory is bounded by the largest single added
+    tensor, not by the file."""
     drop_t = set(drop_tensors)
+    for name, other in replace_tensors.items():
+        mine = src.tensors.get(name)
+        if mine is None or [int(d) for d in mine.shape] != [int(d) for d in other.shape]:
+            raise SeedDeltaError(f"internal: replacement for tensor {name} does not match a tensor of {src.path}")
     drop_k = set(drop_keys)
     if same_file(src.path, out_path):
         raise SeedDeltaError(f"output {os.fspath(out_path)} is the input file; choose another -o")
@@ -128,31 +176,64 @@ def write_model_copy(
             writer.kv_data[0][key] = GGUFValue(value=_RawKV(field_raw_value(fld)), type=fld.types[0])
         for kv in set_keys:
             set_kv(writer, kv)
-        names = set()
+        names: set[str] = set()
+        sources: list[ReaderTensor | _Replacement | AddedTensor] = []
         for tensor in src.reader.tensors:
             if tensor.name in drop_t:
                 continue
-            data, qtype = _tensor_for_copy(tensor)
-            writer.add_tensor(tensor.name, data, raw_dtype=qtype)
+            replacement = replace_tensors.get(tensor.name)
+            data, qtype = _tensor_for_copy(replacement if replacement is not None else tensor)
+            writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, raw_dtype=qtype)
             names.add(tensor.name)
-        for name, array in add_tensors:
+            sources.append(tensor if replacement is None else _Replacement(data))
+        for added in add_tensors:
+            name, shape, dtype = _added_info(added)
             if name in names:
                 raise SeedDeltaError(f"internal: tensor {name} would be written twice")
-            if isinstance(array, RawTensor):
-                writer.add_tensor(name, np.ascontiguousarray(array.data), raw_dtype=array.tensor_type)
+            if isinstance(added, tuple) and isinstance(added[1], RawTensor):
+                raw = added[1]
+                data = np.ascontiguousarray(raw.data)
+                writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                                       raw_dtype=GGMLQuantizationType(raw.tensor_type))
                 names.add(name)
+                sources.append(_Replacement(data))
                 continue
-            arr = np.ascontiguousarray(array)
-            if arr.dtype not in (np.float16, np.float32, np.int8, np.int16, np.int32):
-                raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {arr.dtype}")
-            writer.add_tensor(name, arr)
+            if dtype not in _ADD_DTYPES:
+                raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {dtype}")
+            writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
             names.add(name)
+            sources.append(added)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for item in sources:
+            if isinstance(item, _Replacement):
+                writer.write_tensor_data(item.data)
+            elif isinstance(item, ReaderTensor):
+                writer.write_tensor_data(item.data)
+                drop_mapped_pages(src.reader.data, int(item.data_offset), int(item.n_bytes))
+            else:
+                writer.write_tensor_data(_added_data(item))
         writer.close()
         out.commit()
     except OSError as exc:
         raise write_error(exc, out_path, "GGUF output") from None
     finally:
         out.discard()
+
+
+def _added_info(item: AddedTensor) -> tuple[str, tuple[int, ...], np.dtype]:
+    if isinstance(item, LazyTensor):
+        return item.name, tuple(int(d) for d in item.shape), np.dtype(item.dtype)
+    name, array = item
+    data = array.data if isinstance(array, RawTensor) else array
+    return name, tuple(int(d) for d in data.shape), np.dtype(data.dtype)
+
+
+def _added_data(item: AddedTensor) -> np.ndarray:
+    name, shape, dtype = _added_info(item)
+    arr = np.ascontiguousarray(item.produce() if isinstance(item, LazyTensor) else item[1])
+    if tuple(arr.shape) != shape or arr.dtype != dtype:
+        raise SeedDeltaError(f"internal: tensor {name} was produced as {arr.dtype}{tuple(arr.shape)}, "
+                             f"announced as {dtype}{shape}")
+    return arr

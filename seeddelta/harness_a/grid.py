@@ -21,11 +21,10 @@ from seeddelta.codec.base import CirculantBase, LowRankBase, XorCirculantBase
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.hadamard import is_pow2, next_pow2
 from seeddelta.codec.metrics import compare_rows
+from seeddelta.codec.rounding import U16, U32, fwht_chain_bound
 from seeddelta.errors import SeedDeltaError
 from seeddelta.harness_a import BASES, PATTERNS
-from seeddelta.testing.tolerances import U32, fwht_chain_bound
 
-U16 = 2.0**-11  # unit roundoff of float16
 F16_SUBNORMAL_HALF_SPACING = 2.0**-25  # max absolute rounding error below float16's normal range
 DELTA_PER_ROW = 3  # non-zeros injected per row by identity_delta (the user's A5)
 

@@ -7,6 +7,9 @@ provenance, the builder's Resolver, canonical export from a report, and the orig
     policy = load_policy("p.json", strict=True)
     rows = resolve_all(policy, n_layer=32)          # every layer × kind, with sources
     resolver = policy_resolver(policy, build_opts)  # for seeddelta.builder
+
+`seeddelta.policy.build.build(opts)` is `seeddelta build` with `--policy`/`--policy-export`;
+`seeddelta.policy.autogate` is autogate's pure part (scan files, filters, moves, output policy).
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ class MoveQueue:
 
     by_bytes: bool
     moves: dict[Tensor, list[Move]]
-    heap: list[tuple[float, int, str, int, int]] = field(default_factory=list)
+    heap: list[tuple[float, int, int, int, int]] = field(default_factory=list)  # ties: layer, then gate, up, down
 
     def __post_init__(self) -> None:
         for tensor in self.moves:
@@ -264,13 +264,13 @@ class MoveQueue:
         if index < len(self.moves[tensor]):
             m = self.moves[tensor][index]
             key = m.per_byte if self.by_bytes else float(m.unit["delta_nll"])
-            heapq.heappush(self.heap, (key, tensor[0], tensor[1], m.K, index))
+            heapq.heappush(self.heap, (key, tensor[0], KINDS.index(tensor[1]), m.K, index))
 
     def pop(self) -> tuple[Move, int] | None:
         if not self.heap:
             return None
         _, layer, kind, _, index = heapq.heappop(self.heap)
-        return self.moves[(layer, kind)][index], index
+        return self.moves[(layer, KINDS[kind])][index], index
 
     def kept(self, move: Move, index: int) -> None:
         """The move was kept: the tensor's next move becomes available."""

@@ -7,14 +7,17 @@ Semantics follow llama.cpp's LLAMA graph: token embedding; per block RMSNorm →
 RMSNorm and output projection (``output.weight``, or the token embedding when tied). No biases.
 GGUF files written by llama.cpp's converter store attn_q/attn_k already permuted for NORM rope.
 
-The file is opened once, through `seeddelta.gguf_format.reader` (the tokenizer reuses that reader);
-all weights are dequantized to float32 at load; compute is float32. The FFN projections are either dense or SeedΔ (see `seeddelta.runtime.projections`).
+The file is opened once, through `seeddelta.gguf_format.reader` (the tokenizer reuses that reader).
+Weights are held as stored where torch can (F32, F16, BF16) and quantized ones as float16, one copy
+each (`seeddelta.runtime.weights`); compute is float32 (16-bit weights are converted a block of rows
+at a time inside each matmul). The FFN projections are either dense or SeedΔ (see
+`seeddelta.runtime.projections`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.reader import GGUFModel, dequantize_tensor
+from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, RUNTIME_ARCHITECTURES, SEEDDELTA_SUFFIXES
 from seeddelta.gguf_format.seeddelta_tensors import StoredArray
 from seeddelta.gguf_format.writer import RawTensor
@@ -39,6 +42,7 @@ from seeddelta.runtime.sdq_projections import SdqPayload
 from seeddelta.runtime.tokenizers import Tokenizer
 from seeddelta.runtime.tokenizers.bpe import BPETokenizer
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer
+from seeddelta.runtime.weights import HOLD_MODES, TensorRef, hold_tensor, linear
 
 FfnObserver = Callable[[int, str, torch.Tensor], None]
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, residual stream after the block)
@@ -167,7 +171,7 @@ class LlamaModel:
         c = config
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
         if rope_freqs is not None:
-            inv = inv / rope_freqs.numpy().astype(np.float64)[: len(inv)]
+            inv = inv / rope_freqs.float().numpy().astype(np.float64)[: len(inv)]
         self._inv_freq = inv * c.rope_freq_scale
         self.rope_freqs = rope_freqs
 
@@ -238,7 +242,7 @@ class LlamaModel:
         if cache is not None and past + t > cache.max_len:
             raise SeedDeltaError(f"forward: KV cache of {cache.max_len} positions cannot hold {past + t}")
         cos, sin = self._cos_sin(np.arange(past, past + t))
-        h = self.tok_embd[tok]
+        h = self.tok_embd[tok].to(torch.float32)
         if t == 1:
             mask = None
         else:
@@ -248,7 +252,7 @@ class LlamaModel:
         rep = c.n_head // c.n_head_kv
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer.attn_norm)
-            qkv = torch.nn.functional.linear(x, layer.wqkv).view(t, c.n_head + 2 * c.n_head_kv, c.head_dim)
+            qkv = linear(x, layer.wqkv).view(t, c.n_head + 2 * c.n_head_kv, c.head_dim)
             qk = self._rope(qkv[:, : c.n_head + c.n_head_kv], cos, sin).transpose(0, 1)
             q, k = qk[: c.n_head], qk[c.n_head:]
             v = qkv[:, c.n_head + c.n_head_kv:].transpose(0, 1)
@@ -261,7 +265,7 @@ class LlamaModel:
                 k = k.repeat_interleave(rep, dim=0)
                 v = v.repeat_interleave(rep, dim=0)
             att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            h = h + torch.nn.functional.linear(att.transpose(0, 1).reshape(t, c.n_head * c.head_dim), layer.wo)
+            h = h + linear(att.transpose(0, 1).reshape(t, c.n_head * c.head_dim), layer.wo)
             x = self._rms(h, layer.ffn_norm)
             obs = self.ffn_observer
             if obs is not None:
@@ -276,7 +280,7 @@ class LlamaModel:
         if cache is not None:
             cache.n = past + t
         h = self._rms(h[logits_start:], self.output_norm)
-        return torch.nn.functional.linear(h, self.output if self.output is not None else self.tok_embd)
+        return linear(h, self.output if self.output is not None else self.tok_embd)
 
     __call__ = forward
 
@@ -292,27 +296,75 @@ def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[s
     return out
 
 
-def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode: str = "materialized") -> LlamaModel:
+@dataclass
+class WeightSource:
+    """What loading the weights needs from an opened file: path, configuration, metadata and the tensor
+    table (views of the memory map) — without the reader's per-key objects, which for a 49k-token
+    vocabulary take ~150 MB and need not be resident while the weights are read (`weight_source`)."""
+
+    path: str
+    config: LlamaConfig
+    tensors: dict[str, TensorRef]
+    data: Any  # the file's memory map (numpy.memmap)
+    meta: dict[str, Any]
+
+
+def weight_source(gguf_model: GGUFModel) -> WeightSource:
+    cfg = _read_config(gguf_model)
+    meta = {
+        "architecture": gguf_model.arch,
+        "name": gguf_model.get("general.name"),
+        "strip_dense": gguf_model.get("seeddelta.strip_dense", False) is True,
+        "seeddelta_enabled": gguf_model.get("seeddelta.enabled", False) is True,
+    }
+    tensors = {name: TensorRef.of(t) for name, t in gguf_model.tensors.items()}
+    return WeightSource(gguf_model.path, cfg, tensors, gguf_model.reader.data, meta)
+
+
+def materialized_dtype(tensors: Mapping[str, Any], layer: int, kind: str, hold: str = "stored") -> torch.dtype:
+    """The dtype a materialized Ŵ is held in: float32 when the weight it replaces is stored F32 (or,
+    stripped, the layer's attention weights are), float16 otherwise — the precision of the model it
+    came from (never bfloat16: 8 significant bits would be coarser than the stored f16 SeedΔ values).
+    Ŵ is reconstructed in float64 and rounded once to this dtype; `seeddelta materialize` writes
+    exactly these values."""
+    if hold == "float32":
+        return torch.float32
+    for name in (f"blk.{layer}.{kind}.weight", f"blk.{layer}.attn_q.weight", f"blk.{layer}.attn_output.weight"):
+        t = tensors.get(name)
+        if t is not None:
+            return torch.float32 if GGMLQuantizationType(t.tensor_type) == GGMLQuantizationType.F32 else torch.float16
+    return torch.float16
+
+
+def load_model(path: str | Path | GGUFModel | WeightSource, *, use_seeddelta: bool = True,
+               mode: str = "materialized", hold: str = "stored") -> LlamaModel:
     """Load a llama GGUF. SeedΔ tensors, when present and `use_seeddelta`, replace the dense FFN matmul.
 
     mode: "materialized" (dense Ŵ built at load) or "sparse" (no dense copy of SeedΔ weights).
+    hold: "stored" (F32/F16/BF16 as stored, quantized as float16, Ŵ per `materialized_dtype`) or
+    "float32" (every weight dequantized to float32: the reference the stored mode is measured against).
     A stripped dense weight (``seeddelta.strip_dense`` true and ``blk.N.T.weight`` absent) runs
     through SeedΔ; it cannot run dense (SeedDeltaError).
     """
     if mode not in MODES:
         raise SeedDeltaError(f"SeedΔ mode {mode!r} unknown (expected one of {', '.join(MODES)})")
-    gguf_model = path if isinstance(path, GGUFModel) else GGUFModel(path, what="model")
-    p = gguf_model.path
-    cfg = _read_config(gguf_model)
-    tensors = gguf_model.tensors
-    strip_dense = gguf_model.get("seeddelta.strip_dense", False) is True
+    if hold not in HOLD_MODES:
+        raise SeedDeltaError(f"weight holding {hold!r} unknown (expected one of {', '.join(HOLD_MODES)})")
+    if isinstance(path, WeightSource):
+        src = path
+    else:
+        src = weight_source(path if isinstance(path, GGUFModel) else GGUFModel(path, what="model"))
+    p = src.path
+    cfg = src.config
+    tensors = src.tensors
+    strip_dense = bool(src.meta["strip_dense"])
 
     def dense(name: str) -> torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise SeedDeltaError(f"{p}: tensor {name} is missing")
-        return torch.from_numpy(dequantize_tensor(t, p))
-
+        w = hold_tensor(t, p, hold=hold, reader_data=src.data)
+        return w.to(torch.float32) if w.ndim == 1 else w  # norms and rope factors: float32 (tiny, exact)
     def check_shape(name: str, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if tuple(w.shape) != shape:
             raise SeedDeltaError(f"{p}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
@@ -358,7 +410,7 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
             wname = f"{b}{kind}.weight"
             payload = payloads.pop((i, kind), None)
             if payload is not None:
-                layer.ffn[kind] = make_projection(payload, mode)
+                layer.ffn[kind] = make_projection(payload, mode, materialized_dtype(tensors, i, kind, hold))
             elif wname in tensors:
                 layer.ffn[kind] = DenseProjection(check_shape(wname, dense(wname), (n_out, n_in)), f"{b}{kind}")
             elif strip_dense:
@@ -369,12 +421,10 @@ def load_model(path: str | Path | GGUFModel, *, use_seeddelta: bool = True, mode
                 raise SeedDeltaError(f"{p}: tensor {wname} is missing")
         layers.append(layer)
     meta = {
-        "architecture": gguf_model.arch,
-        "name": gguf_model.get("general.name"),
-        "strip_dense": strip_dense,
-        "seeddelta_enabled": gguf_model.get("seeddelta.enabled", False) is True,
+        **src.meta,
         "mode": mode,
         "use_seeddelta": use_seeddelta,
+        "hold": hold,
     }
     return LlamaModel(cfg, tok_embd, output, output_norm, layers, rope_freqs, path=p, metadata=meta)
 

@@ -25,7 +25,8 @@ Two evaluation modes:
 * ``sparse`` — no dense copy is ever built: the base runs as batched float32 FWHTs (`fwht_torch`:
   H_a ⊗ H_b as two small matrix products, not the original's butterflies; same transform, its own
   stated rounding bound) and the
-  residual as a CSR sparse × dense product (int32 indices, float32 values).
+  residual as a CSR sparse × dense product (indices and values held as stored — i16/i32, f16/f32 —
+  and converted exactly to the int32/float32 CSR for each product).
 
 Deviations from the original runtime (documented, deliberate): malformed SeedΔ tensors — bad shapes,
 out-of-range indices, a base_perm that is not a permutation, NaN/Inf values — raise a
@@ -48,6 +49,7 @@ from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.schema import SDQ_SUFFIXES, SEEDDELTA_SUFFIXES
 from seeddelta.gguf_format.seeddelta_tensors import StoredArray, check_seeddelta_arrays
 from seeddelta.runtime.sdq_projections import SdqPayload, SparseSdqProjection, parse_sdq_payload
+from seeddelta.runtime.weights import linear
 
 MODES = ("materialized", "sparse")
 
@@ -125,18 +127,22 @@ class SeedDeltaPayload:
         return idx, val
 
     # ---------------------------------------------------------------- float64 reconstruction
-    def dense(self) -> np.ndarray:
-        """Ŵ = diag(s)·(W0 + R) as float64 (n_out, n_in), from the stored values (exact f16→f64)."""
-        w = np.zeros((self.n_out, self.n_in), dtype=np.float64)
+    def dense(self, c0: int = 0, c1: int | None = None) -> np.ndarray:
+        """Ŵ[:, c0:c1] = diag(s)·(W0 + R) as float64 (n_out, c1 − c0), from the stored values (exact f16→f64);
+        all columns by default. Each element is the same float64 sequence whatever the column range."""
+        c1 = self.n_in if c1 is None else c1
+        w = np.zeros((self.n_out, c1 - c0), dtype=np.float64)
         if self.base is not None:
             op = _BaseOp(self.base, self.n_in, self.n_out, torch.float64)
-            for c in range(0, self.n_in, 256):  # W0 column by column (unit inputs), bounded working set
-                eye = torch.zeros((min(256, self.n_in - c), self.n_in), dtype=torch.float64)
+            for c in range(c0, c1, 256):  # W0 column by column (unit inputs), bounded working set
+                eye = torch.zeros((min(256, c1 - c), self.n_in), dtype=torch.float64)
                 eye[torch.arange(eye.shape[0]), torch.arange(c, c + eye.shape[0])] = 1.0
-                w[:, c: c + eye.shape[0]] += op(eye).numpy().T
+                w[:, c - c0: c - c0 + eye.shape[0]] += op(eye).numpy().T
         idx, val = self.residual_entries()
         rows = np.repeat(np.arange(self.n_out), idx.shape[1])
-        np.add.at(w, (rows, idx.reshape(-1)), val.reshape(-1).astype(np.float64))
+        cols = idx.reshape(-1)
+        inside = (cols >= c0) & (cols < c1)
+        np.add.at(w, (rows[inside], cols[inside] - c0), val.reshape(-1)[inside].astype(np.float64))
         if self.row_scale is not None:
             w *= self.row_scale.astype(np.float64)[:, None]
         return w
@@ -239,7 +245,7 @@ class _BaseOp:
 
 
 class DenseProjection:
-    """y = x · Wᵀ with a float32 weight (n_out, n_in)."""
+    """y = x · Wᵀ, W (n_out, n_in) held float32, float16 or bfloat16; computed in float32 (`linear`)."""
 
     kind = "dense"
 
@@ -249,27 +255,41 @@ class DenseProjection:
         self.n_out, self.n_in = (int(s) for s in self.weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
 
+def materialize(payload: SeedDeltaPayload | SdqPayload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ŵ (n_out, n_in): the float64 reconstruction rounded once to `dtype` (float32 or float16), a block
+    of rows at a time so the float64 working set stays bounded. `seeddelta materialize` writes these values."""
+    if dtype not in (torch.float32, torch.float16):
+        raise SeedDeltaError(f"materialized Ŵ must be float32 or float16, not {dtype}")
+    np_dtype = np.float32 if dtype == torch.float32 else np.float16
+    out = np.empty((payload.n_out, payload.n_in), dtype=np_dtype)
+    step = max(256, ((32 << 20) // (8 * max(1, payload.n_out))) // 256 * 256)  # columns per block: ~32 MiB of float64
+    for c in range(0, payload.n_in, step):
+        out[:, c: c + step] = payload.dense(c, min(payload.n_in, c + step))
+    return torch.from_numpy(out)
+
+
 class MaterializedSeedDeltaProjection(DenseProjection):
-    """SeedΔ reconstructed once into a dense float32 Ŵ (float64 reconstruction, then rounded)."""
+    """SeedΔ reconstructed once into a dense Ŵ (float64 reconstruction, rounded once to float32 or
+    float16 — see `runtime.model.materialized_dtype`); the forward is `linear` (float32 compute)."""
 
     kind = "seeddelta"
     mode = "materialized"
 
-    def __init__(self, payload: SeedDeltaPayload | SdqPayload) -> None:
-        super().__init__(torch.from_numpy(payload.dense().astype(np.float32)), payload.name)
+    def __init__(self, payload: SeedDeltaPayload | SdqPayload, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(materialize(payload, dtype), payload.name)
         self.payload_scheme = payload.scheme
         self.has_base = payload.base is not None
         self.nonfinite = 0
 
 
 class SparseSeedDeltaProjection:
-    """SeedΔ evaluated without a dense copy: float32 FWHT base + gathered sparse residual."""
+    """SeedΔ evaluated without a dense copy: float32 FWHT base + CSR sparse residual (values held as stored)."""
 
     kind = "seeddelta"
     mode = "sparse"
@@ -281,25 +301,28 @@ class SparseSeedDeltaProjection:
         self.has_base = payload.base is not None
         idx, val = payload.residual_entries()
         self.n_entries = int(idx.shape[1])
-        # CSR (int32 row pointers and column indices, float32 values: 8 bytes per stored entry); columns
-        # sorted within each row; skipped entries were turned into (0, 0.0) by residual_entries()
+        # CSR, columns sorted within each row; skipped entries were turned into (0, 0.0) by
+        # residual_entries(). Column indices are held as compactly as the file stores them (int16 while n_in
+        # fits) and values in their stored type (f16: 4 bytes per entry, as on disk), converted exactly to
+        # the int32/float32 CSR torch multiplies with, for each product.
         order = np.argsort(idx, axis=1, kind="stable")
-        cols = np.take_along_axis(idx, order, axis=1).astype(np.int32).reshape(-1)
-        vals = np.take_along_axis(val, order, axis=1).astype(np.float32).reshape(-1)
+        col_type = np.int16 if self.n_in <= np.iinfo(np.int16).max + 1 else np.int32
+        cols = np.take_along_axis(idx, order, axis=1).astype(col_type).reshape(-1)
+        pair = payload.block if payload.block is not None else payload.coo
+        stored_val = pair[1].dtype if pair is not None else np.dtype(np.float32)
+        vals = np.take_along_axis(val, order, axis=1).astype(stored_val).reshape(-1)  # exact: val came from it
         crow = np.arange(0, self.n_out * self.n_entries + 1, max(1, self.n_entries), dtype=np.int32)
         if self.n_entries == 0:
             crow = np.zeros(self.n_out + 1, dtype=np.int32)
-        with warnings.catch_warnings():  # torch labels sparse CSR "beta"; it is the fast CPU sparse×dense path
-            warnings.simplefilter("ignore", UserWarning)
-            self.csr = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(np.ascontiguousarray(cols)),
-                                               torch.from_numpy(np.ascontiguousarray(vals)), (self.n_out, self.n_in))
+        self.crow = torch.from_numpy(crow)
+        self.cols = torch.from_numpy(np.ascontiguousarray(cols))
+        self.vals = torch.from_numpy(np.ascontiguousarray(vals))
         self.scale = None if payload.row_scale is None else torch.from_numpy(payload.row_scale.astype(np.float32))
         self.base = None if payload.base is None else _BaseOp(payload.base, self.n_in, self.n_out, torch.float32)
         self.nonfinite = 0
 
     def nbytes(self) -> int:
-        c = self.csr
-        n = sum(t.numel() * t.element_size() for t in (c.crow_indices(), c.col_indices(), c.values()))
+        n = sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.vals))
         if self.scale is not None:
             n += self.scale.numel() * self.scale.element_size()
         if self.base is not None:
@@ -309,7 +332,11 @@ class SparseSeedDeltaProjection:
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         if self.n_entries == 0:
             return torch.zeros((x.shape[0], self.n_out), dtype=torch.float32)
-        return torch.sparse.mm(self.csr, x.t()).t()
+        with warnings.catch_warnings():  # torch labels sparse CSR "beta"; it is the fast CPU sparse×dense path
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(self.crow, self.cols.to(torch.int32), self.vals.to(torch.float32),
+                                          (self.n_out, self.n_in))
+        return torch.sparse.mm(csr, x.t()).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -326,10 +353,11 @@ class SparseSeedDeltaProjection:
         return y.reshape(*shape[:-1], self.n_out)
 
 
-def make_projection(payload: SeedDeltaPayload | SdqPayload,
-                    mode: str) -> MaterializedSeedDeltaProjection | SparseSeedDeltaProjection | SparseSdqProjection:
+def make_projection(payload: SeedDeltaPayload | SdqPayload, mode: str, dtype: torch.dtype = torch.float32
+                    ) -> MaterializedSeedDeltaProjection | SparseSeedDeltaProjection | SparseSdqProjection:
+    """dtype: the dtype of a materialized Ŵ (the sparse mode keeps float32 values and indices)."""
     if mode == "materialized":
-        return MaterializedSeedDeltaProjection(payload)
+        return MaterializedSeedDeltaProjection(payload, dtype)
     if mode == "sparse":
         if isinstance(payload, SdqPayload):
             return SparseSdqProjection(payload)

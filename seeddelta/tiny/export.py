@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGUFReader
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.reader import field_value, open_gguf
 from seeddelta.outputs import AtomicOutput
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer, tiny_tokenizer
 from seeddelta.tiny.checkpoint import load_checkpoint, model_from_checkpoint
@@ -73,9 +75,9 @@ def export_checkpoint(ckpt: Path | str, out: Path | str, name: str = "seeddelta-
     return export_gguf(model, tiny_tokenizer(), out, name=name)
 
 
-def _field(reader, key: str, default=None):
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    return default if f is None else field_value(f)
 
 
 def load_gguf_model(path: Path | str) -> tuple[TinyLlama, SPMTokenizer]:
@@ -83,9 +85,7 @@ def load_gguf_model(path: Path | str) -> tuple[TinyLlama, SPMTokenizer]:
     import gguf
 
     path = Path(path)
-    if not path.exists():
-        raise SeedDeltaError(f"model not found: {path}")
-    r = gguf.GGUFReader(str(path))
+    r = open_gguf(path, "model")
     arch = _field(r, "general.architecture")
     if arch != ARCH:
         raise SeedDeltaError(f"{path}: architecture {arch!r}, expected 'llama'")

@@ -32,13 +32,14 @@ def _fresh_load(path: Path, mode: str) -> dict:
 def test_stripped_sparse_load_saves_the_resident_memory_the_weights_account_for(tmp_path):
     dense = TINY_MODEL
     stripped = tmp_path / "k64.gguf"
-    assert main(["build", "-i", str(dense), "-o", str(stripped), "--K", "64", "--strip-dense", "-q"]) == 0
+    assert main(["build", "-i", str(dense), "-o", str(stripped), "--K", "16", "--strip-dense", "-q"]) == 0
     before, after = _fresh_load(dense, "materialized"), _fresh_load(stripped, "sparse")
     accounted = before["weights_bytes"] - after["weights_bytes"]
     measured = before["rss_anon_load_delta_bytes"] - after["rss_anon_load_delta_bytes"]
-    # K = 64 of n_in 192/768 as int32 index + float32 value (8 B) replaces 4·n_in B per row: ≈ 6.7 MiB
-    # fewer weight bytes. Everything else a load allocates (tokenizer, rope tables, Python objects) is
+    # The F16 model's weights are held as stored (2 B each), the sparse residual too (i16 index + f16
+    # value, 4 B). K = 16 of n_in 192/768 replaces 2·n_in B per row by 64 B: 8 layers ·
+    # (2·768·(384 − 64) + 192·(1536 − 64)) B ≈ 6.0 MiB fewer weight bytes. Everything else a load allocates (tokenizer, rope tables, Python objects) is
     # the same in both processes; repeated loads differ by ≤ 0.03 MiB (measured). Half the accounted
     # saving is the bar: a runtime that kept a dense copy or the file's arrays would save nothing.
-    assert accounted > 6 * 2**20
+    assert accounted > 5 * 2**20
     assert measured > accounted / 2, (measured / 2**20, accounted / 2**20)

@@ -24,23 +24,32 @@ from seeddelta.runtime.model import load_model, load_tokenizer
 from seeddelta.testing import synthetic_gguf as synthetic
 
 U32 = 2.0 ** -24
+U16 = 2.0 ** -11
 SHAPE = dict(n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, vocab=259)
 
 
-def read_weights(path: str) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+PLAIN = ("F32", "F16", "BF16")
+
+
+def read_weights(path: str, held: bool = False) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Every tensor dequantized exactly (float64); held=True rounds quantized matrices to float16 the
+    way the runtime holds them (seeddelta.runtime.weights), written here independently."""
     import gguf
 
     r = gguf.GGUFReader(path)
     w = {}
     for t in r.tensors:
         a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        w[t.name] = np.asarray(a, dtype=np.float64).reshape([int(d) for d in reversed(t.shape)])
+        a = np.asarray(a, dtype=np.float64).reshape([int(d) for d in reversed(t.shape)])
+        if held and a.ndim == 2 and gguf.GGMLQuantizationType(t.tensor_type).name not in PLAIN:
+            a = a.astype(np.float16).astype(np.float64)
+        w[t.name] = a
     meta = {k: f.contents() for k, f in r.fields.items() if k.startswith("llama.")}
     return w, meta
 
 
-def ref_forward(path: str, tokens: list[int], neox: bool = False) -> np.ndarray:
-    w, meta = read_weights(path)
+def ref_forward(path: str, tokens: list[int], neox: bool = False, held: bool = False) -> np.ndarray:
+    w, meta = read_weights(path, held)
     n_head, n_kv = int(meta["llama.attention.head_count"]), int(meta["llama.attention.head_count_kv"])
     n_embd, eps = int(meta["llama.embedding_length"]), float(meta["llama.attention.layer_norm_rms_epsilon"])
     theta, rd = float(meta["llama.rope.freq_base"]), int(meta["llama.rope.dimension_count"])
@@ -86,6 +95,13 @@ def tol_for(ref: np.ndarray, n_layer: int, n: int) -> float:
     return n_layer * 8 * n * U32 * (1.0 + float(np.abs(ref).max()))
 
 
+def f16_hold_tol(ref: np.ndarray, n_layer: int) -> float:
+    """Extra band when quantized weights are held as float16: each weight is rounded once (relative
+    error <= u16 = 2^-11), so each of the 7 matmuls per layer and the output projection errs by at most
+    u16·Σ|w·x| — the same chain argument as tol_for with u16 in place of n·u32 per matmul."""
+    return (7 * n_layer + 1) * U16 * (1.0 + float(np.abs(ref).max()))
+
+
 @pytest.fixture(scope="module")
 def model_f32(tmp_path_factory: pytest.TempPathFactory) -> str:
     p = tmp_path_factory.mktemp("rt") / "f32.gguf"
@@ -112,9 +128,39 @@ def test_forward_matches_float64_reference(model_f32: str) -> None:
 def test_quantized_types_match_reference_on_dequantized_weights(tmp_path, dtype: str) -> None:
     p = str(tmp_path / f"{dtype}.gguf")
     synthetic.make_llama_gguf(p, dtype=dtype, std=0.25, seed=2, **SHAPE)
-    got = load_model(p).forward(TOKENS[:9]).numpy()
+    m = load_model(p)
+    held = {torch.float16: "F16", torch.bfloat16: "BF16"}[m.layers[0].ffn["ffn_up"].weight.dtype]
+    assert held == ("BF16" if dtype == "BF16" else "F16")  # as stored; quantized types as float16
+    got = m.forward(TOKENS[:9]).numpy()
+    # the graph on the values the runtime holds: the float32 band
+    ref_held = ref_forward(p, TOKENS[:9], held=True)
+    tol = tol_for(ref_held, SHAPE["n_layer"], SHAPE["n_ff"])
+    assert np.max(np.abs(got - ref_held)) <= tol
+    # against the exactly dequantized weights: plus one float16 rounding per quantized weight
     ref = ref_forward(p, TOKENS[:9])
-    assert np.max(np.abs(got - ref)) <= tol_for(ref, SHAPE["n_layer"], SHAPE["n_ff"])
+    extra = 0.0 if dtype in PLAIN else f16_hold_tol(ref, SHAPE["n_layer"])
+    assert np.max(np.abs(got - ref)) <= tol + extra
+    # hold="float32" dequantizes every weight to float32: the exact reference within the float32 band
+    got32 = load_model(p, hold="float32").forward(TOKENS[:9]).numpy()
+    assert np.max(np.abs(got32 - ref)) <= tol_for(ref, SHAPE["n_layer"], SHAPE["n_ff"])
+    if dtype not in PLAIN:  # the float16 rounding is really there (so the held reference is the right one)
+        assert np.max(np.abs(got - ref)) > np.max(np.abs(got32 - ref))
+
+
+def test_weights_are_held_once_in_their_stored_width(tmp_path) -> None:
+    p = str(tmp_path / "q.gguf")
+    synthetic.make_llama_gguf(p, dtype="F16", std=0.25, seed=2, **SHAPE)
+    m16, m32 = load_model(p), load_model(p, hold="float32")
+    # F16 held as F16: half the bytes of the float32 model, norms excepted (held float32 in both)
+    norms = sum(t.numel() * 4 for t in [m16.output_norm] + [x for L in m16.layers for x in (L.attn_norm, L.ffn_norm)])
+    assert m16.weight_nbytes() - norms == (m32.weight_nbytes() - norms) // 2
+    # the held float16 bits are the stored bits
+    import gguf
+
+    r = gguf.GGUFReader(p)
+    stored = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
+    assert np.array_equal(m16.layers[1].ffn["ffn_down"].weight.numpy().view(np.uint16),
+                          np.asarray(stored.data).view(np.uint16).reshape(SHAPE["n_embd"], SHAPE["n_ff"]))
 
 
 def test_tied_output_uses_token_embedding(tmp_path) -> None:
@@ -194,3 +240,17 @@ def test_partial_rope_dimension_count(model_f32: str, tmp_path) -> None:
     tol = tol_for(ref, SHAPE["n_layer"], SHAPE["n_ff"])
     assert np.max(np.abs(m.forward(TOKENS).numpy() - ref)) <= tol
     assert np.max(np.abs(ref - ref_forward(model_f32, TOKENS))) > 100 * tol  # the key really changes the model
+
+
+def test_sixteen_bit_linear_works_inside_and_then_outside_inference_mode() -> None:
+    """The float32 scratch buffer is shared per thread: one first made under inference_mode must still
+    be writable by a projection called directly afterwards (found by the suite run in one process)."""
+    from seeddelta.runtime import weights
+
+    weights._scratch.__dict__.pop("buf", None)  # start from no buffer, as a fresh thread does
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        inside = weights.linear(x, w)
+    outside = weights.linear(x, w)
+    assert torch.equal(inside, outside)  # same inputs, same kernel: bit-identical

@@ -28,7 +28,7 @@ from seeddelta.runtime.projections import (
     parse_payload,
 )
 from seeddelta.testing.oracles import reference_apply
-from seeddelta.testing.tolerances import F64_REORDER, U32
+from seeddelta.testing.tolerances import F16_SUBNORMAL_ABS, F64_REORDER, U16, U32
 
 
 def bound(t: dict[str, np.ndarray], n_in: int, n_out: int, x: np.ndarray) -> np.ndarray:
@@ -104,6 +104,14 @@ def test_sparse_and_materialized_match_spec_reference(n_in: int, n_out: int, opt
     np.testing.assert_allclose(x.astype(np.float64) @ dense.T, ref, rtol=0, atol=float(np.max(tol)) * 1e-6 + F64_REORDER)
     # leading batch dimensions are kept
     assert sparse(torch.from_numpy(x).reshape(5, 1, n_in)).shape == (5, 1, n_out)
+    # Ŵ held as float16 (models that are not F32): Ŵ rounded once, so each product gains at most
+    # u16·|Ŵ_ij·x_j| (normal range) or F16_SUBNORMAL_ABS·|x_j| (below it) on top of the float32 band
+    mat16 = MaterializedSeedDeltaProjection(payload, torch.float16)
+    assert mat16.weight.dtype == torch.float16
+    assert np.array_equal(mat16.weight.numpy(), dense.astype(np.float16))  # one rounding of the float64 Ŵ
+    y16 = mat16(torch.from_numpy(x)).numpy().astype(np.float64)
+    extra = U16 * np.abs(x.astype(np.float64)) @ np.abs(dense).T + F16_SUBNORMAL_ABS * np.abs(x).sum(1)[:, None]
+    assert np.all(np.abs(y16 - ref) <= tol + extra), float(np.max(np.abs(y16 - ref) / (tol + extra)))
 
 
 def test_block_preferred_over_coo(seed: int) -> None:

@@ -1,0 +1,251 @@
+"""One measurement of the regress suite: build a SeedΔ file (a set of units, or a policy), then
+measure it against the original — KLD and paired ΔNLL at each requested context on the same
+windows, the greedy pack, and (for presets) the file size and resident memory in a fresh process.
+
+A measurement is described by a `Spec` (JSON-able, the key of its cached result) and run by an
+`Evaluator`, which holds the original model, its logits per context (computed once) and its greedy
+results. `run_specs` serves cached results, and measures the rest in this process or in worker
+processes (`jobs` > 1; each worker has its own Evaluator, results are identical either way).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from seeddelta.builder.options import BuildOptions, Resolver, baseline_resolver
+from seeddelta.builder.pipeline import run_build
+from seeddelta.evaluation import equal_bytes as eb
+from seeddelta.evaluation.equal_bytes import kld_row
+from seeddelta.evaluation.greedy import PackItem, run_pack, verdict
+from seeddelta.evaluation.memory import Loaded, load
+from seeddelta.evaluation.result_cache import ResultCache
+from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
+from seeddelta.evaluation.sweep import _cached
+from seeddelta.evaluation.windows import Windows, text_windows
+from seeddelta.gguf_format.reader import GGUFModel
+from seeddelta.outputs import write_text_atomic
+from seeddelta.resources import configure
+
+Progress = Callable[[str], None]
+# Report fields of every encoded weight kept with a measurement (the weight-space metrics B4 correlates).
+METRIC_KEYS = ("cos_mean", "cos_p05", "rel_l2_mean", "cos_mean_w", "cos_p05_w", "rel_l2_mean_w", "cos_mean_x",
+               "cos_p05_x", "cos_mean_x_w", "cos_p05_x_w", "rel_l2_mean_x_w", "norm_ratio_mean_x_w", "ffn_score",
+               "ffn_proxy_cos_p05", "ffn_proxy_l2_p95")
+EVAL_COLS, EVAL_X = 4096, 32  # the demo's: every row of a model up to 4096 wide, 32 random inputs
+GREEDY_TOLERANCE = 0.05  # the greedy pack's default accuracy tolerance (evaluation.greedy)
+
+_LOAD_IN_FRESH_PROCESS = """
+import json, sys
+from seeddelta.evaluation.memory import load
+print(json.dumps(load(sys.argv[1], mode=sys.argv[2]).memory()))
+"""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to build and measure. `pairs`: exactly these (layer, kind) as SeedΔ (dense stripped);
+    or `policy`: a policy's JSON text decides. `encoding`: BuildOptions fields (K_gate, K_up, K_down,
+    base, row_scale, imatrix as a bool). `evals`: (ctx, chunks) pairs. `greedy_limit`: prompts per
+    task (0: all; None: no greedy). `memory`: measure file size and resident memory (fresh process)."""
+
+    name: str
+    encoding: Mapping[str, Any]
+    pairs: tuple[tuple[int, str], ...] | None = None
+    policy: str | None = None
+    evals: tuple[tuple[int, int], ...] = ((512, -1),)
+    greedy_limit: int | None = None
+    memory: bool = False
+    candidate: Mapping[str, Any] | None = None  # an equal-bytes candidate {family, label, settings} instead
+
+    def settings(self) -> dict[str, Any]:
+        if self.candidate is not None:
+            return {"candidate": {"family": self.candidate["family"], **dict(self.candidate["settings"])},
+                    "evals": [list(e) for e in self.evals]}
+        return {"encoding": dict(self.encoding), "pairs": [list(p) for p in self.pairs] if self.pairs is not None else None,
+                "policy": self.policy, "evals": [list(e) for e in self.evals], "greedy_limit": self.greedy_limit,
+                "memory": self.memory, "eval_cols": EVAL_COLS, "eval_x": EVAL_X}
+
+
+def limit_per_task(items: Sequence[PackItem], n: int) -> list[PackItem]:
+    """The first n prompts of each task (0: all), in pack order."""
+    if n <= 0:
+        return list(items)
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        seen[it.task] = seen.get(it.task, 0) + 1
+        if seen[it.task] <= n:
+            out.append(it)
+    return out
+
+
+def greedy_summary(res: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:
+    v = verdict(dict(res), None if base is None else dict(base), GREEDY_TOLERANCE)
+    return {"verdict": v["result"], "reasons": v["reasons"], "n": res["n"], "flagged": res["flagged"],
+            "accuracy": res["accuracy"], "tasks": {t: round(d["accuracy"], 6) for t, d in sorted(res["tasks"].items())},
+            "flagged_ids": [r["id"] for r in res["items"] if r["flags"]][:10]}
+
+
+def fresh_process_memory(path: str | os.PathLike[str], mode: str) -> dict[str, Any]:
+    """The memory report of loading `path` in a new Python process (one thread)."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, os.fspath(path), mode], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@dataclass
+class Evaluator:
+    model: Path
+    text: Path
+    imatrix: Path | None
+    pack: Sequence[PackItem]
+    work_dir: Path
+    threads: int = 0  # 0: automatic (seeddelta.resources)
+    keep_files: bool = False
+    _base: Loaded | None = None
+    _windows: dict[tuple[int, int], Windows] = field(default_factory=dict)
+    _logits: dict[tuple[int, int], Logits] = field(default_factory=dict)
+    _greedy: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Loaded:
+        if self._base is None:
+            configure(self.threads)
+            self._base = load(self.model)
+        return self._base
+
+    def windows(self, ctx: int, chunks: int) -> Windows:
+        key = (ctx, chunks)
+        if key not in self._windows:
+            self._windows[key] = text_windows(self.text, ctx, chunks, self.base.tokenizer).windows
+        return self._windows[key]
+
+    def base_logits(self, ctx: int, chunks: int) -> Logits:
+        key = (ctx, chunks)
+        if key not in self._logits:
+            self._logits[key] = _cached(model_logits(self.base.model))
+        return self._logits[key]
+
+    def base_greedy(self, limit: int) -> dict[str, Any]:
+        if limit not in self._greedy:
+            self._greedy[limit] = run_pack(self.base.model, self.base.tokenizer, limit_per_task(self.pack, limit))
+        return self._greedy[limit]
+
+    def build(self, spec: Spec, out: Path) -> dict[str, Any]:
+        enc = dict(spec.encoding)
+        use_imatrix = bool(enc.pop("imatrix", False))
+        opts = BuildOptions(input=str(self.model), output=str(out), strip_dense=True, eval_cols=EVAL_COLS,
+                            eval_x=EVAL_X, imatrix=str(self.imatrix) if use_imatrix and self.imatrix else None,
+                            progress=False, threads=self.threads, **enc)
+        resolver: Resolver
+        if spec.policy is not None:
+            from seeddelta.policy.builder import policy_resolver
+            from seeddelta.policy.load import parse_policy
+
+            policy_path = out.with_suffix(".policy.json")
+            write_text_atomic(policy_path, spec.policy)
+            opts = replace(opts, policy=str(policy_path))
+            resolver = policy_resolver(parse_policy(spec.policy, source=str(policy_path)), opts,
+                                       GGUFModel(self.model, what="model").n_layer)
+        else:
+            chosen = frozenset(spec.pairs or ())
+            opts = replace(opts, layers=",".join(str(x) for x in sorted({layer for layer, _ in chosen})) or None)
+            baseline = baseline_resolver(opts)
+            resolver = lambda layer, kind: replace(baseline(layer, kind), enabled=(layer, kind) in chosen)  # noqa: E731
+        with open(os.devnull, "w") as quiet:
+            result = run_build(opts, resolver, log=quiet)
+        weights = [{"layer": w["layer"], "kind": w["kind"], "K": w["K"], "emit": w["emit"], "decision": w["decision"],
+                    **{k: w.get(k) for k in METRIC_KEYS}} for w in result.report["weights"]]
+        return {"file_bytes": result.output_bytes, "input_bytes": result.input_bytes,
+                "bytes_saved": result.bytes_stripped - result.bytes_added,
+                "emitted": sum(1 for w in weights if w["emit"]), "weights": weights}
+
+    def run(self, spec: Spec) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if spec.candidate is not None:
+            ctx, chunks = spec.evals[0]
+            point = eb.Candidate(spec.candidate["family"], spec.candidate["label"], dict(spec.candidate["settings"]))
+            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads),
+                                       self.base_logits(ctx, chunks), self.windows(ctx, chunks), self.work_dir,
+                                       self.keep_files)
+            return {"name": spec.name, "row": row, "seconds": time.perf_counter() - t0}
+        path = self.work_dir / f"{spec.name}.gguf"
+        out: dict[str, Any] = {"name": spec.name, "build": self.build(spec, path)}
+        try:
+            cand = load(path, mode="sparse")
+            for ctx, chunks in spec.evals:
+                w = self.windows(ctx, chunks)
+                out[f"ctx{ctx}"] = kld_row(kl_divergence(self.base_logits(ctx, chunks), model_logits(cand.model), w), w)
+            if spec.greedy_limit is not None:
+                res = run_pack(cand.model, cand.tokenizer, limit_per_task(self.pack, spec.greedy_limit))
+                out["greedy"] = greedy_summary(res, self.base_greedy(spec.greedy_limit))
+            del cand
+            if spec.memory:
+                out["memory"] = {"file_bytes": os.path.getsize(path),
+                                 "rss_anon_load_delta_bytes": fresh_process_memory(path, "sparse")["rss_anon_load_delta_bytes"]}
+        finally:
+            if not self.keep_files:
+                for p in (path, path.with_suffix(".policy.json")):
+                    if p.exists():
+                        os.unlink(p)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+_WORKER: Evaluator | None = None
+
+
+def _worker_init(ev: Evaluator) -> None:
+    global _WORKER
+    _WORKER = ev
+
+
+def _worker_run(spec: Spec) -> dict[str, Any]:
+    assert _WORKER is not None
+    return _WORKER.run(spec)
+
+
+def run_specs(ev: Evaluator, specs: Sequence[Spec], cache: ResultCache, step: str, *, jobs: int = 1,
+              progress: Progress | None = None, label: Callable[[Spec, Mapping[str, Any]], str] | None = None
+              ) -> list[dict[str, Any]]:
+    """Every spec's result, in order: from the cache, else measured (and cached as soon as it is done)."""
+    note = progress or (lambda _m: None)
+    results: list[dict[str, Any] | None] = [cache.get(step, s.settings()) for s in specs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    done = len(specs) - len(todo)
+    t0 = time.perf_counter()
+    if done:
+        note(f"[{step}] {done}/{len(specs)} from the cache")
+
+    def finish(i: int, r: dict[str, Any]) -> None:
+        nonlocal done
+        cache.put(step, specs[i].settings(), r)
+        results[i] = r
+        done += 1
+        text = label(specs[i], r) if label is not None else specs[i].name
+        note(f"[{step} {done}/{len(specs)}] {text}  {time.perf_counter() - t0:.0f}s")
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            finish(i, ev.run(specs[i]))
+    else:
+        # one thread per worker unless -t says otherwise: the workers share the cores
+        worker = replace(ev, threads=ev.threads or 1, _base=None, _windows={}, _logits={}, _greedy={})
+        # spawn, not fork: a forked copy of a process whose torch/OpenMP threads already ran can hang
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(worker,)) as pool:
+            futures = {pool.submit(_worker_run, specs[i]): i for i in todo}
+            for fut in as_completed(futures):
+                finish(futures[fut], fut.result())
+    return [r for r in results if r is not None]

@@ -1,0 +1,44 @@
+"""Golden snapshots of the CI regress run's report.json and report.md (normalised): any change to a
+figure, a verdict or the report's text is a readable diff. The numeric contracts are tested in
+tests/tiny/test_regress.py and tests/toy/test_regress_logic.py; these snapshots catch drift.
+Update deliberately with `make golden-update`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from seeddelta.testing.golden import NOISE_KEYS, normalize
+from seeddelta.testing.regress_ci import ci_report
+
+# Measured on the machine, not computed from the model: wall-clock speeds, resident memory, paths.
+MACHINE_KEYS = NOISE_KEYS | {"timing", "prompt_tok_per_s", "decode", "throughput", "rss_anon_load_delta_bytes",
+                             "rss_bytes", "weights_bytes", "path", "text", "calibration", "code_fingerprint",
+                             "plots", "window_delta_nll"}
+MD_MACHINE = [
+    (re.compile(r"[-+]?\d+\.\d+ MiB"), "<MiB>"),  # resident memory
+    (re.compile(r"^(\| \d+ \|.*\| )\d+ \|$", re.M), r"\1<tok/s> |"),  # B1 table: prompt tok/s column
+    (re.compile(r"decode: .*"), "decode: <tok/s>"),
+    (re.compile(r"## Timing\n\n.*", re.S), "## Timing\n\n<machine>\n"),
+]
+
+
+def _base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def test_regress_report_json(tmp_path_factory, snapshot_json):
+    report = json.loads(ci_report(_base(tmp_path_factory))[3])
+    assert normalize(report, MACHINE_KEYS) == snapshot_json
+
+
+def test_regress_report_md(tmp_path_factory, snapshot):
+    md = ci_report(_base(tmp_path_factory))[4]
+    for pattern, repl in MD_MACHINE:
+        md = pattern.sub(repl, md)
+    assert md == snapshot
