@@ -260,7 +260,9 @@ def _variant(ctx: _Ctx, value: Any, path: str) -> VariantSpec:
 
 
 def _k_value(ctx: _Ctx, value: Any, path: str) -> int:
-    return ctx.integer(value, path, 1, note=" (the original silently ignored a K that is not an integer)")
+    # version 2: K 0 = a variant's quantized base alone (resolve refuses it for a plain SeedΔ weight)
+    return ctx.integer(value, path, 0 if ctx.version >= 2 else 1,
+                       note=" (the original silently ignored a K that is not an integer)")
 
 
 def _threshold(ctx: _Ctx, value: Any, path: str) -> float:

@@ -181,6 +181,11 @@ def resolve(policy: Policy, layer: int, kind: str, baseline: Baseline | None = N
     for rule in applicable:
         if kind in rule.tensors:
             apply(rule.tensors[kind])
+    k_name = "K_" + SHORT[kind]
+    if values[k_name] == 0 and values["enabled"] and not values["variant"].is_variant:
+        # version 2 admits K 0 for a variant (its quantized base alone); plain SeedΔ needs entries
+        raise SeedDeltaError(f"{policy.source}: {source[k_name]}.K: K 0 is only for a variant weight (the quantized "
+                             f"base alone); blk.{layer}.{kind} is plain SeedΔ")
     return Resolved(layer=layer, kind=kind, source=source, **values)
 
 

@@ -112,6 +112,7 @@ class Evaluator:
     work_dir: Path
     threads: int = 0  # 0: automatic (seeddelta.resources)
     keep_files: bool = False
+    xtx: Path | None = None  # calibration XᵀX (equal-bytes variant points)
     _base: Loaded | None = None
     _windows: dict[tuple[int, int], Windows] = field(default_factory=dict)
     _logits: dict[tuple[int, int], Logits] = field(default_factory=dict)
@@ -176,7 +177,7 @@ class Evaluator:
         if spec.candidate is not None:
             ctx, chunks = spec.evals[0]
             point = eb.Candidate(spec.candidate["family"], spec.candidate["label"], dict(spec.candidate["settings"]))
-            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads),
+            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads, xtx=self.xtx),
                                        self.base_logits(ctx, chunks), self.windows(ctx, chunks), self.work_dir,
                                        self.keep_files)
             return {"name": spec.name, "row": row, "seconds": time.perf_counter() - t0}

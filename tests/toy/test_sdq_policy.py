@@ -78,3 +78,17 @@ def test_mixed_build_exports_and_rebuilds_byte_for_byte(tmp_path):
     assert main(["ppl", "-m", str(out), "-f", str(tmp_path / "t.txt"), "-c", "32", "--chunks", "1", "-q", "-t", "1",
                  "--sparse"]) == 0
     Path(tmp_path / "t.txt").unlink()
+
+
+def test_k_zero_is_a_variants_base_alone_and_refused_for_plain_seeddelta():
+    ok = {"version": 2, "defaults": {"K": 0, "variant": "sdq"}}
+    assert resolve(parse_policy(json.dumps(ok), source="p.json"), 0, "ffn_down").K == 0
+    # a plain weight (here layer 1, where a rule turns the variant off) cannot have K 0
+    doc = {"version": 2, "defaults": {"K": 0, "variant": "sdq"}, "layers": {"1": {"variant": "none"}}}
+    with pytest.raises(SeedDeltaError) as info:
+        resolve(parse_policy(json.dumps(doc), source="p.json"), 1, "ffn_gate")
+    assert str(info.value) == ("p.json: defaults.K: K 0 is only for a variant weight (the quantized base alone); "
+                               "blk.1.ffn_gate is plain SeedΔ")
+    # version 1 (the original's schema) keeps K >= 1
+    with pytest.raises(SeedDeltaError, match="defaults.K"):
+        parse_policy(json.dumps({"version": 1, "defaults": {"K": 0}}), source="p.json")
