@@ -281,3 +281,22 @@ def test_a_base_type_the_rows_do_not_fit_is_refused_before_any_work(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "blk.0.ffn_gate.weight" in err[0] and "n_in = 48" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["c8_rs", "rot_q8", "alone"])
+def test_materialize_writes_the_runtimes_variant_weights_dense(files, tmp_path, name):
+    """`seeddelta materialize` of a variant file: every FFN weight dense with exactly the values the
+    materialized runtime holds (so stock llama.cpp computes what we compute), no sdq_* tensor, no
+    seeddelta.* key."""
+    _d, _dense, out = files
+    dense = tmp_path / "dense.gguf"
+    assert main(["materialize", str(out[name]), "-o", str(dense)]) == 0
+    g = GGUFModel(dense)
+    assert not any(parse_seeddelta_name(n) for n in g.tensors)
+    assert not any(k.startswith("seeddelta.") for k in g.reader.fields)
+    mat = load_model(out[name])
+    for layer in range(2):
+        for kind in ("ffn_gate", "ffn_up", "ffn_down"):
+            held = mat.layers[layer].ffn[kind].weight.numpy()
+            written = np.array(g.tensors[f"blk.{layer}.{kind}.weight"].data)
+            assert written.dtype == held.dtype and np.array_equal(written, held)
