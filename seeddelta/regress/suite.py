@@ -303,17 +303,17 @@ def equal_bytes_step(c: Context) -> dict[str, Any]:
     """The equal-bytes comparison through the suite's workers and cache (evaluation.equal_bytes)."""
     s = c.settings
     w = c.ev.windows(512, s.unit_chunks)
-    cands = [eb.Candidate("original", "original"), *eb.seeddelta_candidates(s.eq_densities)]
+    # the quick points first (quantization types, variants), plain SeedΔ and pruning after them
+    cands = [eb.Candidate("original", "original")]
     if s.quant_types is None:
         cands += eb.llamacpp_candidates()
     else:
         cands += eb.llamacpp_candidates([t for t in s.quant_types if not t.endswith("+imatrix")],
                                         [t.removesuffix("+imatrix") for t in s.quant_types if t.endswith("+imatrix")])
-    cands += eb.pruning_candidates(s.eq_densities)
     variants = eb.variant_candidates(s.variants)
     if any(v.needs_xtx for v in variants):
         c.ev.xtx = make_xtx(c, calibration_text(s, s.out), s.out)
-    cands += variants
+    cands += variants + eb.seeddelta_candidates(s.eq_densities) + eb.pruning_candidates(s.eq_densities)
     cands, skipped = eb.runnable(cands, eb.Inputs(s.model, c.ev.imatrix, xtx=c.ev.xtx))
     for line in skipped:
         c.note(f"[equal bytes] {line}")
