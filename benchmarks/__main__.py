@@ -6,7 +6,7 @@ import importlib
 import sys
 
 MODULES = ("bench_codec", "bench_build", "bench_build_compare", "bench_large", "bench_runtime", "bench_threads",
-           "bench_workers")
+           "bench_variants", "bench_workers")
 
 
 def main(argv: list[str]) -> int:

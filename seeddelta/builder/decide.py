@@ -202,7 +202,9 @@ def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix:
                 pool.prefetch(layer, kind, cfg, cfg.k_schedule()[0])
             res = decide_weight(model, opts, task, pool, state, policy_fields=policy_fields)
             if park is not None:
-                res.tensors = [park(*t) if isinstance(t, tuple) else t for t in res.tensors]
+                # a variant's quantized base (RawTensor) stays in memory: the spill file holds plain arrays
+                res.tensors = [park(t[0], t[1]) if isinstance(t, tuple) and isinstance(t[1], np.ndarray) else t
+                               for t in res.tensors]
             decided[(res.layer, res.kind)] = res
             progress.step(f"blk.{res.layer}.{res.kind}")
     finally:

@@ -18,13 +18,15 @@ from seeddelta.builder.options import (
     tensor_seed,
 )
 from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
+from seeddelta.builder.variant import encode_variant
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
+from seeddelta.codec.sdq import SdqWeight
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
-from seeddelta.gguf_format.writer import AddedTensor
+from seeddelta.gguf_format.writer import AddedTensor, RawTensor
 
 
 @dataclass
@@ -185,8 +187,12 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
     n_in = W.shape[1]
     scale = imatrix.scale(name, n_in, opts.imatrix_eps, opts.imatrix_power) if imatrix is not None else None
     config = encode_config(opts, layer, kind, cfg, K)
+    spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
     try:
-        sdw = encode(W, config, scale)
+        if spec.is_variant:
+            sdw: SeedDeltaWeight = encode_variant(opts, spec, name, W, K, config.row_scale, config.seed, scale)
+        else:
+            sdw = encode(W, config, scale)
     except SeedDeltaError as exc:
         raise SeedDeltaError(f"{name}: {exc}") from None
     warnings = [f"{name}: {w}" for w in getattr(sdw, "warnings", [])]
@@ -213,12 +219,18 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     name = weight_name(layer, kind)
     n_out, n_in = sdw.n_out, sdw.n_in
     strip = emit and cfg.strip_dense
-    tensors = [(seeddelta_tensor_name(layer, kind, s), a) for s, a in sdw.tensors().items()] if emit else []
+    types = sdw.ggml_types() if isinstance(sdw, SdqWeight) else {}
+    tensors: list[tuple[str, np.ndarray | RawTensor]] = [
+        (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
+        for s, a in sdw.tensors().items()] if emit else []
     order = {s: i for i, s in enumerate(SEEDDELTA_SUFFIXES)}
     tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
     nbytes_sd = int(sdw.nbytes())
     dense_bytes = model.tensor_nbytes(name)
-    k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, trial.K), n_in))
+    if isinstance(sdw, SdqWeight):  # a variant may keep 0 entries (its quantized base alone)
+        k_budget = int(sdw.k_budget)
+    else:
+        k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, trial.K), n_in))
     gating_fields = {k: v for k, v in gating.items() if k != "available"}
     gating_fields["decision"] = decision
     entry_values: dict[str, Any] = {
@@ -237,10 +249,13 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
         entry_values["autotune_enabled"] = True
         entry_values["autotune_attempts"] = attempts or []
     entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
+    if isinstance(sdw, SdqWeight):
+        spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
+        entry_values.update({"variant": spec.to_json(), "base_type": sdw.base_type})
     entry_values.update(extra or {})
     result = WeightResult(layer, kind, weight_entry(**entry_values), list[AddedTensor](tensors), strip,
                           trial.seconds if seconds is None else seconds, list(trial.warnings))
-    result.added_bytes = sum(int(a.nbytes) for _, a in tensors)
+    result.added_bytes = sum(int(a.data.nbytes if isinstance(a, RawTensor) else a.nbytes) for _, a in tensors)
     result.stripped_bytes = dense_bytes if strip else 0
     return result
 

@@ -19,6 +19,69 @@ BASELINE_THRESHOLDS = {"ffn_gate": (0.45, 0.30), "ffn_up": (0.45, 0.30), "ffn_do
 GATING_METRICS = ("cos", "cos_w", "cos_x", "cos_x_w", "ffn_score")
 _METRIC_GROUP = {"cos": "", "cos_w": "_w", "cos_x": "_x", "cos_x_w": "_x_w"}
 
+VARIANTS = ("none", "sdq")
+SDQ_CODINGS = ("coo", "c8")
+SDQ_REFITS = ("none", "full")
+SDQ_QUANTIZERS = ("rtn", "gptq")
+BASE_FROM_FILE = "file"  # the quantized base of variant sdq taken from --quant-base-from
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """How a weight is encoded beyond the original's schema (docs/file-format.md, "Variants").
+
+    `name` "none": plain SeedΔ (every other field ignored). "sdq": residual over a quantized base —
+    `base_type` a ggml type gguf-py quantizes (Q4_0, Q8_0, MXFP4, …) or "file" (the weight as
+    --quant-base-from stores it), `rotate` (random-sign Hadamard before quantizing), `holdout`
+    (each row's K largest entries kept out of the quantization), `coding` of the residual (coo: 4 bytes
+    per entry; c8: 2), `refit` of its values (none: the residual itself; full: least squares on
+    --xtx), `quantizer` of the base (rtn: gguf-py's round-to-nearest; gptq: error feedback on --xtx)."""
+
+    name: str = "none"
+    base_type: str = "Q4_0"
+    rotate: bool = False
+    holdout: bool = False
+    coding: str = "coo"
+    refit: str = "none"
+    quantizer: str = "rtn"
+
+    @property
+    def is_variant(self) -> bool:
+        return self.name != "none"
+
+    def to_json(self) -> dict[str, object]:
+        if not self.is_variant:
+            return {"name": "none"}
+        return {"name": self.name, "base_type": self.base_type, "quantizer": self.quantizer, "rotate": self.rotate,
+                "holdout": self.holdout, "coding": self.coding, "refit": self.refit}
+
+    def problem(self) -> str | None:
+        """Why this spec is not a valid one (None: it is)."""
+        if self.name not in VARIANTS:
+            return f"unknown variant {self.name!r} (expected {', '.join(VARIANTS)})"
+        if not self.is_variant:
+            return None
+        from seeddelta.codec.quant_base import ENCODABLE_TYPES
+
+        if self.base_type.upper() not in ENCODABLE_TYPES and self.base_type != BASE_FROM_FILE:
+            return (f"quantized base type {self.base_type!r} cannot be encoded (gguf-py quantizes "
+                    f"{', '.join(ENCODABLE_TYPES)}; K-/i-quants: give --quant-base-from a llama-quantize output)")
+        if self.coding not in SDQ_CODINGS:
+            return f"unknown residual coding {self.coding!r} (expected {', '.join(SDQ_CODINGS)})"
+        if self.refit not in SDQ_REFITS:
+            return f"unknown refit {self.refit!r} (expected {', '.join(SDQ_REFITS)})"
+        if self.quantizer not in SDQ_QUANTIZERS:
+            return f"unknown quantizer {self.quantizer!r} (expected {', '.join(SDQ_QUANTIZERS)})"
+        if self.base_type == BASE_FROM_FILE and (self.rotate or self.holdout or self.quantizer != "rtn"):
+            return "a base taken from --quant-base-from is used as stored (no rotation, holdout or gptq)"
+        if self.quantizer == "gptq":
+            from seeddelta.codec.gptq import GPTQ_TYPES
+
+            if self.base_type.upper() not in GPTQ_TYPES:
+                return f"quantizer gptq supports base types {', '.join(GPTQ_TYPES)}, not {self.base_type}"
+        return None
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """Everything `seeddelta build` takes (names follow the original's flags, §11.1)."""
@@ -55,10 +118,27 @@ class BuildOptions:
     overwrite_existing: bool = False
     deterministic_report: bool = False
     progress: bool = True
+    # SeedΔ variants (ours): the command line's encoding of every weight a policy does not set
+    variant: str = "none"
+    quant_base: str = "Q4_0"
+    quant_base_from: str | None = None
+    rotate: bool = False
+    holdout: bool = False
+    coding: str = "coo"
+    refit: str = "none"
+    quantizer: str = "rtn"
+    xtx: str | None = None
+
+    def variant_spec(self) -> VariantSpec:
+        base = BASE_FROM_FILE if self.quant_base_from is not None else self.quant_base
+        return VariantSpec(self.variant, base, self.rotate, self.holdout, self.coding, self.refit, self.quantizer)
 
     def kind_K(self, kind: str) -> int:
-        """Effective CLI budget of a kind (Appendix A.1 step 4): --K-<kind> if > 0, else --K."""
+        """Effective CLI budget of a kind (Appendix A.1 step 4): --K-<kind> if > 0, else --K (a variant
+        may have K 0: its quantized base alone)."""
         per = {"ffn_gate": self.K_gate, "ffn_up": self.K_up, "ffn_down": self.K_down}[kind]
+        if self.variant != "none":
+            return per if per >= 0 else max(0, self.K)
         return per if per > 0 else max(1, self.K)
 
 
@@ -88,6 +168,7 @@ class TensorConfig:
     base: str | None = None
     row_scale: bool | None = None
     delta_norm_clamp: float | None = None
+    variant: VariantSpec | None = None  # None: the command line's (--variant …)
 
     def k_schedule(self) -> list[int]:
         """The K values the builder tries, in order (Appendix A.3 step 10)."""
@@ -144,11 +225,25 @@ def validate_encoding(opts: BuildOptions) -> None:
         raise SeedDeltaError(f"--block must be in 1..4096 for scheme block, got {opts.block}")
     if opts.block <= 0:
         raise SeedDeltaError(f"--block must be positive, got {opts.block}")
-    if opts.K <= 0:
-        raise SeedDeltaError(f"--K must be a positive integer, got {opts.K}")
+    spec = opts.variant_spec()
+    problem = spec.problem()
+    if problem is not None:
+        raise SeedDeltaError(f"--variant {opts.variant}: {problem}")
+    k_min = 0 if spec.is_variant else 1  # variant sdq: K 0 is the quantized base alone
+    if opts.K < k_min:
+        raise SeedDeltaError(f"--K must be a positive integer{' or 0' if k_min == 0 else ''}, got {opts.K}")
     for flag, value in (("--K-gate", opts.K_gate), ("--K-up", opts.K_up), ("--K-down", opts.K_down)):
-        if value <= 0 and value != -1:
+        if value < k_min and value != -1:
             raise SeedDeltaError(f"{flag} must be a positive integer (or -1 for --K), got {value}")
+    if spec.is_variant:
+        if opts.scheme != "coo":
+            raise SeedDeltaError(f"--variant {opts.variant} stores its own residual (--coding); --scheme block does "
+                                 "not apply")
+        if opts.base:
+            raise SeedDeltaError(f"--variant {opts.variant} has a quantized base; --base (XOR-circulant) does not apply")
+    if spec.is_variant and (spec.refit == "full" or spec.quantizer == "gptq") and opts.xtx is None:
+        raise SeedDeltaError(f"{'--refit full' if spec.refit == 'full' else '--quantizer gptq'} needs the calibration "
+                             "activations' XᵀX: --xtx FILE (seeddelta imatrix --xtx)")
     if opts.idx_type not in ("i16", "i32"):
         raise SeedDeltaError(f"--idx-type must be i16 or i32, got {opts.idx_type!r}")
     if opts.val_type not in ("f16", "f32"):
@@ -179,13 +274,15 @@ def validate_options(opts: BuildOptions) -> None:
     if opts.report_json is not None:
         if same_file(opts.report_json, opts.output):
             raise SeedDeltaError(f"--report-json {opts.report_json} is the -o output; give the report its own file")
-        for flag, path in (("-i", opts.input), ("--imatrix", opts.imatrix), ("--policy", opts.policy)):
+        for flag, path in (("-i", opts.input), ("--imatrix", opts.imatrix), ("--policy", opts.policy),
+                           ("--xtx", opts.xtx), ("--quant-base-from", opts.quant_base_from)):
             if path is not None and same_file(opts.report_json, path):
                 raise SeedDeltaError(f"--report-json {opts.report_json} is the input {flag} {path}; inputs are "
                                      "never overwritten, choose another --report-json")
         if not os.path.isdir(os.path.dirname(os.path.abspath(opts.report_json))):
             raise SeedDeltaError(f"report directory does not exist: {os.path.dirname(os.path.abspath(opts.report_json))}")
-    for flag, path in (("--imatrix", opts.imatrix), ("--policy", opts.policy)):
+    for flag, path in (("--imatrix", opts.imatrix), ("--policy", opts.policy), ("--xtx", opts.xtx),
+                       ("--quant-base-from", opts.quant_base_from)):
         if path is not None and same_file(opts.output, path):
             raise SeedDeltaError(f"-o {opts.output} is the input {flag} {path}; inputs are never overwritten, "
                                  "choose another -o")

@@ -41,12 +41,17 @@ from seeddelta.builder.report import (
     write_report,
 )
 from seeddelta.builder.spill import SpillFile
+from seeddelta.builder.variant import check_variant_inputs
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import (
+    EXT_VERSION_KEY,
     KINDS,
+    KNOWN_VARIANTS,
     SEEDDELTA_SUFFIXES,
+    TENSOR_VARIANT_KEY,
+    VARIANT_KEY,
     seeddelta_tensor_name,
     tensor_kv_prefix,
     weight_name,
@@ -99,6 +104,13 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool, resul
             KV("seeddelta.base.max_samples", max(0, opts.base_max_samples), u32),
             KV("seeddelta.base.perm_trials", max(1, opts.base_perm_trials), u32),
         ]
+    # the variant extension (docs/file-format.md): which family and which version of its definition
+    variants = sorted({str(e["variant"]["name"]) for e in written if isinstance(e.get("variant"), dict)})
+    if len(variants) > 1:
+        raise SeedDeltaError(f"internal: one file holds one variant family, got {', '.join(variants)}")
+    if variants:
+        keys += [KV(VARIANT_KEY, variants[0], GGUFValueType.STRING),
+                 KV(EXT_VERSION_KEY, KNOWN_VARIANTS[variants[0]], u32)]
     return keys
 
 
@@ -110,12 +122,15 @@ def _tensor_keys(entry: dict[str, Any]) -> list[KV]:
     prefix = tensor_kv_prefix(entry["layer"], entry["kind"])
     b = GGUFValueType.BOOL
     emit = bool(entry["emit"])
-    return [
+    keys = [
         KV(f"{prefix}.enabled", emit, b),
         KV(f"{prefix}.gating_pass", bool(entry["gating_pass"]) and emit, b),
         KV(f"{prefix}.strip_dense", bool(entry["strip_dense"]), b),
         KV(f"{prefix}.K", max(0, int(entry["K"])) if emit else 0, GGUFValueType.UINT32),
     ]
+    if emit and isinstance(entry.get("variant"), dict):
+        keys.append(KV(f"{prefix}.{TENSOR_VARIANT_KEY}", str(entry["variant"]["name"]), GGUFValueType.STRING))
+    return keys
 
 
 @dataclass
@@ -178,9 +193,11 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
             if not cfg.enabled:
                 steps.append((layer, kind, "disabled", cfg))
                 continue
-            if cfg.K <= 0:
+            spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
+            if cfg.K < (0 if spec.is_variant else 1):  # a variant may keep 0 entries: its quantized base alone
                 raise SeedDeltaError(f"{name}: K must be a positive integer, got {cfg.K}")
             n_in = int(model.tensors[name].shape[0])
+            check_variant_inputs(opts, spec, name, n_in, int(model.tensors[name].shape[1]))
             if imatrix is not None:
                 imatrix.entry(name, n_in)  # fail before any work if it does not match
             if cfg.K > n_in:

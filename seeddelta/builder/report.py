@@ -80,6 +80,9 @@ WEIGHT_FIELD_NAMES = tuple(name for name, _ in WEIGHT_FIELDS)
 # Written only by builds with a policy, after everything else: the per-tensor encoding a version-2
 # policy may set (what `policy export` needs to reproduce the file).
 POLICY_WEIGHT_FIELDS = ("base_kind", "row_scale", "delta_norm_clamp")
+# Written only for weights encoded as a SeedΔ variant, at the very end: the variant's settings (an object
+# as `VariantSpec.to_json` writes it) and the ggml type its quantized base was stored in.
+VARIANT_WEIGHT_FIELDS = ("variant", "base_type")
 OUR_WEIGHT_FIELDS = ("dense_type", "bytes_dense", "bytes_seeddelta", "bits_per_weight")
 
 TOP_FIELDS_ORIGINAL = (
@@ -102,7 +105,7 @@ METRIC_FIELDS = tuple(
 def weight_entry(**values: Any) -> dict[str, Any]:
     """A per-weight entry with every field of §10.2 (+ ours) in order; unknown names are an error.
     The policy fields (POLICY_WEIGHT_FIELDS) are appended only when given."""
-    unknown = set(values) - set(WEIGHT_FIELD_NAMES) - set(POLICY_WEIGHT_FIELDS)
+    unknown = set(values) - set(WEIGHT_FIELD_NAMES) - set(POLICY_WEIGHT_FIELDS) - set(VARIANT_WEIGHT_FIELDS)
     if unknown:
         raise KeyError(f"unknown report field(s): {', '.join(sorted(unknown))}")
     entry: dict[str, Any] = {}
@@ -119,7 +122,7 @@ def weight_entry(**values: Any) -> dict[str, Any]:
             entry[name] = values.get("decision", "")
         else:
             entry[name] = default
-    for name in POLICY_WEIGHT_FIELDS:
+    for name in POLICY_WEIGHT_FIELDS + VARIANT_WEIGHT_FIELDS:
         if name in values:
             entry[name] = values[name]
     return entry

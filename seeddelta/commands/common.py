@@ -339,11 +339,39 @@ def add_encoding_args(p: argparse.ArgumentParser, *, several_K: bool = False) ->
     p.add_argument("--delta-norm-clamp-down", type=float, default=0.0, metavar="F",
                    help="clamp ||Δ|| of ffn_down to F·||W||_F (0: off)")
     add_threads_arg(p, "worker threads (default 0: automatic, one per core)")
+    add_variant_args(p)
+
+
+def add_variant_args(p: argparse.ArgumentParser) -> None:
+    """SeedΔ variants (ours, opt-in; docs/file-format.md "Variants"): files the original cannot load."""
+    g = p.add_argument_group("SeedΔ variant sdq (residual over a quantized base; not loadable by the original)")
+    g.add_argument("--variant", choices=("none", "sdq"), default="none",
+                   help="none: plain SeedΔ (default); sdq: W0 = the weight in a ggml quantization type, Δ = the "
+                        "K largest imatrix-weighted entries per row of its error (--K 0: the base alone)")
+    g.add_argument("--quant-base", default="Q4_0", metavar="TYPE",
+                   help="ggml type of the sdq base, quantized by gguf-py: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, MXFP4, F16 "
+                        "(Q4_0)")
+    add_input(p, "--quant-base-from", group=g, default=None, metavar="FILE.gguf",
+              help="take the sdq base from this GGUF's FFN weights as stored (e.g. llama-quantize's K-quants)")
+    g.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="sdq base: rtn (gguf-py's round-to-nearest) or gptq (error feedback on --xtx; Q8_0, Q4_0, "
+                        "MXFP4)")
+    g.add_argument("--rotate", action="store_true",
+                   help="random-sign block Walsh–Hadamard rotation of the rows before quantizing the base")
+    g.add_argument("--holdout", action="store_true",
+                   help="keep each row's K largest |w|·s entries out of the base's quantization (SpQR-style)")
+    g.add_argument("--coding", choices=("coo", "c8"), default="coo",
+                   help="sdq residual: coo (i16 index + f16 value) or c8 (byte offset + int8 value, per-row step)")
+    g.add_argument("--refit", choices=("none", "full"), default="none",
+                   help="sdq residual values: none (the error itself) or full (least squares on --xtx)")
+    add_input(p, "--xtx", group=g, default=None, metavar="XTX.gguf",
+              help="calibration Σ x xᵀ per FFN input (seeddelta imatrix --xtx), for --refit full")
 
 
 ENCODING_FIELDS = ("scheme", "block", "K", "K_gate", "K_up", "K_down", "idx_type", "val_type", "row_scale", "imatrix",
                    "imatrix_eps", "imatrix_power", "base", "base_max_samples", "base_perm_trials", "seed",
-                   "delta_norm_clamp_down", "threads")
+                   "delta_norm_clamp_down", "threads", "variant", "quant_base", "quant_base_from", "rotate",
+                   "holdout", "coding", "refit", "quantizer", "xtx")
 
 
 def encoding_options(args: argparse.Namespace) -> dict[str, Any]:

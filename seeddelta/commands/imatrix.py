@@ -30,14 +30,17 @@ def register(sub: Subparsers) -> None:
                        description=describe(__doc__))
     add_model_arg(p)
     add_output(p, "-o", "--output", required=True, metavar="OUT.gguf", help="imatrix GGUF to write")
+    add_output(p, "--xtx", default=None, metavar="XTX.gguf",
+               help="also write Σ x xᵀ per FFN input (for build --variant sdq --refit full); n_in² floats per input")
     add_text_args(p, "UTF-8 calibration text")
     add_runtime_args(p, engines=False)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeddelta.evaluation.activations import collect_imatrix
+    from seeddelta.evaluation.activations import collect_statistics
     from seeddelta.gguf_format.imatrix_file import write_imatrix
+    from seeddelta.gguf_format.xtx_file import write_xtx
 
     apply_threads(args)
     path = model_path(args)
@@ -45,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
     text_path, _, _, windows = windows_from_args(args, loaded.tokenizer, loaded.model.config.n_ctx_train)
     t0 = time.perf_counter()
     with progress(args, windows.n_chunk, "imatrix", "window") as step:
-        sums, counts = collect_imatrix(loaded.model, windows, step)
+        sums, counts, xsums, xcounts = collect_statistics(loaded.model, windows, step, xtx=args.xtx is not None)
     seconds = time.perf_counter() - t0
     write_imatrix(args.output, sums, counts, [str(text_path)], windows.n_chunk, windows.n_ctx)
+    if args.xtx is not None:
+        write_xtx(args.xtx, xsums, xcounts, [str(text_path)], windows.n_chunk, windows.n_ctx)
     print(f"seeddelta imatrix: {len(sums)} weights, {windows.n_chunk} chunk(s) of {windows.n_ctx} tokens "
           f"({windows.n_chunk * windows.n_ctx / max(seconds, 1e-9):.1f} tok/s) -> {args.output}", file=sys.stderr)
     return 0

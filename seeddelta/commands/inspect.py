@@ -30,6 +30,9 @@ def inspect_file(path: str) -> dict[str, Any]:
             "n_in": e.n_in,
             "n_out": e.n_out,
             "scheme": e.scheme,
+            "variant": e.variant,
+            "coding": e.coding if e.variant is not None else None,
+            "base_type": e.base_type,
             "K": e.K,
             "block": e.block,
             "n_blocks": e.n_blocks,
@@ -86,9 +89,10 @@ def format_text(info: dict[str, Any]) -> str:
              f"{'strip':<5} {'bytes':>10} {'bpw':>6} {'dense':>10} valid"
     lines.append(header)
     for w in info["weights"]:
+        scheme = w["scheme"] if w["variant"] is None else f"{w['variant']}-{w['coding']}"
         lines.append(
-            f"{w['layer']:>5} {w['kind'].removeprefix('ffn_'):<8} {w['scheme']:<6} {w['K']:>6} "
-            f"{w['block'] or '-':>4} {w['base_L'] or '-':>6} {w['base_B'] or '-':>3} "
+            f"{w['layer']:>5} {w['kind'].removeprefix('ffn_'):<8} {scheme:<6} {w['K']:>6} "
+            f"{w['block'] or '-':>4} {w['base_L'] or w['base_type'] or '-':>6} {w['base_B'] or '-':>3} "
             f"{'yes' if w['row_scale'] else 'no':<3} {'yes' if w['stripped'] else 'no':<5} "
             f"{w['bytes_seeddelta']:>10} {w['bits_per_weight']:>6.2f} "
             f"{(w['dense_type'] or '-') if not w['stripped'] else 'stripped':>10} {'yes' if w['valid'] else 'NO'}"

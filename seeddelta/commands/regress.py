@@ -64,6 +64,9 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--quant-types", default=None, metavar="LIST",
                    help="equal bytes: llama.cpp file types, NAME or NAME+imatrix (default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,"
                         "Q4_0,Q4_K_M+imatrix,IQ4_XS+imatrix; 'none' for no llama.cpp points)")
+    p.add_argument("--variants", default=None, metavar="LIST",
+                   help="equal bytes: SeedΔ variant points (default: all of evaluation.equal_bytes.VARIANT_POINTS; "
+                        "'none' for none)")
     p.add_argument("--steps", default=",".join(STEPS), metavar="LIST", help=f"steps to run ({','.join(STEPS)})")
     p.add_argument("--preset", action="append", default=None, metavar="PRESET",
                    help="a preset file to judge (repeatable; default: the shipped presets made for this model)")
@@ -95,6 +98,19 @@ def _quant_types(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise SeedDeltaError(f"--quant-types: unknown type {bad[0] if bad else text!r} (expected {', '.join(FTYPES)}, "
                              "each optionally +imatrix, or none)")
+    return names
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    from seeddelta.evaluation.equal_bytes import VARIANT_POINTS
+
+    if text.strip() == "none":
+        return ()
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in VARIANT_POINTS]
+    if bad or not names:
+        raise SeedDeltaError(f"--variants: unknown variant point {bad[0] if bad else text!r} (expected "
+                             f"{', '.join(VARIANT_POINTS)}, or none)")
     return names
 
 
@@ -136,12 +152,13 @@ def run(args: argparse.Namespace) -> int:
         raise SeedDeltaError(f"--steps: unknown step {bad[0]!r} (expected {', '.join(STEPS)})")
     quant = None if args.quant_types is None else _quant_types(args.quant_types)
     pool = pool_from_args(args)
+    variants = None if args.variants is None else _variants(args.variants)
     settings = RegressSettings(
         model=model, text=Path(args.file) if args.file else TINY_VAL_TEXT, out=Path(args.out),
         calibration=Path(args.calibration) if args.calibration else None, pack=Path(args.pack) if args.pack else None,
         chunks=max(args.chunks, -1), unit_chunks=max(args.unit_chunks, -1), layers=args.layers, densities=_densities(args.densities, "--densities"),
         greedy_limit=args.greedy_limit, stack_greedy_limit=args.stack_greedy_limit,
-        eq_densities=_densities(args.eq_densities, "--eq-densities"), quant_types=quant,
+        eq_densities=_densities(args.eq_densities, "--eq-densities"), quant_types=quant, variants=variants,
         steps=steps,
         presets=tuple(Path(p) for p in args.preset) if args.preset else None, jobs=pool.jobs,
         scheduler=pool.scheduler, threads=args.threads, use_cache=not args.no_cache)

@@ -16,6 +16,10 @@ Families:
 * ``seeddelta`` — every FFN weight as SeedΔ (dense stripped, row scale on), K = density·n_in per
   kind, XOR base on/off, imatrix on/off;
 * ``llama.cpp`` — stock llama.cpp's quantizer on the FFN weights (`llamacpp_quant`);
+* ``variant`` — SeedΔ variant `sdq` (a residual over a quantized base, docs/file-format.md
+  "Variants"): every FFN weight as the base alone (K 0) or base + a residual of density d per row,
+  RTN or GPTQ base, with or without rotation, COO or compact coding, residual values as the error
+  itself or refitted on the calibration XᵀX (`VARIANT_POINTS`; GPTQ and refit need `Inputs.xtx`);
 * ``pruning`` — per-row magnitude or Wanda (|W|·‖x‖ with the imatrix) at the same densities,
   **dense-stored** (zeros kept, in the original's tensor type when gguf-py can write it, else F16)
   or **COO-stored** (i16 index + f16 value per kept entry: SeedΔ's COO tensors with no base and no
@@ -51,7 +55,7 @@ from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, parse_seeddelta_name, weight_name
 from seeddelta.gguf_format.writer import RawTensor, write_model_copy
 
-FAMILIES = ("original", "seeddelta", "llama.cpp", "pruning")
+FAMILIES = ("original", "seeddelta", "variant", "llama.cpp", "pruning")
 DENSITIES = (Fraction(1, 16), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2))
 LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 LLAMA_TYPES_IMATRIX = ("Q4_K_M", "IQ4_XS")
@@ -73,6 +77,10 @@ class Candidate:
     def needs_imatrix(self) -> bool:
         return bool(self.settings.get("imatrix"))
 
+    @property
+    def needs_xtx(self) -> bool:
+        return bool(self.settings.get("xtx"))
+
 
 def density_label(d: Fraction) -> str:
     return f"{d.numerator}/{d.denominator}"
@@ -83,6 +91,44 @@ def seeddelta_candidates(densities: Sequence[Fraction] = DENSITIES, bases: Seque
     return [Candidate("seeddelta", f"SeedΔ d={density_label(d)} {'base' if b else 'no base'}{' imatrix' if i else ''}",
                       {"density": str(d), "base": b, "imatrix": i, "row_scale": True})
             for d in densities for b in bases for i in imatrix]
+
+
+# The variant points of the comparison, by name: (base type, quantizer, rotate, residual density per row,
+# coding, refit). Density 0 = the quantized base alone. The support is chosen with the imatrix when
+# there is a residual; GPTQ and the refit read the calibration XᵀX.
+VARIANT_POINTS: dict[str, tuple[str, str, bool, Fraction, str, str]] = {
+    "Q8_0": ("Q8_0", "rtn", False, Fraction(0), "coo", "none"),
+    "Q4_0": ("Q4_0", "rtn", False, Fraction(0), "coo", "none"),
+    "Q4_0-rot": ("Q4_0", "rtn", True, Fraction(0), "coo", "none"),
+    "Q4_0-gptq": ("Q4_0", "gptq", False, Fraction(0), "coo", "none"),
+    "Q4_0-gptq-rot": ("Q4_0", "gptq", True, Fraction(0), "coo", "none"),
+    "MXFP4-gptq": ("MXFP4", "gptq", False, Fraction(0), "coo", "none"),
+    "Q4_0+1%-coo": ("Q4_0", "rtn", False, Fraction(1, 100), "coo", "none"),
+    "Q4_0+1%-c8": ("Q4_0", "rtn", False, Fraction(1, 100), "c8", "none"),
+    "Q4_0+1%-c8-refit": ("Q4_0", "rtn", False, Fraction(1, 100), "c8", "full"),
+    "Q4_0-rot+1%-c8-refit": ("Q4_0", "rtn", True, Fraction(1, 100), "c8", "full"),
+    "Q4_0-gptq+1%-c8-refit": ("Q4_0", "gptq", False, Fraction(1, 100), "c8", "full"),
+    "MXFP4-gptq+1%-c8-refit": ("MXFP4", "gptq", False, Fraction(1, 100), "c8", "full"),
+}
+
+
+def variant_candidates(names: Sequence[str] | None = None) -> list[Candidate]:
+    """The named `VARIANT_POINTS` (None: all of them), as candidates of family "variant"."""
+    chosen = list(VARIANT_POINTS) if names is None else list(names)
+    bad = [n for n in chosen if n not in VARIANT_POINTS]
+    if bad:
+        raise SeedDeltaError(f"unknown variant point {bad[0]!r} (expected {', '.join(VARIANT_POINTS)})")
+    out = []
+    for name in chosen:
+        base, quantizer, rotate, density, coding, refit = VARIANT_POINTS[name]
+        label = f"sdq {base}{' gptq' if quantizer == 'gptq' else ''}{' rot' if rotate else ''}"
+        if density:
+            label += f" +{float(density) * 100:g}% {coding}{' refit' if refit == 'full' else ''}"
+        out.append(Candidate("variant", label, {
+            "point": name, "base_type": base, "quantizer": quantizer, "rotate": rotate,
+            "residual_density": str(density), "coding": coding, "refit": refit,
+            "imatrix": density > 0, "xtx": quantizer == "gptq" or refit == "full"}))
+    return out
 
 
 def llamacpp_candidates(types: Sequence[str] = LLAMA_TYPES,
@@ -146,6 +192,7 @@ class Inputs:
     imatrix: Path | None
     threads: int = 0
     seed: int = 1234
+    xtx: Path | None = None  # calibration Σ x xᵀ (variant points with GPTQ or refit)
 
     _imatrix: Imatrix | None = None
 
@@ -176,6 +223,21 @@ def _build(inputs: Inputs, out: Path, density: Fraction, *, base: bool, row_scal
         run_build(opts, log=quiet)
 
 
+def _build_variant(inputs: Inputs, out: Path, s: Mapping[str, Any]) -> None:
+    """Every FFN weight as variant sdq with the candidate's settings (K = density·n_in per kind, 0 for
+    the base alone)."""
+    density = Fraction(s["residual_density"])
+    ks = _k_per_kind(GGUFModel(inputs.model, what="model"), density) if density else dict.fromkeys(KINDS, 0)
+    opts = BuildOptions(input=str(inputs.model), output=str(out), K=ks["ffn_gate"], K_gate=ks["ffn_gate"],
+                        K_up=ks["ffn_up"], K_down=ks["ffn_down"], base=False, row_scale=False,
+                        imatrix=str(inputs.imatrix) if s["imatrix"] else None, strip_dense=True, progress=False,
+                        threads=inputs.threads, seed=inputs.seed, variant="sdq", quant_base=str(s["base_type"]),
+                        quantizer=str(s["quantizer"]), rotate=bool(s["rotate"]), coding=str(s["coding"]),
+                        refit=str(s["refit"]), xtx=str(inputs.xtx) if s["xtx"] and inputs.xtx else None)
+    with open(os.devnull, "w") as quiet:
+        run_build(opts, log=quiet)
+
+
 def write_dense_pruned(src_path: Path, out: Path, density: Fraction, method: str, imatrix: Imatrix | None) -> None:
     """`src` with every FFN weight pruned per row and stored densely (zeros included)."""
     src = GGUFModel(src_path, what="model")
@@ -201,6 +263,9 @@ def make_candidate(c: Candidate, inputs: Inputs, out: Path) -> dict[str, Any]:
     if c.family == "seeddelta":
         _build(inputs, out, Fraction(s["density"]), base=bool(s["base"]), row_scale=bool(s["row_scale"]),
                imatrix=bool(s["imatrix"]))
+        return {}
+    if c.family == "variant":
+        _build_variant(inputs, out, s)
         return {}
     if c.family == "llama.cpp":
         types = quantize_ffn(inputs.model, out, str(s["ftype"]),
@@ -291,6 +356,10 @@ def runnable(candidates: Iterable[Candidate], inputs: Inputs) -> tuple[list[Cand
         n = sum(c.needs_imatrix for c in cands)
         skipped.append(f"imatrix points skipped ({n}): no imatrix (calibration text) given")
         cands = [c for c in cands if not c.needs_imatrix]
+    if inputs.xtx is None and any(c.needs_xtx for c in cands):
+        n = sum(c.needs_xtx for c in cands)
+        skipped.append(f"variant points needing XᵀX skipped ({n}): no calibration text given")
+        cands = [c for c in cands if not c.needs_xtx]
     return cands, skipped
 
 

@@ -14,8 +14,11 @@ from typing import Any
 from seeddelta.outputs import AtomicOutput
 
 PLOTS_HINT = "matplotlib not installed (the plots extra: .venv/bin/pip install -e '.[plots]')"
-FAMILY_STYLE = {"original": ("k", "*"), "seeddelta": ("tab:red", "o"), "llama.cpp": ("tab:blue", "s"),
-                "pruning": ("tab:green", "^")}
+FAMILY_STYLE = {"original": ("k", "*"), "seeddelta": ("tab:red", "o"), "variant": ("tab:purple", "D"),
+                "llama.cpp": ("tab:blue", "s"), "pruning": ("tab:green", "^")}
+# The reference the SmolLM2 target is set against: stock llama.cpp's Q4_0 (bits and KLD drawn
+# as dotted lines, so a point's distance from the target can be read off the plot).
+REFERENCE = ("llama.cpp", "Q4_0")
 
 
 def _pyplot() -> Any:
@@ -54,6 +57,11 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
     for r in front:
         ax.annotate(r["label"], (r["bits_per_weight"], max(r["kld_mean"], floor)), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
+    ref = next((r for r in rows if (r["family"], r["label"]) == REFERENCE), None)
+    if ref is not None:
+        ax.axhline(max(ref["kld_mean"], floor), color="tab:blue", lw=0.8, ls=":", zorder=1,
+                   label=f"{REFERENCE[1]}: KLD {ref['kld_mean']:.3g} at {ref['bits_per_weight']:.2f} bits")
+        ax.axvline(ref["bits_per_weight"], color="tab:blue", lw=0.8, ls=":", zorder=1)
     ax.set_yscale("log")
     ax.set_xlabel("FFN bits per weight (bytes as stored in the file)")
     ax.set_ylabel(f"mean KL(original ‖ candidate), nats (0 drawn at {floor:.1e})")

@@ -23,9 +23,12 @@ from gguf.quants import dequantize
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.schema import (
     BLK_NAME,
+    EXT_VERSION_KEY,
     KINDS,
     SEEDDELTA_SUFFIXES,
     SUPPORTED_ARCHITECTURES,
+    VARIANT_KEY,
+    extension_problem,
     parse_seeddelta_name,
     seeddelta_tensor_name,
     weight_name,
@@ -203,6 +206,10 @@ class GGUFModel:
         self.reader = open_gguf(self.path, what)
         self.file_size = os.path.getsize(self.path)
         self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
+        # a SeedΔ variant (or a version of one) this reader does not know is refused before anything else
+        problem = extension_problem(self.get(VARIANT_KEY), self.get(EXT_VERSION_KEY), list(self.tensors))
+        if problem is not None:
+            raise SeedDeltaError(f"{what} {self.path}: {problem}")
         self.alignment = int(self.reader.alignment)
         arch = self.get("general.architecture")
         self.arch: str = arch if isinstance(arch, str) else ""
@@ -284,7 +291,7 @@ class GGUFModel:
             if w is not None and len(w.shape) >= 2:
                 return _tensor_shape(w)[axis]
         for kind in ("ffn_gate", "ffn_up"):
-            for suffix in ("d_idx", "b_idx"):
+            for suffix in ("d_idx", "b_idx", "sdq_base"):
                 t = self.tensors.get(seeddelta_tensor_name(layer, kind, suffix))
                 if t is not None and len(t.shape) >= 2:
                     return _tensor_shape(t)[1]

@@ -15,6 +15,10 @@ file, because a skipped entry or a NaN changes the function computed without a w
 * indices — every `d_idx` in 0 <= i < n_in, every `b_idx` in 0 <= j < ceil(n_in / block);
 * permutations — every block's `base_perm1`/`base_perm2` a permutation of 0 … L-1;
 * values — `d_val`, `b_val`, `d_row_scale` and the base diagonals finite (no NaN/Inf).
+
+A weight of the variant `sdq` (residual over a quantized base, docs/file-format.md) holds only `sdq_*`
+tensors (`check_sdq_arrays`): mixing them with plain SeedΔ tensors is refused. Which variant and
+extension version a file uses is checked when it is opened (`GGUFModel`, `schema.extension_problem`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +35,24 @@ from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.codec.encode import SeedDeltaWeight
+from seeddelta.codec.sdq import sdq_from_tensors
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel, _tensor_shape, field_value, tensor_nbytes
 from seeddelta.gguf_format.schema import (
+    PLAIN_SUFFIXES,
+    SDQ_SUFFIXES,
     SEEDDELTA_SUFFIXES,
     seeddelta_tensor_name,
     tensor_kv_prefix,
+    variant_of_suffix,
     weight_name,
 )
+from seeddelta.gguf_format.sdq_tensors import check_sdq_arrays
+from seeddelta.gguf_format.writer import RawTensor
+
+StoredArray = np.ndarray | RawTensor  # RawTensor: a variant's quantized base (its ggml type travels with it)
+_PLAIN_TYPES = (GGMLQuantizationType.F16, GGMLQuantizationType.F32, GGMLQuantizationType.I16,
+                GGMLQuantizationType.I32)
 
 
 @dataclass
@@ -55,7 +70,26 @@ class SeedDeltaEntry:
     kv: dict[str, Any] = field(default_factory=dict)  # per-tensor keys without the prefix
 
     @property
+    def variant(self) -> str | None:
+        """The variant family of this weight's tensors (None: plain SeedΔ)."""
+        return next((v for s in self.tensors if (v := variant_of_suffix(s)) is not None), None)
+
+    @property
+    def coding(self) -> str:
+        """Residual coding of a variant weight: coo, c8 (compact) or none (base alone)."""
+        if "sdq_coff" in self.tensors:
+            return "c8"
+        return "coo" if "sdq_idx" in self.tensors else "none"
+
+    @property
+    def base_type(self) -> str | None:
+        t = self.tensors.get("sdq_base")
+        return None if t is None else GGMLQuantizationType(t.tensor_type).name
+
+    @property
     def scheme(self) -> str:
+        if self.variant is not None:
+            return "coo" if self.coding != "none" else "none"
         if "b_idx" in self.tensors and "b_val" in self.tensors:
             return "block"  # the runtime prefers block when both are present (§8.2)
         if "d_idx" in self.tensors and "d_val" in self.tensors:
@@ -78,6 +112,9 @@ class SeedDeltaEntry:
     def K(self) -> int:
         if self.scheme == "block":
             return self.n_blocks * self.block
+        if self.variant is not None:
+            key = {"c8": "sdq_coff", "coo": "sdq_idx"}.get(self.coding)
+            return _tensor_shape(self.tensors[key])[0] if key is not None else 0
         if self.scheme == "coo":
             return _tensor_shape(self.tensors["d_idx"])[0]
         return 0
@@ -99,7 +136,7 @@ class SeedDeltaEntry:
 
     @property
     def row_scale(self) -> bool:
-        return "d_row_scale" in self.tensors
+        return "d_row_scale" in self.tensors or "sdq_scale" in self.tensors
 
     @property
     def nbytes(self) -> int:
@@ -112,23 +149,36 @@ class SeedDeltaEntry:
     def dtypes(self) -> dict[str, str]:
         return {s: GGMLQuantizationType(t.tensor_type).name for s, t in self.tensors.items()}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Copies of the stored arrays in numpy order with their stored dtypes."""
-        return {suffix: np.array(a, copy=True) for suffix, a in self.views().items()}
+    def arrays(self) -> dict[str, StoredArray]:
+        """Copies of the stored arrays in numpy order with their stored dtypes (a variant's base as a RawTensor)."""
+        return {suffix: _copy(a) for suffix, a in self.views().items()}
 
-    def views(self) -> dict[str, np.ndarray]:
+    def views(self) -> dict[str, StoredArray]:
         """The stored arrays as read-only views of the file (nothing is copied into memory)."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, StoredArray] = {}
         for suffix, tensor in self.tensors.items():
-            qtype = GGMLQuantizationType(tensor.tensor_type)
-            if qtype not in (GGMLQuantizationType.F16, GGMLQuantizationType.F32,
-                             GGMLQuantizationType.I16, GGMLQuantizationType.I32):
-                raise SeedDeltaError(
-                    f"tensor blk.{self.layer}.{self.kind}.{suffix} has type {qtype.name}; "
-                    "SeedΔ tensors must be F16, F32, I16 or I32"
-                )
-            out[suffix] = np.asarray(tensor.data)
+            out[suffix] = stored_array(f"blk.{self.layer}.{self.kind}", suffix, tensor)
         return out
+
+
+def _copy(a: StoredArray) -> StoredArray:
+    if isinstance(a, RawTensor):
+        return RawTensor(np.array(a.data, copy=True), a.tensor_type, a.shape)
+    return np.array(a, copy=True)
+
+
+def stored_array(name: str, suffix: str, tensor: ReaderTensor) -> StoredArray:
+    """One SeedΔ tensor of the file as the validators take it: a numpy view in numpy order, or — for a
+    variant's base — a RawTensor carrying its ggml type. A plain SeedΔ tensor must be F16/F32/I16/I32,
+    a variant's byte tensors I8 (one SeedDeltaError line otherwise)."""
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    if suffix == "sdq_base":
+        return RawTensor(np.asarray(tensor.data), qtype, tuple(int(d) for d in tensor.shape))
+    allowed = _PLAIN_TYPES + ((GGMLQuantizationType.I8,) if suffix in SDQ_SUFFIXES else ())
+    if qtype not in allowed:
+        raise SeedDeltaError(f"tensor {name}.{suffix} has type {qtype.name}; this SeedΔ tensor must be "
+                             f"{', '.join(t.name for t in allowed)}")
+    return np.asarray(tensor.data)
 
 
 _INT_DTYPES = (np.dtype(np.int16), np.dtype(np.int32))
@@ -177,12 +227,25 @@ def _check_permutation(name: str, suffix: str, perm: np.ndarray, L: int) -> None
                    f"{int((~ok).sum())} of {ok.size} block(s) invalid)")
 
 
-def check_seeddelta_arrays(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> None:
+def check_seeddelta_arrays(name: str, arrays: Mapping[str, StoredArray | None], n_in: int, n_out: int) -> None:
     """Validate the SeedΔ tensors of one weight (`name` like "blk.3.ffn_gate"; keys = suffixes as stored,
     numpy order): one SeedDeltaError naming the tensor and the problem, see the module docstring."""
-    present = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
-    if not present:
+    given = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
+    if not given:
         return
+    variant = {k: v for k, v in given.items() if k in SDQ_SUFFIXES}
+    if variant:
+        plain_too = sorted(k for k in given if k in PLAIN_SUFFIXES)
+        if plain_too:
+            raise _bad(name, plain_too[0], f"plain SeedΔ tensor next to variant sdq tensors "
+                       f"({', '.join(sorted(variant))}); a weight holds one or the other")
+        check_sdq_arrays(name, variant, n_in, n_out)
+        return
+    present: dict[str, np.ndarray] = {}
+    for k, v in given.items():
+        if isinstance(v, RawTensor):
+            raise _bad(name, k, f"type {v.tensor_type.name} not accepted (expected F16/F32/I16/I32)")
+        present[k] = v
 
     def pair(idx_key: str, val_key: str, what: str) -> bool:
         if idx_key not in present and val_key not in present:
@@ -327,6 +390,17 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
     weights: dict[tuple[int, str], SeedDeltaWeight] = {}
     for entry in entries:
         arrays = entry.arrays()
+        if entry.variant is not None:
+            try:
+                check_seeddelta_arrays(f"blk.{entry.layer}.{entry.kind}", arrays, entry.n_in, entry.n_out)
+            except SeedDeltaError as exc:
+                raise SeedDeltaError(f"{model.path}: {exc}") from None
+            base = arrays["sdq_base"]
+            assert isinstance(base, RawTensor)
+            plain = {k: v for k, v in arrays.items() if not isinstance(v, RawTensor)}
+            plain["sdq_base"] = base.data
+            weights[(entry.layer, entry.kind)] = sdq_from_tensors(plain, base.tensor_type, entry.n_in, entry.n_out)
+            continue
         if entry.scheme == "none":
             raise SeedDeltaError(
                 f"{model.path}: blk.{entry.layer}.{entry.kind} has SeedΔ tensors but no complete "
@@ -339,8 +413,9 @@ def read_seeddelta_file(path: str | os.PathLike[str]) -> SeedDeltaFile:
         if entry.scheme == "block":
             arrays.pop("d_idx", None)
             arrays.pop("d_val", None)
+        plain_arrays = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
         try:
-            weights[(entry.layer, entry.kind)] = SeedDeltaWeight.from_tensors(arrays, entry.n_in, entry.n_out)
+            weights[(entry.layer, entry.kind)] = SeedDeltaWeight.from_tensors(plain_arrays, entry.n_in, entry.n_out)
         except (SeedDeltaError, ValueError, IndexError) as exc:  # malformed shapes from a foreign writer
             raise SeedDeltaError(f"{model.path}: blk.{entry.layer}.{entry.kind}: invalid SeedΔ tensors ({exc})") from None
     return SeedDeltaFile(

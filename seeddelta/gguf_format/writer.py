@@ -117,8 +117,8 @@ class LazyTensor:
     produce: Callable[[], np.ndarray]
 
 
-AddedTensor = tuple[str, np.ndarray] | LazyTensor
-_ADD_DTYPES = (np.float16, np.float32, np.int16, np.int32)
+AddedTensor = tuple[str, "np.ndarray | RawTensor"] | LazyTensor
+_ADD_DTYPES = (np.float16, np.float32, np.int8, np.int16, np.int32)
 
 
 def write_model_copy(
@@ -135,7 +135,8 @@ def write_model_copy(
     then `set_keys`; its tensors (minus `drop_tensors`) copied byte-for-byte in their original
     order and type — or, for a name in `replace_tensors`, that tensor's bytes and type at the same
     place (same shape required; e.g. the weight as another file quantized it) — then `add_tensors`
-    (numpy order; dtype float16/float32/int16/int32) in the given order. The alignment of `src` is kept.
+    (numpy order; dtype float16/float32/int8/int16/int32, or a `RawTensor` in any ggml type: a SeedΔ
+    variant's quantized base) in the given order. The alignment of `src` is kept.
 
     Streamed: the header and tensor table are written first, then each tensor's data in turn —
     input tensors straight from the memory map (whose pages are dropped from this process once
@@ -174,6 +175,14 @@ def write_model_copy(
             name, shape, dtype = _added_info(added)
             if name in names:
                 raise SeedDeltaError(f"internal: tensor {name} would be written twice")
+            if isinstance(added, tuple) and isinstance(added[1], RawTensor):
+                raw = added[1]
+                data = np.ascontiguousarray(raw.data)
+                writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                                       raw_dtype=GGMLQuantizationType(raw.tensor_type))
+                names.add(name)
+                sources.append(_Replacement(data))
+                continue
             if dtype not in _ADD_DTYPES:
                 raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {dtype}")
             writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
@@ -202,7 +211,8 @@ def _added_info(item: AddedTensor) -> tuple[str, tuple[int, ...], np.dtype]:
     if isinstance(item, LazyTensor):
         return item.name, tuple(int(d) for d in item.shape), np.dtype(item.dtype)
     name, array = item
-    return name, tuple(int(d) for d in array.shape), np.dtype(array.dtype)
+    data = array.data if isinstance(array, RawTensor) else array
+    return name, tuple(int(d) for d in data.shape), np.dtype(data.dtype)
 
 
 def _added_data(item: AddedTensor) -> np.ndarray:

@@ -26,6 +26,7 @@ def baseline_from_options(opts: BuildOptions) -> Baseline:
         strip_dense=opts.strip_dense, block=opts.block, K={kind: opts.kind_K(kind) for kind in KINDS},
         base="xor_circulant" if opts.base else "none", row_scale=opts.row_scale,
         delta_norm_clamp={kind: opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0 for kind in KINDS},
+        variant=opts.variant_spec(),
     )
 
 
@@ -41,6 +42,7 @@ def tensor_config(r: Resolved) -> TensorConfig:
         base=r.base if from_policy("base") else None,
         row_scale=r.row_scale if from_policy("row_scale") else None,
         delta_norm_clamp=r.delta_norm_clamp if from_policy("delta_norm_clamp") else None,
+        variant=r.variant if from_policy("variant") else None,
     )
 
 

@@ -17,8 +17,8 @@ Unlike the original script, a malformed report is an error naming the entry (an 
 `layer`/`kind`, an unknown kind, a duplicate (layer, kind)) instead of being skipped.
 
 A report of a build with a version-2 policy (`"policy_version": 2`) exports as version 2: every
-emitted tensor's rule also carries its encoding (`base`, `row_scale`, `delta_norm_clamp`, read
-from the entry's `base_kind`, `row_scale`, `delta_norm_clamp`), so the rebuild encodes it the same
+emitted tensor's rule also carries its encoding (`base`, `row_scale`, `delta_norm_clamp`, `variant`,
+read from the entry's `base_kind`, `row_scale`, `delta_norm_clamp`, `variant`), so the rebuild encodes it the same
 way whatever the per-tensor values were. Everything else a rebuild needs (imatrix, seed, scheme,
 value and index types, base fit settings) is the command line's, as in the original.
 """
@@ -86,6 +86,11 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
             rule["base"] = _field(entry, path, "base_kind", str, source)
             rule["row_scale"] = _field(entry, path, "row_scale", bool, source)
             rule["delta_norm_clamp"] = float(_field(entry, path, "delta_norm_clamp", float, source))
+            variant = entry.get("variant", {"name": "none"})  # written only for variant weights
+            if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+                raise SeedDeltaError(f"{source}: {join(path, 'variant')}: must be an object with a name, got "
+                                     f"{json_type(variant)}")
+            rule["variant"] = variant
         decisions[(layer, kind)] = (path, rule)
     layers: dict[str, Any] = {}
     for layer, kind in sorted(decisions, key=lambda lk: (lk[0], KINDS.index(lk[1]))):

@@ -11,8 +11,11 @@ was a silent misreading in the original and is a loud error here:
   `attn_q` was "accepted but never matched"), `tensors` inside a tensor rule (no effect), an
   alias given next to its key (`enable` + `enabled`), duplicate object keys, NaN/Infinity;
 * `version` must be 1 (the original's schema) or 2 (ours: adds `base`, `row_scale`,
-  `delta_norm_clamp` to rule objects); under version 1 those keys are unknown keys, so an
-  original file keeps its meaning;
+  `delta_norm_clamp` and `variant` to rule objects); under version 1 those keys are unknown keys,
+  so an original file keeps its meaning. `variant` is "none", "sdq", or an object
+  {"name": "sdq", "base_type", "quantizer", "rotate", "holdout", "coding", "refit"} whose omitted
+  fields take `VariantSpec`'s defaults (Q4_0, rtn, false, false, coo, none); it replaces an earlier
+  rule's variant as a whole;
 * unknown keys inside `gating` and `autotune` are unknown keys like any other (the original
   skipped them even in strict mode); `layers`/`version` inside a rule object are reported as
   having no effect. Every such warning is an error under `strict` (`--policy-strict`).
@@ -25,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from seeddelta.builder.options import VariantSpec
 from seeddelta.builder.report import policy_hash
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.jsontext import JSONObject, NonFinite, join, json_type, parse_json_text, read_json_file
@@ -43,6 +47,7 @@ from seeddelta.policy.schema import (
     RULE_KEYS_V2,
     SHORT,
     TOP_KEYS,
+    VARIANT_KEYS,
     VERSIONS,
     Autotune,
     Policy,
@@ -221,11 +226,43 @@ def _rule(ctx: _Ctx, value: Any, path: str, *, in_range: bool = False, kind: str
             if clamp < 0:
                 ctx.fail(join(path, "delta_norm_clamp"), f"must be >= 0 (0: off), got {clamp:g}")
             fields["delta_norm_clamp"] = clamp
+        if "variant" in obj:
+            fields["variant"] = _variant(ctx, obj["variant"], join(path, "variant"))
     return Rule(path=path, **fields)
 
 
+def _variant(ctx: _Ctx, value: Any, path: str) -> VariantSpec:
+    """A version-2 `variant`: a name, or an object of VariantSpec fields (omitted ones: its defaults)."""
+    if isinstance(value, str):
+        spec = VariantSpec(name=value)
+    else:
+        obj = ctx.obj(value, path, 'a variant name ("none", "sdq") or an object')
+        for key in obj:
+            if key not in VARIANT_KEYS:
+                ctx.fail(join(path, key), f"unknown variant key (expected {', '.join(VARIANT_KEYS)})")
+        if "name" not in obj:
+            ctx.fail(join(path, "name"), "missing (the variant's name: none or sdq)")
+        fields: dict[str, Any] = {}
+        for key in VARIANT_KEYS:
+            if key not in obj:
+                continue
+            if key in ("rotate", "holdout"):
+                fields[key] = ctx.boolean(obj[key], join(path, key))
+            elif not isinstance(obj[key], str):
+                ctx.fail(join(path, key), f"must be a string, got {json_type(obj[key])}")
+            else:
+                fields[key] = obj[key]
+        spec = VariantSpec(**fields)
+    problem = spec.problem()
+    if problem is not None:
+        ctx.fail(path, problem)
+    return spec
+
+
 def _k_value(ctx: _Ctx, value: Any, path: str) -> int:
-    return ctx.integer(value, path, 1, note=" (the original silently ignored a K that is not an integer)")
+    # version 2: K 0 = a variant's quantized base alone (resolve refuses it for a plain SeedΔ weight)
+    return ctx.integer(value, path, 0 if ctx.version >= 2 else 1,
+                       note=" (the original silently ignored a K that is not an integer)")
 
 
 def _threshold(ctx: _Ctx, value: Any, path: str) -> float:

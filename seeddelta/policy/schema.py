@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from seeddelta.builder.options import VariantSpec
 from seeddelta.gguf_format.schema import KINDS
 
 # Short kind names used inside `K`, `gating.min_mean` and `gating.min_p05` objects.
@@ -39,7 +40,9 @@ RULE_KEYS_V1: frozenset[str] = frozenset({
     "autotune", "tensors",
 })
 # Our additions, accepted only under "version": 2 (under version 1 they are unknown keys).
-RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp"})
+RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "variant"})
+# Keys of a version-2 `variant` object (builder.options.VariantSpec; "name" is required).
+VARIANT_KEYS: tuple[str, ...] = ("name", "base_type", "quantizer", "rotate", "holdout", "coding", "refit")
 TOP_KEYS: frozenset[str] = frozenset({"version", "defaults", "ranges", "layers"})
 GATING_KEYS: frozenset[str] = frozenset({"metric", "min_mean", "min_p05"})
 AUTOTUNE_KEYS: tuple[str, ...] = ("enabled", "schedule_gate_up", "schedule_down", "max_iters")
@@ -97,6 +100,7 @@ class Rule:
     base: str | None = None
     row_scale: bool | None = None
     delta_norm_clamp: float | None = None
+    variant: VariantSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -142,5 +146,5 @@ __all__ = [
     "ALIASES", "AUTOTUNE_KEYS", "AUTOTUNE_OFF", "Autotune", "BASELINE_THRESHOLDS", "GATING_KEYS", "KINDS",
     "KIND_OF_SHORT", "MAX_BLOCK", "MAX_LAYER_ID", "METRICS", "METRIC_ALIASES", "NEEDS_EVAL_X", "NEEDS_IMATRIX",
     "POLICY_BASE_KINDS", "Policy", "RULE_KEYS_V1", "RULE_KEYS_V2", "RangeRule", "Rule", "SHORT", "TOP_KEYS",
-    "VERSIONS",
+    "VARIANT_KEYS", "VERSIONS",
 ]

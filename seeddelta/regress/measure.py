@@ -115,6 +115,7 @@ class Evaluator(Threaded):
     keep_files: bool = False
     model_sha256: str | None = None  # the model's SHA-256 when known (computed for workers otherwise)
     check_model: bool = False  # a worker process: check the file is that model before loading it
+    xtx: Path | None = None  # calibration XᵀX (equal-bytes variant points)
     _base: Loaded | None = None
     _windows: dict[tuple[int, int], Windows] = field(default_factory=dict)
     _logits: dict[tuple[int, int], Logits] = field(default_factory=dict)
@@ -139,7 +140,7 @@ class Evaluator(Threaded):
             return None if p is None else Path(os.path.abspath(p))
 
         return replace(self, model=Path(os.path.abspath(self.model)), text=Path(os.path.abspath(self.text)),
-                       imatrix=absolute(self.imatrix),
+                       imatrix=absolute(self.imatrix), xtx=absolute(self.xtx),
                        work_dir=absolute(self.work_dir) if pool.scheduler is None else None,
                        threads=worker_threads(replace(pool, threads=self.threads)),
                        model_sha256=self.model_sha256 or sha256_file(self.model), check_model=True,
@@ -214,7 +215,7 @@ class Evaluator(Threaded):
         if spec.candidate is not None:
             ctx, chunks = spec.evals[0]
             point = eb.Candidate(spec.candidate["family"], spec.candidate["label"], dict(spec.candidate["settings"]))
-            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads),
+            row = eb.measure_candidate(point, eb.Inputs(self.model, self.imatrix, threads=self.threads, xtx=self.xtx),
                                        self.base_logits(ctx, chunks), self.windows(ctx, chunks), work_dir,
                                        self.keep_files)
             return {"name": spec.name, "row": row, "seconds": time.perf_counter() - t0}

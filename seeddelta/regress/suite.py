@@ -64,6 +64,7 @@ class RegressSettings:
     stack_greedy_limit: int = 20  # prompts per task at every B4 step
     eq_densities: tuple[Fraction, ...] = eb.DENSITIES  # equal bytes: SeedΔ and pruning densities
     quant_types: tuple[str, ...] | None = None  # equal bytes: llama.cpp file types (None: the default set)
+    variants: tuple[str, ...] | None = None  # equal bytes: SeedΔ variant points (None: all VARIANT_POINTS)
     steps: tuple[str, ...] = STEPS
     presets: tuple[Path, ...] | None = None  # None: the shipped presets made for this model
     jobs: int = 1  # local worker processes (evaluation.workers)
@@ -76,7 +77,8 @@ class RegressSettings:
                 "densities": [str(d) for d in self.densities], "greedy_limit": self.greedy_limit,
                 "stack_greedy_limit": self.stack_greedy_limit, "steps": list(self.steps),
                 "eq_densities": [str(d) for d in self.eq_densities],
-                "quant_types": None if self.quant_types is None else list(self.quant_types)}
+                "quant_types": None if self.quant_types is None else list(self.quant_types),
+                "variants": None if self.variants is None else list(self.variants)}
 
 
 @dataclass
@@ -131,6 +133,22 @@ def make_imatrix(ctx_: Context, calibration: Path | None, out: Path) -> Path | N
         w = text_windows(calibration, 512, -1, ctx_.ev.base.tokenizer).windows
         sums, counts = collect_imatrix(ctx_.ev.base.model, w)
         write_imatrix(path, sums, counts, [str(calibration)], w.n_chunk, w.n_ctx)
+    return path
+
+
+def make_xtx(ctx_: Context, calibration: Path | None, out: Path) -> Path | None:
+    """XᵀX of the calibration text (the variant points' GPTQ base and refit), once per output directory."""
+    if calibration is None:
+        return None
+    path = out / "xtx.gguf"
+    if not path.is_file():
+        from seeddelta.evaluation.activations import collect_xtx
+        from seeddelta.gguf_format.xtx_file import write_xtx
+
+        ctx_.note("[equal bytes] collecting XᵀX of the calibration text")
+        w = text_windows(calibration, 512, -1, ctx_.ev.base.tokenizer).windows
+        sums, counts = collect_xtx(ctx_.ev.base.model, w)
+        write_xtx(path, sums, counts, [str(calibration)], w.n_chunk, w.n_ctx)
     return path
 
 
@@ -292,14 +310,18 @@ def equal_bytes_step(c: Context) -> dict[str, Any]:
     """The equal-bytes comparison through the suite's workers and cache (evaluation.equal_bytes)."""
     s = c.settings
     w = c.ev.windows(512, s.unit_chunks)
-    cands = [eb.Candidate("original", "original"), *eb.seeddelta_candidates(s.eq_densities)]
+    # the quick points first (quantization types, variants), plain SeedΔ and pruning after them
+    cands = [eb.Candidate("original", "original")]
     if s.quant_types is None:
         cands += eb.llamacpp_candidates()
     else:
         cands += eb.llamacpp_candidates([t for t in s.quant_types if not t.endswith("+imatrix")],
                                         [t.removesuffix("+imatrix") for t in s.quant_types if t.endswith("+imatrix")])
-    cands += eb.pruning_candidates(s.eq_densities)
-    cands, skipped = eb.runnable(cands, eb.Inputs(s.model, c.ev.imatrix))
+    variants = eb.variant_candidates(s.variants)
+    if any(v.needs_xtx for v in variants):
+        c.ev.xtx = make_xtx(c, calibration_text(s, s.out), s.out)
+    cands += variants + eb.seeddelta_candidates(s.eq_densities) + eb.pruning_candidates(s.eq_densities)
+    cands, skipped = eb.runnable(cands, eb.Inputs(s.model, c.ev.imatrix, xtx=c.ev.xtx))
     for line in skipped:
         c.note(f"[equal bytes] {line}")
     specs = [Spec(f"eq-{i}", {}, evals=((512, s.unit_chunks),),

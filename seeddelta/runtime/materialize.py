@@ -17,13 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
-from seeddelta.gguf_format.writer import LazyTensor, write_model_copy
+from seeddelta.gguf_format.seeddelta_tensors import StoredArray
+from seeddelta.gguf_format.writer import LazyTensor, RawTensor, write_model_copy
 from seeddelta.runtime.model import materialized_dtype
 from seeddelta.runtime.projections import SeedDeltaPayload, materialize, parse_payload
+from seeddelta.runtime.sdq_projections import SdqPayload
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,16 @@ class MaterializeResult:
     output_bytes: int
 
 
-def _payload_arrays(model: GGUFModel, layer: int, kind: str) -> dict[str, np.ndarray]:
-    out = {}
+def _payload_arrays(model: GGUFModel, layer: int, kind: str) -> dict[str, StoredArray]:
+    out: dict[str, StoredArray] = {}
     for suffix in SEEDDELTA_SUFFIXES:
         name = seeddelta_tensor_name(layer, kind, suffix)
         if model.has(name):
-            out[suffix] = model.array(name)
+            if suffix == "sdq_base":  # a variant's base keeps its ggml type (any quantization)
+                t = model.tensors[name]
+                out[suffix] = RawTensor(model.array(name), GGMLQuantizationType(t.tensor_type), tuple(t.shape))
+            else:
+                out[suffix] = model.array(name)
     return out
 
 
@@ -61,7 +68,7 @@ def materialize_file(src: str | os.PathLike[str] | GGUFModel, out_path: str | os
             dtype = materialized_dtype(model.tensors, layer, kind)
             np_dtype = np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float16)
 
-            def produce(payload: SeedDeltaPayload = payload, dtype: torch.dtype = dtype) -> np.ndarray:
+            def produce(payload: SeedDeltaPayload | SdqPayload = payload, dtype: torch.dtype = dtype) -> np.ndarray:
                 return materialize(payload, dtype).numpy()
 
             added.append(LazyTensor(weight_name(layer, kind), (n_out, n_in), np_dtype, produce))

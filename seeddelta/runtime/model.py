@@ -29,6 +29,8 @@ from gguf.constants import GGMLQuantizationType
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, RUNTIME_ARCHITECTURES, SEEDDELTA_SUFFIXES
+from seeddelta.gguf_format.seeddelta_tensors import StoredArray
+from seeddelta.gguf_format.writer import RawTensor
 from seeddelta.runtime.projections import (
     MODES,
     DenseProjection,
@@ -36,6 +38,7 @@ from seeddelta.runtime.projections import (
     make_projection,
     parse_payload,
 )
+from seeddelta.runtime.sdq_projections import SdqPayload
 from seeddelta.runtime.tokenizers import Tokenizer
 from seeddelta.runtime.tokenizers.bpe import BPETokenizer
 from seeddelta.runtime.tokenizers.spm import SPMTokenizer
@@ -282,12 +285,14 @@ class LlamaModel:
     __call__ = forward
 
 
-def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
+def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[str, StoredArray]:
+    out: dict[str, StoredArray] = {}
     for suf in SEEDDELTA_SUFFIXES:
         t = tensors.get(f"blk.{layer}.{kind}.{suf}")
         if t is not None:
-            out[suf] = np.array(t.data)  # copy out of the memory map, dtype and numpy shape as stored
+            data = np.array(t.data)  # copy out of the memory map, dtype and numpy shape as stored
+            # a variant's base carries its ggml type (any quantization)
+            out[suf] = RawTensor(data, GGMLQuantizationType(t.tensor_type), tuple(t.shape)) if suf == "sdq_base" else data
     return out
 
 
@@ -367,7 +372,7 @@ def load_model(path: str | Path | GGUFModel | WeightSource, *, use_seeddelta: bo
 
     c = cfg
     # every SeedΔ payload is validated before any weight is dequantized: a damaged file fails in a moment
-    payloads: dict[tuple[int, str], SeedDeltaPayload] = {}
+    payloads: dict[tuple[int, str], SeedDeltaPayload | SdqPayload] = {}
     if use_seeddelta:
         for i in range(c.n_layer):
             for kind in KINDS:

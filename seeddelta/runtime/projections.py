@@ -46,8 +46,9 @@ import torch
 
 from seeddelta.codec.hadamard import fwht_torch
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.schema import SEEDDELTA_SUFFIXES
-from seeddelta.gguf_format.seeddelta_tensors import check_seeddelta_arrays
+from seeddelta.gguf_format.schema import SDQ_SUFFIXES, SEEDDELTA_SUFFIXES
+from seeddelta.gguf_format.seeddelta_tensors import StoredArray, check_seeddelta_arrays
+from seeddelta.runtime.sdq_projections import SdqPayload, SparseSdqProjection, parse_sdq_payload
 from seeddelta.runtime.weights import linear
 
 MODES = ("materialized", "sparse")
@@ -147,16 +148,21 @@ class SeedDeltaPayload:
         return w
 
 
-def parse_payload(name: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> SeedDeltaPayload | None:
+def parse_payload(name: str, arrays: dict[str, StoredArray], n_in: int,
+                  n_out: int) -> SeedDeltaPayload | SdqPayload | None:
     """The SeedΔ tensors of one weight (keys = suffixes in `SEEDDELTA_SUFFIXES`), validated.
 
     Returns None when there are no SeedΔ tensors at all; raises SeedDeltaError naming the tensor and the
     problem on anything `gguf_format.seeddelta_tensors.check_seeddelta_arrays` refuses (out-of-range
-    indices, a base_perm that is not a permutation, NaN/Inf, inconsistent shapes, ...)."""
-    present = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
-    if not present:
+    indices, a base_perm that is not a permutation, NaN/Inf, inconsistent shapes, ...). A weight of the
+    variant sdq (`sdq_*` tensors) becomes an `SdqPayload` (`runtime.sdq_projections`)."""
+    given = {k: v for k, v in arrays.items() if k in SEEDDELTA_SUFFIXES and v is not None}
+    if not given:
         return None
-    check_seeddelta_arrays(name, present, n_in, n_out)
+    check_seeddelta_arrays(name, given, n_in, n_out)
+    if any(k in SDQ_SUFFIXES for k in given):
+        return parse_sdq_payload(name, given, n_in, n_out)
+    present = {k: v for k, v in given.items() if isinstance(v, np.ndarray)}
     block = (present["b_idx"], present["b_val"]) if "b_idx" in present else None
     # the runtime prefers block when both are present (§8.2)
     coo = (present["d_idx"], present["d_val"]) if "d_idx" in present and block is None else None
@@ -255,7 +261,7 @@ class DenseProjection:
         return self.weight.numel() * self.weight.element_size()
 
 
-def materialize(payload: SeedDeltaPayload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def materialize(payload: SeedDeltaPayload | SdqPayload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Ŵ (n_out, n_in): the float64 reconstruction rounded once to `dtype` (float32 or float16), a block
     of rows at a time so the float64 working set stays bounded. `seeddelta materialize` writes these values."""
     if dtype not in (torch.float32, torch.float16):
@@ -275,7 +281,7 @@ class MaterializedSeedDeltaProjection(DenseProjection):
     kind = "seeddelta"
     mode = "materialized"
 
-    def __init__(self, payload: SeedDeltaPayload, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, payload: SeedDeltaPayload | SdqPayload, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(materialize(payload, dtype), payload.name)
         self.payload_scheme = payload.scheme
         self.has_base = payload.base is not None
@@ -347,11 +353,13 @@ class SparseSeedDeltaProjection:
         return y.reshape(*shape[:-1], self.n_out)
 
 
-def make_projection(payload: SeedDeltaPayload, mode: str,
-                    dtype: torch.dtype = torch.float32) -> MaterializedSeedDeltaProjection | SparseSeedDeltaProjection:
+def make_projection(payload: SeedDeltaPayload | SdqPayload, mode: str, dtype: torch.dtype = torch.float32
+                    ) -> MaterializedSeedDeltaProjection | SparseSeedDeltaProjection | SparseSdqProjection:
     """dtype: the dtype of a materialized Ŵ (the sparse mode keeps float32 values and indices)."""
     if mode == "materialized":
         return MaterializedSeedDeltaProjection(payload, dtype)
     if mode == "sparse":
+        if isinstance(payload, SdqPayload):
+            return SparseSdqProjection(payload)
         return SparseSeedDeltaProjection(payload)
     raise SeedDeltaError(f"SeedΔ mode {mode!r} unknown (expected one of {', '.join(MODES)})")

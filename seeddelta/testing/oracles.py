@@ -181,3 +181,54 @@ def reference_apply(t: Mapping[str, np.ndarray], n_in: int, n_out: int, x: np.nd
     if "d_row_scale" in t:
         y *= f(t["d_row_scale"])[None, :]
     return y
+
+
+# ---------------------------------------------------------------------------------- variant sdq
+def reference_sdq_dense(arrays: Mapping[str, object], n_in: int, n_out: int) -> np.ndarray:
+    """Ŵ of a weight of the variant sdq (docs/file-format.md, extension version 1) in float64, from the
+    definition: s ⊙ (Q·R + Δ), with
+
+    * Q the base dequantized by gguf-py (`arrays["sdq_base"]`: a RawTensor, or an F16/F32 array);
+    * R = blockdiag_k(H_b·diag(sign_k)/√b) as an explicit matrix (`sdq_rot` (n_in/b, b); absent: I);
+    * Δ entry by entry: COO (`sdq_idx`, `sdq_val`), or compact — walking each row's 256-column blocks
+      in order, taking `sdq_ccnt[o, blk]` entries per block: index 256·blk + `sdq_coff` (a byte),
+      value `sdq_cval` (int8) · `sdq_cscale[o]`;
+    * s = `sdq_scale` (absent: 1)."""
+    from gguf.quants import dequantize
+
+    base = arrays["sdq_base"]
+    if hasattr(base, "tensor_type"):
+        data, qtype = base.data, base.tensor_type  # type: ignore[attr-defined]
+        Q = np.asarray(dequantize(np.asarray(data), qtype), dtype=np.float64).reshape(n_out, n_in)
+    else:
+        Q = np.asarray(base, dtype=np.float64).reshape(n_out, n_in)
+    W = Q
+    if "sdq_rot" in arrays:
+        signs = np.asarray(arrays["sdq_rot"]).astype(np.float64)
+        nb, b = signs.shape
+        H = sylvester_hadamard(b)
+        R = np.zeros((n_in, n_in))
+        for k in range(nb):
+            R[k * b:(k + 1) * b, k * b:(k + 1) * b] = H @ np.diag(signs[k]) / np.sqrt(b)
+        W = Q @ R
+    W = np.array(W, copy=True)
+    if "sdq_idx" in arrays:
+        idx = np.asarray(arrays["sdq_idx"]).astype(np.int64)
+        val = np.asarray(arrays["sdq_val"], dtype=np.float64)
+        for o in range(n_out):
+            for r in range(idx.shape[1]):
+                W[o, idx[o, r]] += val[o, r]
+    elif "sdq_coff" in arrays:
+        off = np.asarray(arrays["sdq_coff"]).view(np.uint8)
+        cnt = np.asarray(arrays["sdq_ccnt"]).view(np.uint8)
+        q = np.asarray(arrays["sdq_cval"]).astype(np.int64)
+        step = np.asarray(arrays["sdq_cscale"], dtype=np.float64).reshape(-1)
+        for o in range(n_out):
+            r = 0
+            for blk in range(cnt.shape[1]):
+                for _ in range(int(cnt[o, blk])):
+                    W[o, 256 * blk + int(off[o, r])] += float(q[o, r]) * step[o]
+                    r += 1
+    if "sdq_scale" in arrays:
+        W *= np.asarray(arrays["sdq_scale"], dtype=np.float64).reshape(-1)[:, None]
+    return W

@@ -15,9 +15,11 @@ from filelock import FileLock
 
 # Two layers apart (B3 has one separated pair), one budget with and without base, 2 windows per
 # context, 10 greedy prompts per task (5 at each stack step), equal bytes at one density, no llama.cpp
-# points (the interop extra is not part of CI).
+# points (the interop extra is not part of CI), two variant points (the Q4_0 base alone; with a 1 %
+# compact residual refitted on the calibration XᵀX).
 CI_ARGS = ("--layers", "1,5", "--densities", "1/3", "--chunks", "2", "--unit-chunks", "2", "--greedy-limit", "10",
-           "--stack-greedy-limit", "5", "--eq-densities", "1/4", "--quant-types", "none", "-t", "1")
+           "--stack-greedy-limit", "5", "--eq-densities", "1/4", "--quant-types", "none",
+           "--variants", "Q4_0,Q4_0+1%-c8-refit", "-t", "1")
 
 
 @cache

@@ -88,6 +88,14 @@ def test_equal_bytes_points_count_their_bytes(ci):
     # COO pruning at density 1/4 keeps 48 of 192 and 192 of 768 per row: 4 bytes each = 32·(1/4) bits a weight
     assert rows["magnitude d=1/4 coo"]["bits_per_weight"] == 8.0
     assert rows["magnitude d=1/4 dense"]["bits_per_weight"] == 16.0  # zeros stored: nothing saved
+    # variant sdq: Q4_0 is 18 bytes per 32 weights; +1 % c8 adds per row 2 bytes per entry (K = round(n_in/100):
+    # 2 of 192, 8 of 768) + one count byte per 256 columns + a 2-byte step
+    assert rows["sdq Q4_0"]["bits_per_weight"] == 4.5
+    gate_up = 2 * 768 * (2 * 2 + 1 + 2)  # ffn_gate and ffn_up: 768 rows of 192 inputs
+    down = 192 * (2 * 8 + 3 + 2)  # ffn_down: 192 rows of 768 inputs
+    per_layer_weights = 3 * 192 * 768
+    assert rows["sdq Q4_0 +1% c8 refit"]["bits_per_weight"] == 4.5 + 8 * (gate_up + down) / per_layer_weights
+    assert rows["sdq Q4_0 +1% c8 refit"]["kld_mean"] < rows["sdq Q4_0"]["kld_mean"]
     assert ci[3]["equal_bytes"]["skipped"] == []
 
 

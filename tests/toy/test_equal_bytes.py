@@ -272,3 +272,47 @@ def test_pareto_plot_is_a_png_and_the_same_rows_give_the_same_bytes(tmp_path, mo
     monkeypatch.setattr(plots, "_pyplot", lambda: None)
     assert plots.pareto_plot(rows, tmp_path / "c.png", "t") == plots.PLOTS_HINT
     assert not (tmp_path / "c.png").exists()
+
+
+# ---------------------------------------------------------------------------------- variant points
+def test_variant_base_alone_holds_exactly_the_bytes_of_that_quantization(env):
+    """The K-0 point is a Q4_0 file in all but name: its sdq_base bytes are gguf-py's Q4_0 of each weight
+    (what a Q4_0 file stores), nothing else is stored for the weight, so its bits/weight is Q4_0's 4.5."""
+    from gguf.quants import quantize
+
+    [c] = eb.variant_candidates(["Q4_0"])
+    out = env["dir"] / "v-q4.gguf"
+    eb.make_candidate(c, eb.Inputs(env["model"], None), out)
+    a, b = GGUFModel(env["model"]), GGUFModel(out)
+    for name in _ffn(a):
+        stem = name.removesuffix(".weight")
+        assert [n for n in b.tensors if n.startswith(stem + ".")] == [stem + ".sdq_base"]
+        assert bytes(b.tensors[stem + ".sdq_base"].data.tobytes()) == quantize(a.dense(name), GGMLQuantizationType.Q4_0).tobytes()
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
+    assert eb.ffn_storage(out).bits_per_weight == 8 * size / block == 4.5
+
+
+def test_variant_residual_bytes_are_the_compact_layout(env):
+    """+1 % c8: Q4_0 base + per row 2 bytes per entry (offset, int8 value), one count byte per 256
+    columns and a 2-byte step (docs/file-format.md), K = round(n_in/100) at least 1."""
+    [c] = eb.variant_candidates(["Q4_0+1%-c8"])
+    out = env["dir"] / "v-c8.gguf"
+    eb.make_candidate(c, eb.Inputs(env["model"], env["imatrix"]), out)
+    src = GGUFModel(env["model"])
+    want = 0
+    for layer in range(src.n_layer):
+        for kind in KINDS:
+            n_in, n_out = src.weight_dims(layer, kind)
+            k = keep_count(0.01, n_in)
+            want += n_out * n_in // 32 * 18 + n_out * (2 * k + -(-n_in // 256) + 2)
+    assert eb.ffn_storage(out).bytes == want
+
+
+def test_variant_points_needing_xtx_are_skipped_without_one_and_unknown_names_are_one_line(env):
+    cands = eb.variant_candidates(["Q4_0", "Q4_0-gptq", "Q4_0+1%-c8-refit"])
+    kept, skipped = eb.runnable(cands, eb.Inputs(env["model"], env["imatrix"]))
+    assert [c.label for c in kept] == ["sdq Q4_0"]
+    assert skipped == ["variant points needing XᵀX skipped (2): no calibration text given"]
+    with pytest.raises(SeedDeltaError, match="unknown variant point 'Q3'"):
+        eb.variant_candidates(["Q3"])
+    assert len(eb.variant_candidates()) == len(eb.VARIANT_POINTS)
