@@ -41,7 +41,9 @@ from seeddelta.builder.report import (
     top_level,
     write_report,
 )
+from seeddelta.codec.partial import EXTENSION as DENSE_ROWS_EXTENSION
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.extensions import EXTENSIONS_KEY
 from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import (
@@ -98,6 +100,8 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool, resul
             KV("seeddelta.base.max_samples", max(0, opts.base_max_samples), u32),
             KV("seeddelta.base.perm_trials", max(1, opts.base_perm_trials), u32),
         ]
+    if any(e.get("dense_rows") for e in written):  # an opt-in schema extension is declared (gguf_format.extensions)
+        keys.append(KV(EXTENSIONS_KEY, [DENSE_ROWS_EXTENSION], GGUFValueType.ARRAY, GGUFValueType.STRING))
     return keys
 
 

@@ -86,6 +86,8 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
             rule["base"] = _field(entry, path, "base_kind", str, source)
             rule["row_scale"] = _field(entry, path, "row_scale", bool, source)
             rule["delta_norm_clamp"] = float(_field(entry, path, "delta_norm_clamp", float, source))
+            if entry.get("dense_rows"):  # a row count in the report; the policy key is the share of rows
+                rule["dense_rows"] = int(entry["dense_rows"]) / int(_field(entry, path, "n_out", int, source))
         decisions[(layer, kind)] = (path, rule)
     layers: dict[str, Any] = {}
     for layer, kind in sorted(decisions, key=lambda lk: (lk[0], KINDS.index(lk[1]))):

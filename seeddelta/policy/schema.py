@@ -39,7 +39,8 @@ RULE_KEYS_V1: frozenset[str] = frozenset({
     "autotune", "tensors",
 })
 # Our additions, accepted only under "version": 2 (under version 1 they are unknown keys).
-RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp"})
+# `dense_rows` (v1 plan H3b): share of the tensor's rows kept dense, a file-schema extension (dense_rows/1).
+RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "dense_rows"})
 TOP_KEYS: frozenset[str] = frozenset({"version", "defaults", "ranges", "layers"})
 GATING_KEYS: frozenset[str] = frozenset({"metric", "min_mean", "min_p05"})
 AUTOTUNE_KEYS: tuple[str, ...] = ("enabled", "schedule_gate_up", "schedule_down", "max_iters")
@@ -97,6 +98,7 @@ class Rule:
     base: str | None = None
     row_scale: bool | None = None
     delta_norm_clamp: float | None = None
+    dense_rows: float | None = None
 
 
 @dataclass(frozen=True)

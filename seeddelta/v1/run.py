@@ -1,0 +1,137 @@
+"""`seeddelta v1 run`: the v1 experiments on a model, cached and resumable, written as `v1.json`
+(the regress report's "v1 mechanisms" section reads it from the same --out) and `v1.md`.
+
+Measurements go through the regress suite's Evaluator and result cache (<out>/cache, keyed by the
+model, text, calibration, settings and measuring code), so an interrupted run resumes and a finished
+one is re-read in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seeddelta.assets import sha256_file
+from seeddelta.errors import SeedDeltaError
+from seeddelta.evaluation.result_cache import ResultCache, code_fingerprint
+from seeddelta.regress.baseline import RSS_REPEATS
+from seeddelta.regress.measure import Evaluator, fresh_process_memory, run_specs
+from seeddelta.regress.suite import RegressSettings, calibration_text, pack_items
+from seeddelta.v1 import EXPERIMENTS
+from seeddelta.v1 import experiments as X
+from seeddelta.v1.profiles import Profile, profile_for
+
+Progress = Callable[[str], None]
+SCHEMA = "seeddelta.v1/1"
+
+
+@dataclass(frozen=True)
+class V1Settings:
+    model: Path
+    text: Path
+    out: Path
+    calibration: Path | None = None
+    pack: Path | None = None
+    chunks: int = -1  # windows per context of the table rows (-1: all)
+    unit_chunks: int = -1  # windows at ctx 512 for H2's single units
+    ctxs: tuple[int, ...] = (512, 1024, 2048)
+    greedy_limit: int = 10  # greedy prompts per task for the table rows (0: all)
+    experiments: tuple[str, ...] = EXPERIMENTS
+    jobs: int = 1
+    threads: int = 0
+    use_cache: bool = True
+
+    def public(self) -> dict[str, Any]:
+        return {"chunks": self.chunks, "unit_chunks": self.unit_chunks, "ctxs": list(self.ctxs),
+                "greedy_limit": self.greedy_limit, "experiments": list(self.experiments)}
+
+
+def _imatrix(ev: Evaluator, calibration: Path | None, out: Path) -> Path | None:
+    from seeddelta.evaluation.activations import collect_imatrix
+    from seeddelta.evaluation.windows import text_windows
+    from seeddelta.gguf_format.imatrix_file import write_imatrix
+
+    if calibration is None:
+        return None
+    path = out / "imatrix.gguf"
+    if not path.is_file():
+        w = text_windows(calibration, 512, -1, ev.base.tokenizer).windows
+        sums, counts = collect_imatrix(ev.base.model, w)
+        write_imatrix(path, sums, counts, [str(calibration)], w.n_chunk, w.n_ctx)
+    return path
+
+
+def base_memory(model: Path, cache: ResultCache, note: Progress) -> dict[str, Any]:
+    """File size and resident memory of the original (sparse runtime, as every row), RSS_REPEATS fresh
+    processes: the median is the reference, max − min the spread."""
+    hit = cache.get("v1-base-memory", {"repeats": RSS_REPEATS})
+    if hit is not None:
+        return hit
+    note(f"[v1] resident memory of the original, {RSS_REPEATS} fresh processes")
+    rss = sorted(int(fresh_process_memory(model, "sparse")["rss_anon_load_delta_bytes"]) for _ in range(RSS_REPEATS))
+    out = {"file_bytes": model.stat().st_size, "rss_anon_load_delta_bytes": rss[len(rss) // 2],
+           "rss_spread_bytes": rss[-1] - rss[0], "rss_repeats": RSS_REPEATS}
+    cache.put("v1-base-memory", {"repeats": RSS_REPEATS}, out)
+    return out
+
+
+def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    note = progress or (lambda _m: None)
+    bad = [x for x in settings.experiments if x not in EXPERIMENTS]
+    if bad:
+        raise SeedDeltaError(f"--experiments: unknown experiment {bad[0]!r} (expected {', '.join(EXPERIMENTS)})")
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    sha = sha256_file(settings.model)
+    p = profile_for(str(settings.model), sha)
+    rs = RegressSettings(model=settings.model, text=settings.text, out=out, calibration=settings.calibration,
+                         pack=settings.pack)
+    calibration = calibration_text(rs, out)
+    ev = Evaluator(settings.model, settings.text, None, pack_items(rs), out / "work", settings.threads)
+    cache = ResultCache(out / "cache", {"model_sha256": sha, "text_sha256": sha256_file(settings.text),
+                                        "calibration_sha256": sha256_file(calibration) if calibration else None,
+                                        "pack": [x.id for x in ev.pack]}, enabled=settings.use_cache)
+    ev.imatrix = _imatrix(ev, calibration, out)
+    encoding = {"base": True, "row_scale": True, "imatrix": ev.imatrix is not None}
+    evals = tuple((c, settings.chunks) for c in settings.ctxs)
+    greedy = settings.greedy_limit if ev.pack else None
+    mem = base_memory(settings.model, cache, note)
+
+    def run(settings_: Sequence[X.Setting], step: str) -> list[dict[str, Any]]:
+        return run_specs(ev, [s.spec for s in settings_], cache, step, jobs=settings.jobs, progress=note)
+
+    ref_setting = X.reference(p, encoding, evals, greedy)
+    (ref,) = run([ref_setting], "v1 reference")
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "model": {"path": str(settings.model), "sha256": sha, "n_layer": p.n_layer},
+        "text": str(settings.text), "calibration": str(calibration) if calibration else None,
+        "settings": settings.public(), "profile": p.public(), "encoding": encoding,
+        "code_fingerprint": code_fingerprint()[:16], "base_memory": mem, "rss_drop_needed": X.rss_needed(mem),
+        "reference": X.row(ref_setting, ref, None, mem), "experiments": {},
+    }
+    table_steps: dict[str, Callable[[Profile, Mapping[str, Any], tuple[tuple[int, int], ...], int | None],
+                                    list[X.Setting]]] = {"h1": X.h1, "h3a": X.h3a, "h3b": X.h3b}
+    for name in settings.experiments:
+        if name in table_steps:
+            chosen = table_steps[name](p, encoding, evals, greedy)
+            rows = [X.row(s, r, ref, mem) for s, r in zip(chosen, run(chosen, f"v1 {name}"), strict=True)]
+            doc["experiments"][name] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem)}
+        elif name == "h2":
+            chosen = X.h2_units(p, encoding, settings.unit_chunks)
+            units = []
+            for s, r in zip(chosen, run(chosen, "v1 h2"), strict=True):
+                w = next(w for w in r["build"]["weights"] if w["emit"] and w["kind"] == "ffn_down")
+                m = r["ctx512"]
+                from seeddelta.regress.stats import bootstrap_windows
+
+                b = bootstrap_windows(m["window_delta_nll"])
+                units.append({"layer": s.params["layer"], "K_down": s.params["K_down"], "delta_nll": m["delta_nll"],
+                              "ci95": [b["lo95"], b["hi95"]], "kld_mean": m["kld_mean"],
+                              "metrics": {k: w.get(k) for k, _ in X.H2_METRICS}})
+            doc["experiments"]["h2"] = {"units": units, "analysis": X.h2_analysis(units)}
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    return doc
