@@ -41,7 +41,7 @@ def profile_for(model_path: str, sha256: str) -> Profile:
     model = GGUFModel(model_path, what="model")
     n = model.n_layer
     dims = {kind: model.weight_dims(0, kind)[0] for kind in KINDS}
-    tiny = Profile("tiny", 8, dims, (2, 4, 6), 64, (1, 4), (128, 192, 256, 384), 256, tuple(range(8)))
+    tiny = Profile("tiny", 8, dims, (2, 4, 6), 64, (1,), (128, 192, 256, 384), 256, tuple(range(8)))
     if sha256 == SMOLLM2_SHA256:
         return Profile("smollm2", n, dims, (13, 15, 18, 20), 128, (15,), (256, 384, 512, 768), 512,
                        tuple(range(0, n, 3)) + ((n - 1,) if (n - 1) % 3 else ()))
