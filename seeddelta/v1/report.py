@@ -10,6 +10,11 @@ TITLES = {
     "h3a": "H3a — delta-norm clamp on ffn_down (‖Δ‖ ≤ τ·‖W‖), gate unchanged",
     "h3b": "H3b — partial strip of ffn_down (the rows SeedΔ fits worst kept dense)",
     "h2": "H2 — down-only thresholds on cos_p05 / l2_p95 from the harmless layers",
+    "m2": "Mechanism 2 — homeostatic clamp on ffn_gate (‖Δ‖ ≤ τ·‖W‖)",
+    "gate_units": "Gate units — each layer's ffn_gate alone (ctx 512), what m4 and m5 rank",
+    "m4": "Mechanism 4 — error-quantile filter vs the cosine thresholds (gate selection)",
+    "m5": "Mechanism 5 — global budget: top-N gate tensors, ΔPPL vs bytes saved",
+    "m7": "Mechanism 7 — core vs leaf: llama.cpp's use_more_bits band vs the measured band (ffn_down)",
 }
 
 
@@ -54,11 +59,30 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
     lines += table([doc["reference"]], ctxs) + [""]
     for name, exp in doc["experiments"].items():
         lines += [f"{h}# {TITLES.get(name, name)}", ""]
+        if name == "gate_units":
+            lines += ["| layer | ΔNLL [95 %] | cos_mean_x_w | cos_p05_x_w | rel_l2_p95_x_w | bytes saved |",
+                      "|---|---|---|---|---|---|"]
+            for u in exp["units"]:
+                m = u["metrics"]
+                lines.append(f"| {u['layer']} | {u['delta_nll']:+.4f} [{u['ci95'][0]:+.4f}, {u['ci95'][1]:+.4f}] | "
+                             f"{m['cos_mean_x_w']:.4f} | {m['cos_p05_x_w']:.4f} | {m['rel_l2_p95_x_w']:.4f} | "
+                             f"{u['bytes_saved']:,} |")
+            lines.append("")
+        if name == "m4":
+            sel = exp["selection"]
+            lines += [f"Selected: {sel['selected']} (error quantile {sel['quantile']}: rel_l2_p95_x_w ≤ "
+                      f"{sel['rel_l2_p95_x_w_limit']:.4f}; cosine: ≥ {sel['cos_thresholds']}).", ""]
         if "rows" in exp:
             lines += table(exp["rows"], ctxs) + [""]
             v = exp["verdict"]
-            lines += [f"**Verdict: {'KEEP' if v['keep'] else 'BACK OFF'}** — rule: {v['rule']}; "
-                      f"passing: {', '.join(v['passing']) or 'none'}; best at ctx 2048: {v['best']}.", ""]
+            extra = "".join(f"; {k}: {v[k]}" for k in ("passing", "best", "sweet_spot", "delta_ppl_2048", "why")
+                            if k in v)
+            lines += [f"**Verdict: {'KEEP' if v['keep'] else 'BACK OFF'}** — rule: {v['rule']}{extra}.", ""]
+        if name == "m7":
+            a = exp["agreement"]
+            lines += [f"use_more_bits protects {a['protected']}; H2 measured harmful {a['harmful_measured']}: "
+                      f"protected {a['harmful_protected']}, unprotected {a['harmful_unprotected']}; protected but "
+                      f"measured harmless {a['protected_but_harmless']}.", ""]
         if name == "h2":
             a = exp["analysis"]
             lines += ["| layer | ΔNLL [95 %] | cos_p05_x_w | rel_l2_p95_x_w | cos_p05 | rel_l2_p95 | harmful |",

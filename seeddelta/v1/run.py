@@ -19,9 +19,11 @@ from seeddelta.errors import SeedDeltaError
 from seeddelta.evaluation.result_cache import ResultCache, code_fingerprint
 from seeddelta.regress.baseline import RSS_REPEATS
 from seeddelta.regress.measure import Evaluator, fresh_process_memory, run_specs
+from seeddelta.regress.stats import bootstrap_windows
 from seeddelta.regress.suite import RegressSettings, calibration_text, pack_items
 from seeddelta.v1 import EXPERIMENTS
 from seeddelta.v1 import experiments as X
+from seeddelta.v1 import mechanisms as M
 from seeddelta.v1.profiles import Profile, profile_for
 
 Progress = Callable[[str], None]
@@ -62,6 +64,16 @@ def _imatrix(ev: Evaluator, calibration: Path | None, out: Path) -> Path | None:
         sums, counts = collect_imatrix(ev.base.model, w)
         write_imatrix(path, sums, counts, [str(calibration)], w.n_chunk, w.n_ctx)
     return path
+
+
+def _unit(s: X.Setting, r: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """One single-tensor unit: its ΔNLL at ctx 512 with the window-bootstrap interval and its metrics."""
+    w = next(w for w in r["build"]["weights"] if w["emit"] and w["kind"] == kind)
+    m = r["ctx512"]
+    b = bootstrap_windows(m["window_delta_nll"])
+    keys = [k for k, _ in X.H2_METRICS] + [k for k in M.GATE_METRICS if k not in dict(X.H2_METRICS)]
+    return {"layer": s.params["layer"], "kind": kind, "delta_nll": m["delta_nll"], "ci95": [b["lo95"], b["hi95"]],
+            "kld_mean": m["kld_mean"], "bytes_saved": r["build"]["bytes_saved"], "metrics": {k: w.get(k) for k in keys}}
 
 
 def base_memory(model: Path, cache: ResultCache, note: Progress) -> dict[str, Any]:
@@ -115,23 +127,44 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
     }
     table_steps: dict[str, Callable[[Profile, Mapping[str, Any], tuple[tuple[int, int], ...], int | None],
                                     list[X.Setting]]] = {"h1": X.h1, "h3a": X.h3a, "h3b": X.h3b}
-    for name in settings.experiments:
+
+    def rows_of(chosen: list[X.Setting], step: str) -> list[dict[str, Any]]:
+        return [X.row(s, r, ref, mem) for s, r in zip(chosen, run(chosen, step), strict=True)]
+
+    exps = doc["experiments"]
+    names = list(settings.experiments)
+    if "m7" in names and "h2" not in names:
+        names.insert(names.index("m7"), "h2")  # m7 compares against H2's measured band
+    for name in names:
         if name in table_steps:
-            chosen = table_steps[name](p, encoding, evals, greedy)
-            rows = [X.row(s, r, ref, mem) for s, r in zip(chosen, run(chosen, f"v1 {name}"), strict=True)]
-            doc["experiments"][name] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem)}
+            rows = rows_of(table_steps[name](p, encoding, evals, greedy), f"v1 {name}")
+            exps[name] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem)}
         elif name == "h2":
             chosen = X.h2_units(p, encoding, settings.unit_chunks)
-            units = []
-            for s, r in zip(chosen, run(chosen, "v1 h2"), strict=True):
-                w = next(w for w in r["build"]["weights"] if w["emit"] and w["kind"] == "ffn_down")
-                m = r["ctx512"]
-                from seeddelta.regress.stats import bootstrap_windows
-
-                b = bootstrap_windows(m["window_delta_nll"])
-                units.append({"layer": s.params["layer"], "K_down": s.params["K_down"], "delta_nll": m["delta_nll"],
-                              "ci95": [b["lo95"], b["hi95"]], "kld_mean": m["kld_mean"],
-                              "metrics": {k: w.get(k) for k, _ in X.H2_METRICS}})
-            doc["experiments"]["h2"] = {"units": units, "analysis": X.h2_analysis(units)}
+            units = [_unit(s, r, "ffn_down") for s, r in zip(chosen, run(chosen, "v1 h2"), strict=True)]
+            exps["h2"] = {"units": units, "analysis": X.h2_analysis(units)}
+        elif name == "m2":
+            rows = rows_of(M.m2(p, encoding, evals, greedy), "v1 m2")
+            exps["m2"] = {"rows": rows, "verdict": M.m2_verdict(rows)}
+        elif name in ("m4", "m5"):
+            if "gate_units" not in exps:
+                chosen = M.gate_units(p, encoding, settings.unit_chunks)
+                exps["gate_units"] = {"units": [_unit(s, r, "ffn_gate") for s, r in
+                                                zip(chosen, run(chosen, "v1 gate units"), strict=True)]}
+            units = exps["gate_units"]["units"]
+            if name == "m4":
+                chosen, selection = M.m4(p, units, encoding, evals, greedy)
+                rows = rows_of(chosen, "v1 m4")
+                exps["m4"] = {"selection": selection, "rows": rows, "verdict": M.m4_verdict(rows, selection)}
+            else:
+                rows = rows_of(M.m5(p, units, encoding, evals, greedy), "v1 m5")
+                exps["m5"] = {"rows": rows, "verdict": M.m5_verdict(rows)}
+        elif name == "m7":
+            h2 = exps["h2"]["units"]
+            harmless = [u["layer"] for u in h2 if not u.get("harmful")]
+            rows = rows_of(M.m7(p, harmless, encoding, evals, greedy), "v1 m7")
+            exps["m7"] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem),
+                          "agreement": M.band_agreement(p.n_layer, exps["h2"]["analysis"]["harmful_layers"],
+                                                        [u["layer"] for u in h2])}
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     return doc

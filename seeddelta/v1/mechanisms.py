@@ -1,0 +1,159 @@
+"""The v1 plan's mechanisms 2, 4, 5 and 7 as measured settings and verdicts (the note's exit rules).
+
+* **m2 homeostatic clamp** — the gate-only reference with ‖Δ_gate‖ ≤ τ·‖W‖ (`delta_norm_clamp` on
+  ffn_gate). Exit: keep when some τ lowers ΔPPL at ctx 2048 against the gate-only reference with
+  its 95 % interval below 0, without raising it at ctx 512/1024 (same bytes: the clamp keeps K).
+* **gate units** — each layer's ffn_gate alone at K_gate (ctx 512): metrics and measured ΔNLL; what
+  m4 and m5 rank and filter.
+* **m4 predictive coding** — two gate selections from the gate units: the original autogate's
+  cosine filter (cos_mean_x_w ≥ 0.70, cos_p05_x_w ≥ 0.50) against an error-quantile filter (keep the
+  gates whose tail error rel_l2_p95_x_w is at most the M4_QUANTILE quantile over all gate units).
+  Exit: keep when the quantile filter's ΔPPL at ctx 2048 is lower than the cosine filter's without
+  a higher one at ctx 512/1024.
+* **m5 competitive budget** — the top-N gate units by measured single-unit ΔNLL (autogate's order
+  without a byte budget), for N over a range: the curve ΔPPL vs bytes saved; the sweet spot is the
+  largest N meeting the v1 PPL criteria (≤ 0 % at 512/1024, ≤ +0.5 % at 2048).
+* **m7 core vs leaf** — ffn_down at K_down_ref on top of the gate-only reference in the layers
+  llama.cpp's `use_more_bits` rule leaves unprotected (it protects the first and last eighth and every
+  third layer in between for ffn_down) against the layers H2 measured harmless; how well the rule's
+  protected set matches H2's harmful set. Exit (the down rule): a band is kept when it meets ΔPPL ≤
+  +2 % at ctx 2048 against the gate-only reference with a resident-memory drop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD
+from seeddelta.regress.criteria import CRITERIA
+from seeddelta.regress.measure import Spec
+from seeddelta.v1.experiments import Setting, _spec
+from seeddelta.v1.policies import policy_text
+from seeddelta.v1.profiles import Profile
+
+M2_TAUS = (0.9, 0.75, 0.5)
+M4_QUANTILE = 0.5
+GATE_METRICS = ("cos_mean_x_w", "cos_p05_x_w", "rel_l2_p95_x_w", "rel_l2_mean_x_w")
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule (src/llama-quant.cpp) for the layers whose ffn_down gets more bits: integer
+    arithmetic as in C — i < n/8, i >= 7n/8, or (i − n/8) % 3 == 2."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def m2(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy: int | None
+       ) -> list[Setting]:
+    return [Setting("m2", f"gate clamp τ {tau:g}", {"tau_gate": tau},
+                    _spec(f"v1-m2-{tau:g}", policy_text(p, p.gate_layers, gate_extra={"delta_norm_clamp": tau}),
+                          encoding, evals, greedy))
+            for tau in M2_TAUS]
+
+
+def gate_units(p: Profile, encoding: Mapping[str, Any], chunks: int) -> list[Setting]:
+    return [Setting("gate-units", f"gate L{layer} alone K {p.K_gate}", {"layer": layer},
+                    Spec(f"v1-gate-{layer}", dict(encoding), policy=policy_text(p, (layer,)), evals=((512, chunks),)))
+            for layer in p.h2_layers]
+
+
+def m4(p: Profile, units: Sequence[Mapping[str, Any]], encoding: Mapping[str, Any],
+       evals: tuple[tuple[int, int], ...], greedy: int | None) -> tuple[list[Setting], dict[str, Any]]:
+    cos = [u["layer"] for u in units if u["metrics"]["cos_mean_x_w"] >= GATE_COS_THRESHOLD
+           and u["metrics"]["cos_p05_x_w"] >= GATE_COS_P05_THRESHOLD]
+    tail = np.array([u["metrics"]["rel_l2_p95_x_w"] for u in units])
+    limit = float(np.quantile(tail, M4_QUANTILE)) if tail.size else 0.0
+    quant = [u["layer"] for u in units if u["metrics"]["rel_l2_p95_x_w"] <= limit]
+    chosen = {"cosine filter": sorted(cos), "error-quantile filter": sorted(quant)}
+    out = [Setting("m4", f"{name}: gate in {layers}", {"filter": name, "layers": layers},
+                   _spec(f"v1-m4-{i}", policy_text(p, layers), encoding, evals, greedy))
+           for i, (name, layers) in enumerate(chosen.items()) if layers]
+    return out, {"selected": chosen, "rel_l2_p95_x_w_limit": limit, "quantile": M4_QUANTILE,
+                 "cos_thresholds": [GATE_COS_THRESHOLD, GATE_COS_P05_THRESHOLD]}
+
+
+def budgets(n: int) -> list[int]:
+    """1, 2, 4, … up to n, and n."""
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return out + [n]
+
+
+def m5(p: Profile, units: Sequence[Mapping[str, Any]], encoding: Mapping[str, Any],
+       evals: tuple[tuple[int, int], ...], greedy: int | None) -> list[Setting]:
+    order = [u["layer"] for u in sorted(units, key=lambda u: (u["delta_nll"], u["layer"]))]
+    return [Setting("m5", f"top {n} gates {sorted(order[:n])}", {"budget": n, "layers": sorted(order[:n])},
+                    _spec(f"v1-m5-{n}", policy_text(p, order[:n]), encoding, evals, greedy))
+            for n in budgets(len(order))]
+
+
+def m7(p: Profile, harmless: Sequence[int], encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...],
+       greedy: int | None) -> list[Setting]:
+    rule = [i for i in range(p.n_layer) if not use_more_bits(i, p.n_layer)]
+    bands = {"use_more_bits (unprotected layers)": rule, "measured harmless (H2)": sorted(harmless)}
+    return [Setting("m7", f"down in {name} {layers}", {"band": name, "layers": layers},
+                    _spec(f"v1-m7-{i}", policy_text(p, p.gate_layers, {x: {"K": p.K_down_ref} for x in layers}),
+                          encoding, evals, greedy))
+            for i, (name, layers) in enumerate(bands.items()) if layers]
+
+
+# ---------------------------------------------------------------------------------- verdicts
+def _at(r: Mapping[str, Any], ctx: str, against: str) -> float | None:
+    c = r["ctx"].get(ctx, {}).get(against)
+    return None if c is None else float(c["pct"])
+
+
+def m2_verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    good = []
+    for r in rows:
+        c = r["ctx"].get("2048", {}).get("vs_reference")
+        mid = [_at(r, x, "vs_reference") for x in ("512", "1024")]
+        if c is not None and c["ci95"][1] < 0 and all(m is None or m <= 0 for m in mid):
+            good.append(r["label"])
+    return {"keep": bool(good), "passing": good,
+            "rule": "ΔPPL@2048 vs gate-only below 0 with its 95 % interval, not above 0 at 512/1024"}
+
+
+def m4_verdict(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> dict[str, Any]:
+    by = {r["filter"]: r for r in rows}
+    if set(by) != {"cosine filter", "error-quantile filter"}:
+        return {"keep": False, "rule": "both filters must select something", "why": f"selected: {selection['selected']}"}
+    q, c = by["error-quantile filter"], by["cosine filter"]
+    d2048 = [_at(x, "2048", "vs_original") for x in (q, c)]
+    mids = [(_at(q, x, "vs_original"), _at(c, x, "vs_original")) for x in ("512", "1024")]
+    ok = None not in d2048 and d2048[0] < d2048[1] and all(a is None or b is None or a <= b for a, b in mids)  # type: ignore[operator]
+    return {"keep": bool(ok), "rule": "error-quantile ΔPPL@2048 below the cosine filter's, not above it at 512/1024",
+            "delta_ppl_2048": {"error-quantile": d2048[0], "cosine": d2048[1]},
+            "bytes_saved": {"error-quantile": q["bytes_saved"], "cosine": c["bytes_saved"]}}
+
+
+def meets_v1_ppl(r: Mapping[str, Any]) -> bool:
+    for name in ("ppl_ctx512", "ppl_ctx1024", "ppl_ctx2048"):
+        crit = CRITERIA[name]
+        v = _at(r, str(crit.ctx), "vs_original")
+        if v is None or v > float(crit.max_delta_ppl_pct or 0.0):
+            return False
+    return True
+
+
+def m5_verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if meets_v1_ppl(r) and r["bytes_saved"] > 0]
+    best = max(ok, key=lambda r: r["budget"], default=None)
+    return {"keep": best is not None, "sweet_spot": None if best is None else best["budget"],
+            "rule": "largest budget meeting the v1 PPL criteria (≤ 0 % at 512/1024, ≤ +0.5 % at 2048) with bytes saved",
+            "curve": [{"budget": r["budget"], "bytes_saved": r["bytes_saved"],
+                       "delta_ppl_2048": _at(r, "2048", "vs_original")} for r in rows]}
+
+
+def band_agreement(n_layer: int, harmful: Sequence[int], measured: Sequence[int]) -> dict[str, Any]:
+    """use_more_bits' protected layers against H2's harmful ones (among the layers H2 measured)."""
+    protected = {i for i in range(n_layer) if use_more_bits(i, n_layer)}
+    m, h = set(measured), set(harmful)
+    caught = sorted(h & protected)
+    return {"protected": sorted(protected), "harmful_measured": sorted(h), "harmful_protected": caught,
+            "harmful_unprotected": sorted(h - protected), "protected_but_harmless": sorted((protected & m) - h),
+            "recall": len(caught) / len(h) if h else None}
