@@ -81,7 +81,7 @@ def _unit(layer, d, cos, l2):
 
 def test_h2_separable_damage_is_predicted_and_calibration_uses_harmless_layers_only():
     # damage rises as cos falls and l2 rises: two harmful layers at the bad end
-    units = [_unit(i, d, c, l) for i, (d, c, l) in enumerate([
+    units = [_unit(i, d, c, e) for i, (d, c, e) in enumerate([
         (0.001, 0.99, 0.10), (0.002, 0.98, 0.12), (0.001, 0.97, 0.14), (0.003, 0.96, 0.16), (0.002, 0.95, 0.18),
         (0.002, 0.94, 0.20), (0.04, 0.60, 0.80), (0.09, 0.50, 0.90)])]
     a = X.h2_analysis(units)
