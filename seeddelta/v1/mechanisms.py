@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +36,7 @@ from seeddelta.v1.experiments import Setting, _spec
 from seeddelta.v1.policies import policy_text
 from seeddelta.v1.profiles import Profile
 
-M2_TAUS = (0.9, 0.75, 0.5)
+M2_TAUS = (0.8, 0.65, 0.5)  # the gate-only gates hold ‖Δ‖/‖W‖ ≈ 0.88 (tiny, K 64 of 192): all bind
 M4_QUANTILE = 0.5
 GATE_METRICS = ("cos_mean_x_w", "cos_p05_x_w", "rel_l2_p95_x_w", "rel_l2_mean_x_w")
 
@@ -157,3 +159,82 @@ def band_agreement(n_layer: int, harmful: Sequence[int], measured: Sequence[int]
     return {"protected": sorted(protected), "harmful_measured": sorted(h), "harmful_protected": caught,
             "harmful_unprotected": sorted(h - protected), "protected_but_harmless": sorted((protected & m) - h),
             "recall": len(caught) / len(h) if h else None}
+
+
+# ---------------------------------------------------------------------------------- m1
+M1_ALPHAS = (0.25, 0.5)
+
+
+def retention_scores(units: Sequence[Mapping[str, Any]], layers: Sequence[int]) -> dict[int, float]:
+    """Per gate tensor, a retention score in [0, 1] from the proxy metric cos_mean_x_w of the gate units:
+    (value − lowest) / (highest − lowest) over the layers given (all 1 when they are equal). Salient =
+    SeedΔ reproduces the tensor's output well; the least faithful tensor decays most."""
+    vals = {u["layer"]: float(u["metrics"]["cos_mean_x_w"]) for u in units if u["layer"] in set(layers)}
+    lo, hi = min(vals.values()), max(vals.values())
+    return {layer: (v - lo) / (hi - lo) if hi > lo else 1.0 for layer, v in vals.items()}
+
+
+def delta_norm_ratios(model: str, imatrix: str | None, encoding: Mapping[str, Any], p: Profile,
+                      layers: Sequence[int]) -> dict[int, float]:
+    """‖Δ‖_F/‖W‖_F of each gate tensor as the builder encodes it in the gate-only reference (same flags,
+    seed and imatrix), so that a clamp τ = factor·ratio scales Δ by exactly `factor` (the decay)."""
+    from seeddelta.builder.encode import run_trial
+    from seeddelta.builder.options import BuildOptions
+    from seeddelta.gguf_format.imatrix_file import read_imatrix
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.schema import weight_name
+    from seeddelta.policy.builder import policy_resolver
+    from seeddelta.policy.load import parse_policy
+    from seeddelta.regress.measure import EVAL_COLS, EVAL_X
+
+    enc = dict(encoding)
+    use_imatrix = bool(enc.pop("imatrix", False))
+    opts = BuildOptions(input=model, output="", strip_dense=True, eval_cols=EVAL_COLS, eval_x=EVAL_X,
+                        imatrix=imatrix if use_imatrix else None, progress=False, threads=1, **enc)
+    gm = GGUFModel(model, what="model")
+    resolver = policy_resolver(parse_policy(policy_text(p, layers)), opts, gm.n_layer)
+    im = read_imatrix(imatrix) if use_imatrix and imatrix else None
+    out = {}
+    for layer in layers:
+        trial = run_trial(gm, opts, layer, "ffn_gate", resolver(layer, "ffn_gate"), p.K_gate, im)
+        w = gm.dense(weight_name(layer, "ffn_gate")).astype(np.float64)
+        out[layer] = float(np.linalg.norm(trial.sdw.val.astype(np.float64)) / np.linalg.norm(w))
+    return out
+
+
+def m1(p: Profile, units: Sequence[Mapping[str, Any]], ratios: Mapping[int, float], encoding: Mapping[str, Any],
+       evals: tuple[tuple[int, int], ...], greedy: int | None) -> tuple[list[Setting], dict[str, Any]]:
+    """Decay Δ ← Δ·(1 − α(1 − ret)) per gate tensor (as the clamp τ = factor·‖Δ‖/‖W‖), for each α; and the
+    hard cap: each gate tensor's K cut to ⌈K·(1 + ret)/2⌉ entries per row (the least retained keeps half)."""
+    ret = retention_scores(units, p.gate_layers)
+    out = []
+    for a in M1_ALPHAS:
+        taus = {layer: ratios[layer] * (1 - a * (1 - ret[layer])) for layer in p.gate_layers}
+        doc = json.loads(policy_text(p, p.gate_layers))
+        for layer, tau in taus.items():
+            doc["layers"][str(layer)]["tensors"]["ffn_gate"]["delta_norm_clamp"] = round(tau, 6)
+        out.append(Setting("m1", f"decay α {a:g}", {"alpha": a, "tau": {str(k): round(v, 6) for k, v in taus.items()}},
+                           _spec(f"v1-m1-decay-{a:g}", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
+    caps = {layer: max(1, math.ceil(p.K_gate * (1 + ret[layer]) / 2)) for layer in p.gate_layers}
+    doc = json.loads(policy_text(p, p.gate_layers))
+    for layer, k in caps.items():
+        doc["layers"][str(layer)]["tensors"]["ffn_gate"]["K"] = k
+    out.append(Setting("m1", "retention cap", {"K_gate": {str(k): v for k, v in caps.items()}},
+                       _spec("v1-m1-cap", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
+    return out, {"retention": {str(k): round(v, 6) for k, v in ret.items()},
+                 "delta_norm_ratio": {str(k): round(v, 6) for k, v in ratios.items()}, "alphas": list(M1_ALPHAS)}
+
+
+def m1_verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The note's exit: keep when PPL improves or stays flat and GGUF/RSS drop (against the gate-only
+    reference: ΔPPL at every context with its 95 % interval reaching 0 or below, file and resident
+    bytes smaller)."""
+    good = []
+    for r in rows:
+        flat = all(c["vs_reference"]["ci95"][0] <= 0 for c in r["ctx"].values() if "vs_reference" in c)
+        drop = (r.get("file_drop_vs_reference") or 0) > 0 and (r.get("rss_drop_vs_reference") or 0) > 0
+        if flat and drop:
+            good.append(r["label"])
+    return {"keep": bool(good), "passing": good,
+            "rule": "ΔPPL vs gate-only flat or better at every context (95 % interval reaches ≤ 0) and file and "
+                    "resident bytes below the gate-only reference"}

@@ -14,6 +14,7 @@ TITLES = {
     "gate_units": "Gate units — each layer's ffn_gate alone (ctx 512), what m4 and m5 rank",
     "m4": "Mechanism 4 — error-quantile filter vs the cosine thresholds (gate selection)",
     "m5": "Mechanism 5 — global budget: top-N gate tensors, ΔPPL vs bytes saved",
+    "m1": "Mechanism 1 — retention score, decay Δ ← Δ·(1 − α(1 − ret)) and a retention-weighted hard cap (gate)",
     "m7": "Mechanism 7 — core vs leaf: llama.cpp's use_more_bits band vs the measured band (ffn_down)",
 }
 
@@ -68,6 +69,9 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
                              f"{m['cos_mean_x_w']:.4f} | {m['cos_p05_x_w']:.4f} | {m['rel_l2_p95_x_w']:.4f} | "
                              f"{u['bytes_saved']:,} |")
             lines.append("")
+        if name == "m1":
+            lines += [f"Retention per gate layer (cos_mean_x_w scaled to [0, 1]): {exp['retention']}; ‖Δ‖/‖W‖: "
+                      f"{exp['delta_norm_ratio']}.", ""]
         if name == "m4":
             sel = exp["selection"]
             lines += [f"Selected: {sel['selected']} (error quantile {sel['quantile']}: rel_l2_p95_x_w ≤ "

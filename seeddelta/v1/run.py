@@ -146,13 +146,19 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
         elif name == "m2":
             rows = rows_of(M.m2(p, encoding, evals, greedy), "v1 m2")
             exps["m2"] = {"rows": rows, "verdict": M.m2_verdict(rows)}
-        elif name in ("m4", "m5"):
+        elif name in ("m4", "m5", "m1"):
             if "gate_units" not in exps:
                 chosen = M.gate_units(p, encoding, settings.unit_chunks)
                 exps["gate_units"] = {"units": [_unit(s, r, "ffn_gate") for s, r in
                                                 zip(chosen, run(chosen, "v1 gate units"), strict=True)]}
             units = exps["gate_units"]["units"]
-            if name == "m4":
+            if name == "m1":
+                ratios = M.delta_norm_ratios(str(settings.model), str(ev.imatrix) if ev.imatrix else None, encoding,
+                                             p, p.gate_layers)
+                chosen, info = M.m1(p, units, ratios, encoding, evals, greedy)
+                rows = rows_of(chosen, "v1 m1")
+                exps["m1"] = {**info, "rows": rows, "verdict": M.m1_verdict(rows)}
+            elif name == "m4":
                 chosen, selection = M.m4(p, units, encoding, evals, greedy)
                 rows = rows_of(chosen, "v1 m4")
                 exps["m4"] = {"selection": selection, "rows": rows, "verdict": M.m4_verdict(rows, selection)}
