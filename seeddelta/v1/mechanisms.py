@@ -7,7 +7,8 @@
   m4 and m5 rank and filter.
 * **m4 predictive coding** — two gate selections from the gate units: the original autogate's
   cosine filter (cos_mean_x_w ≥ 0.70, cos_p05_x_w ≥ 0.50) against an error-quantile filter (keep the
-  gates whose tail error rel_l2_p95_x_w is at most the M4_QUANTILE quantile over all gate units).
+  gates whose tail error rel_l2_p95 — the scan's S_p95 — is at most the M4_QUANTILE quantile over all
+  gate units).
   Exit: keep when the quantile filter's ΔPPL at ctx 2048 is lower than the cosine filter's without
   a higher one at ctx 512/1024.
 * **m5 competitive budget** — the top-N gate units by measured single-unit ΔNLL (autogate's order
@@ -38,7 +39,8 @@ from seeddelta.v1.profiles import Profile
 
 M2_TAUS = (0.8, 0.65, 0.5)  # the gate-only gates hold ‖Δ‖/‖W‖ ≈ 0.88 (tiny, K 64 of 192): all bind
 M4_QUANTILE = 0.5
-GATE_METRICS = ("cos_mean_x_w", "cos_p05_x_w", "rel_l2_p95_x_w", "rel_l2_mean_x_w")
+M4_METRIC = "rel_l2_p95"  # the scan's S_p95: the tail of the rows' relative error (what autogate can filter on)
+GATE_METRICS = ("cos_mean_x_w", "cos_p05_x_w", "rel_l2_p95_x_w", "rel_l2_mean_x_w", "rel_l2_p95")
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -65,14 +67,14 @@ def m4(p: Profile, units: Sequence[Mapping[str, Any]], encoding: Mapping[str, An
        evals: tuple[tuple[int, int], ...], greedy: int | None) -> tuple[list[Setting], dict[str, Any]]:
     cos = [u["layer"] for u in units if u["metrics"]["cos_mean_x_w"] >= GATE_COS_THRESHOLD
            and u["metrics"]["cos_p05_x_w"] >= GATE_COS_P05_THRESHOLD]
-    tail = np.array([u["metrics"]["rel_l2_p95_x_w"] for u in units])
+    tail = np.array([u["metrics"][M4_METRIC] for u in units])
     limit = float(np.quantile(tail, M4_QUANTILE)) if tail.size else 0.0
-    quant = [u["layer"] for u in units if u["metrics"]["rel_l2_p95_x_w"] <= limit]
+    quant = [u["layer"] for u in units if u["metrics"][M4_METRIC] <= limit]
     chosen = {"cosine filter": sorted(cos), "error-quantile filter": sorted(quant)}
     out = [Setting("m4", f"{name}: gate in {layers}", {"filter": name, "layers": layers},
                    _spec(f"v1-m4-{i}", policy_text(p, layers), encoding, evals, greedy))
            for i, (name, layers) in enumerate(chosen.items()) if layers]
-    return out, {"selected": chosen, "rel_l2_p95_x_w_limit": limit, "quantile": M4_QUANTILE,
+    return out, {"selected": chosen, "metric": M4_METRIC, "limit": limit, "quantile": M4_QUANTILE,
                  "cos_thresholds": [GATE_COS_THRESHOLD, GATE_COS_P05_THRESHOLD]}
 
 

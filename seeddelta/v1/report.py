@@ -61,12 +61,12 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
     for name, exp in doc["experiments"].items():
         lines += [f"{h}# {TITLES.get(name, name)}", ""]
         if name == "gate_units":
-            lines += ["| layer | ΔNLL [95 %] | cos_mean_x_w | cos_p05_x_w | rel_l2_p95_x_w | bytes saved |",
+            lines += ["| layer | ΔNLL [95 %] | cos_mean_x_w | cos_p05_x_w | rel_l2_p95 | bytes saved |",
                       "|---|---|---|---|---|---|"]
             for u in exp["units"]:
                 m = u["metrics"]
                 lines.append(f"| {u['layer']} | {u['delta_nll']:+.4f} [{u['ci95'][0]:+.4f}, {u['ci95'][1]:+.4f}] | "
-                             f"{m['cos_mean_x_w']:.4f} | {m['cos_p05_x_w']:.4f} | {m['rel_l2_p95_x_w']:.4f} | "
+                             f"{m['cos_mean_x_w']:.4f} | {m['cos_p05_x_w']:.4f} | {m['rel_l2_p95']:.4f} | "
                              f"{u['bytes_saved']:,} |")
             lines.append("")
         if name == "m1":
@@ -74,8 +74,8 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
                       f"{exp['delta_norm_ratio']}.", ""]
         if name == "m4":
             sel = exp["selection"]
-            lines += [f"Selected: {sel['selected']} (error quantile {sel['quantile']}: rel_l2_p95_x_w ≤ "
-                      f"{sel['rel_l2_p95_x_w_limit']:.4f}; cosine: ≥ {sel['cos_thresholds']}).", ""]
+            lines += [f"Selected: {sel['selected']} (error quantile {sel['quantile']}: {sel['metric']} ≤ "
+                      f"{sel['limit']:.4f}; cosine: ≥ {sel['cos_thresholds']}).", ""]
         if "rows" in exp:
             lines += table(exp["rows"], ctxs) + [""]
             v = exp["verdict"]
