@@ -68,7 +68,7 @@ def h3a(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], .
                                                                           "tau": tau},
                     _spec(f"v1-h3a-{layer}-{tau:g}", policy_text(p, p.gate_layers, {layer: {
                         "K": p.K_down_ref, "delta_norm_clamp": tau}}), encoding, evals, greedy_limit))
-            for layer in p.down_layers for tau in p.taus]
+            for layer in p.down_layers[-1:] for tau in p.taus]
 
 
 def h3b(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy_limit: int | None
@@ -79,7 +79,7 @@ def h3b(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], .
                                                                                  "dense_rows": f},
                     _spec(f"v1-h3b-{layer}-{f:g}", policy_text(p, p.gate_layers, {layer: {
                         "K": p.K_down_ref, "dense_rows": f}}), encoding, evals, greedy_limit))
-            for layer in p.down_layers for f in p.dense_fractions]
+            for layer in p.down_layers[-1:] for f in p.dense_fractions]
 
 
 def h2_units(p: Profile, encoding: Mapping[str, Any], chunks: int) -> list[Setting]:

@@ -25,11 +25,11 @@ class Profile:
     n_in: dict[str, int]
     gate_layers: tuple[int, ...]  # the gate-only reference policy
     K_gate: int
-    down_layers: tuple[int, ...]  # H1/H3: down in one of these layers at a time
+    down_layers: tuple[int, ...]  # H1: down in one of these layers at a time; H3a/H3b in the last of them
     K_down: tuple[int, ...]  # H1 sweep
     K_down_ref: int  # H2 (every layer alone), H3a, H3b
     h2_layers: tuple[int, ...]  # H2: down alone in each of these layers
-    taus: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5)  # H3a: ‖Δ‖ ≤ τ·‖W‖ (1.0 and 0.9 expected not to bind)
+    taus: tuple[float, ...] = (0.8, 0.65, 0.5)  # H3a: ‖Δ‖ ≤ τ·‖W‖ (a third of a row's largest entries hold ~0.85)
     dense_fractions: tuple[float, ...] = (0.125, 0.25, 0.5)  # H3b: share of down's rows kept dense
 
     def public(self) -> dict[str, object]:
@@ -41,7 +41,9 @@ def profile_for(model_path: str, sha256: str) -> Profile:
     model = GGUFModel(model_path, what="model")
     n = model.n_layer
     dims = {kind: model.weight_dims(0, kind)[0] for kind in KINDS}
-    tiny = Profile("tiny", 8, dims, (2, 4, 6), 64, (1,), (128, 192, 256, 384), 256, tuple(range(8)))
+    # down in layer 1 (the layer whose whole FFN the regress suite measured harmless) and in layer 4 (inside
+    # the gate band): H3a/H3b try to repair the second
+    tiny = Profile("tiny", 8, dims, (2, 4, 6), 64, (1, 4), (128, 192, 256, 384), 256, tuple(range(8)))
     if sha256 == SMOLLM2_SHA256:
         # bounded for a shared 2-core machine: two clamp values that bind (‖Δ‖/‖W‖ of a third of a row's
         # largest entries is ~0.85 for Gaussian rows), two dense shares, H2 on every fifth layer and the last
