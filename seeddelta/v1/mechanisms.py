@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD
+from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD, use_more_bits
 from seeddelta.regress.criteria import CRITERIA
 from seeddelta.regress.measure import Spec
 from seeddelta.v1.experiments import Setting, _spec
@@ -41,12 +41,6 @@ M2_TAUS = (0.8, 0.65, 0.5)  # the gate-only gates hold ‖Δ‖/‖W‖ ≈ 0.88
 M4_QUANTILE = 0.5
 M4_METRIC = "rel_l2_p95"  # the scan's S_p95: the tail of the rows' relative error (what autogate can filter on)
 GATE_METRICS = ("cos_mean_x_w", "cos_p05_x_w", "rel_l2_p95_x_w", "rel_l2_mean_x_w", "rel_l2_p95")
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    """llama.cpp's rule (src/llama-quant.cpp) for the layers whose ffn_down gets more bits: integer
-    arithmetic as in C — i < n/8, i >= 7n/8, or (i − n/8) % 3 == 2."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def m2(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy: int | None

@@ -99,3 +99,33 @@ def test_band_agreement_counts_both_sides():
     a = M.band_agreement(8, harmful=[0, 2], measured=range(8))
     assert a["harmful_protected"] == [0] and a["harmful_unprotected"] == [2] and a["recall"] == 0.5
     assert a["protected_but_harmless"] == [3, 6, 7]
+
+
+# ---------------------------------------------------------------------------------- autogate options
+def _scan_unit(layer, s_p95, kind="ffn_gate"):
+    return {"layer": layer, "kind": kind, "K": 32, "delta_nll": 0.0, "delta_nll_se": 0.001, "kld_mean": 0.0,
+            "bytes_saved": 100, "cos_mean": 0.9, "cos_p05": 0.8, "cos_mean_x_w": 0.9, "cos_p05_x_w": 0.8,
+            "S_p95": s_p95}
+
+
+def test_error_quantile_filter_keeps_units_at_or_below_the_quantile_of_their_kind():
+    from seeddelta.policy.autogate import Filters, rejection, with_error_limits
+
+    units = [_scan_unit(i, v) for i, v in enumerate([0.1, 0.2, 0.3, 0.4, 0.5])] + [_scan_unit(0, 9.0, "ffn_up")]
+    f = with_error_limits(Filters(allow_up=True, error_quantile=0.5), units)
+    assert f.error_limits == {"ffn_gate": pytest.approx(0.3), "ffn_up": 9.0}  # median of each kind
+    kept = [u["layer"] for u in units[:5] if rejection(u, f) == ""]
+    assert kept == [0, 1, 2]  # at the limit: kept; just above: refused
+    assert "tail error S_p95 0.4" in rejection(units[3], f)
+    assert rejection(units[5], f) == ""  # its own kind's quantile
+    off = with_error_limits(Filters(), units)
+    assert off.error_limits == {} and all(rejection(u, off) == "" for u in units[:5])
+    with pytest.raises(Exception, match="error-quantile"):
+        with_error_limits(Filters(error_quantile=1.5), units)
+
+
+def test_band_use_more_bits_admits_the_unprotected_layers():
+    from seeddelta.policy.autogate import band_layers
+
+    assert band_layers("use_more_bits", 8) == frozenset({1, 2, 4, 5})
+    assert band_layers("use_more_bits", 30) == frozenset(range(30)) - {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}
