@@ -54,7 +54,7 @@ def reference(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, i
 
 def h1(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy_limit: int | None
        ) -> list[Setting]:
-    """Gate fixed (the reference), ffn_down added in one layer at each K_down."""
+    """Gate fixed (the reference), ffn_down added in one layer at each K_down (each of p.down_layers)."""
     return [Setting("h1", f"down L{layer} K {k}", {"layer": layer, "K_down": k},
                     _spec(f"v1-h1-{layer}-{k}", policy_text(p, p.gate_layers, {layer: {"K": k}}), encoding, evals,
                           greedy_limit))
@@ -68,7 +68,7 @@ def h3a(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], .
                                                                           "tau": tau},
                     _spec(f"v1-h3a-{layer}-{tau:g}", policy_text(p, p.gate_layers, {layer: {
                         "K": p.K_down_ref, "delta_norm_clamp": tau}}), encoding, evals, greedy_limit))
-            for layer in p.down_layers[-1:] for tau in p.taus]
+            for layer in p.down_layers[-1:] for tau in p.taus]  # the repair layer (run.repair_profile)
 
 
 def h3b(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy_limit: int | None

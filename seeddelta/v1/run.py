@@ -66,6 +66,15 @@ def _imatrix(ev: Evaluator, calibration: Path | None, out: Path) -> Path | None:
     return path
 
 
+def repair_profile(p: Profile, h2_units: Sequence[Mapping[str, Any]]) -> Profile:
+    """H3a/H3b repair ffn_down where H2 measured it most harmful (when that layer is not already the last
+    H1 layer, H1 measures it too): a clamp or a partial strip can only show an effect where there is damage."""
+    from dataclasses import replace
+
+    worst = max(h2_units, key=lambda u: (u["delta_nll"], -u["layer"]))["layer"]
+    return p if p.down_layers[-1] == worst else replace(p, down_layers=(*[x for x in p.down_layers if x != worst], worst))
+
+
 def _unit(s: X.Setting, r: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """One single-tensor unit: its ΔNLL at ctx 512 with the window-bootstrap interval and its metrics."""
     w = next(w for w in r["build"]["weights"] if w["emit"] and w["kind"] == kind)
@@ -135,6 +144,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
     names = list(settings.experiments)
     if "m7" in names and "h2" not in names:
         names.insert(names.index("m7"), "h2")  # m7 compares against H2's measured band
+    if "h2" in names:  # first: H1 also sweeps, and H3a/H3b repair, the layer where H2 measured down worst
+        names.insert(0, names.pop(names.index("h2")))
     for name in names:
         if name in table_steps:
             rows = rows_of(table_steps[name](p, encoding, evals, greedy), f"v1 {name}")
@@ -143,6 +154,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
             chosen = X.h2_units(p, encoding, settings.unit_chunks)
             units = [_unit(s, r, "ffn_down") for s, r in zip(chosen, run(chosen, "v1 h2"), strict=True)]
             exps["h2"] = {"units": units, "analysis": X.h2_analysis(units)}
+            p = repair_profile(p, units)
+            doc["profile"] = p.public()
         elif name == "m2":
             rows = rows_of(M.m2(p, encoding, evals, greedy), "v1 m2")
             exps["m2"] = {"rows": rows, "verdict": M.m2_verdict(rows)}
