@@ -54,6 +54,9 @@ def register(sub: Subparsers) -> None:
     r.add_argument("--jobs", type=positive_int, default=1, metavar="N", help="worker processes (1)")
     add_threads_arg(r)
     r.add_argument("--no-cache", action="store_true", help="measure everything again (the cache is not read)")
+    s = actions.add_parser("show", help="measure nothing: print v1.md again from the v1.json in --out",
+                           description="Re-render v1.md from an existing v1.json (exit 0 even without one).")
+    add_output_dir(s, "--out", default="runs/regress", metavar="DIR", help="directory holding v1.json")
     p.set_defaults(handler=run)
 
 
@@ -67,8 +70,26 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return out
 
 
+def show(out: Path) -> int:
+    import json
+
+    from seeddelta.v1.report import markdown
+
+    path = out / "v1.json"
+    if not path.is_file():
+        print(f"no v1 results in {out}/ yet: `seeddelta v1 run --out {out}` writes them")
+        return 0
+    text = markdown(json.loads(path.read_text(encoding="utf-8")))
+    write_text_atomic(out / "v1.md", text + "\n")
+    print(text)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from seeddelta.v1 import EXPERIMENTS
+
+    if args.v1_action == "show":
+        return show(Path(args.out))
     from seeddelta.v1.report import markdown
     from seeddelta.v1.run import V1Settings, run_v1
 
