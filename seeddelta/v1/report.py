@@ -30,15 +30,16 @@ def _kb(b: int | None) -> str:
 
 
 def table(rows: list[Mapping[str, Any]], ctxs: list[str]) -> list[str]:
-    head = ["setting"] + [f"ΔPPL % @{c} vs orig [95 %]" for c in ctxs] + [f"vs gate-only @{ctxs[-1]}",
-                                                                          f"KLD @{ctxs[-1]}", "file KiB drop",
-                                                                          "resident KiB drop", "greedy"]
+    head = ["setting"] + [f"ΔPPL % @{c} vs orig [95 %]" for c in ctxs] + [
+        f"vs gate-only @{ctxs[-1]}", f"KLD @{ctxs[-1]}", "file KiB drop", "resident KiB drop",
+        "resident KiB drop vs gate-only", "greedy"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]] + [_pct(r["ctx"].get(c, {}).get("vs_original")) for c in ctxs]
         last = r["ctx"].get(ctxs[-1], {})
         cells += [_pct(last.get("vs_reference")), f"{last['kld_mean']:.4f}" if last else "–",
-                  _kb(r.get("file_drop_vs_original")), _kb(r.get("rss_drop_vs_original"))]
+                  _kb(r.get("file_drop_vs_original")), _kb(r.get("rss_drop_vs_original")),
+                  _kb(r.get("rss_drop_vs_reference"))]
         g = r.get("greedy")
         cells.append("–" if not g else f"{g['verdict']} ({g['flagged']} flagged, acc {g['accuracy']:.3f})")
         out.append("| " + " | ".join(cells) + " |")
