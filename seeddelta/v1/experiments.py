@@ -161,6 +161,21 @@ def down_exit_rule(rows: Sequence[Mapping[str, Any]], base_memory: Mapping[str, 
             "details": why}
 
 
+def mechanism_effect(rows: Sequence[Mapping[str, Any]], h1_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Does the repair (H3a clamp, H3b partial strip) help? Each row against H1's row in the same layer at the
+    same K_down (no clamp, no dense rows): the change of ΔPPL at ctx 2048 (vs gate-only) and of resident bytes."""
+    base = {(r["layer"], r["K_down"]): r for r in h1_rows}
+    out = []
+    for r in rows:
+        b = base.get((r["layer"], r["K_down"]))
+        c, cb = r["ctx"].get("2048", {}).get("vs_reference"), (b or {}).get("ctx", {}).get("2048", {}).get("vs_reference")
+        if b is None or c is None or cb is None:
+            continue
+        out.append({"label": r["label"], "h1": b["label"], "dppl_2048_change": c["pct"] - cb["pct"],
+                    "rss_drop_change": (r.get("rss_drop_vs_reference") or 0) - (b.get("rss_drop_vs_reference") or 0)})
+    return {"against_h1": out, "helps": any(x["dppl_2048_change"] < 0 for x in out)}
+
+
 def h2_analysis(units: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Down-only thresholds calibrated on the harmless layers, and whether they predict the damage.
 

@@ -150,6 +150,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
         if name in table_steps:
             rows = rows_of(table_steps[name](p, encoding, evals, greedy), f"v1 {name}")
             exps[name] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem)}
+            if name in ("h3a", "h3b") and "h1" in exps:
+                exps[name]["effect"] = X.mechanism_effect(rows, exps["h1"]["rows"])
         elif name == "h2":
             chosen = X.h2_units(p, encoding, settings.unit_chunks)
             units = [_unit(s, r, "ffn_down") for s, r in zip(chosen, run(chosen, "v1 h2"), strict=True)]
