@@ -164,3 +164,20 @@ def test_bad_v1_flags_are_refused_in_one_line(tmp_path, model, capsys, flag, val
     rc, err = _build(capsys, model, tmp_path / "o.gguf", flag, value)
     assert rc == 2 and flag in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_exported_policy_rebuilds_a_partial_strip_byte_for_byte(tmp_path, model, capsys):
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"version": 2, "defaults": {"enabled": False, "strip_dense": True,
+                                                             "gating": {"min_mean": -1, "min_p05": -1}},
+                                  "layers": {"1": {"enabled": True, "tensors": {
+                                      "ffn_down": {"K": 12, "dense_rows": 0.3}}}}}))
+    rc, err = _build(capsys, model, tmp_path / "a.gguf", "--policy", str(policy), "--policy-export",
+                     str(tmp_path / "exported.json"), "-t", "1")
+    assert rc == 0, err
+    exported = json.loads((tmp_path / "exported.json").read_text())
+    rule = exported["layers"]["1"]["tensors"]["ffn_down"]
+    assert rule["dense_rows"] == 20 / 64  # ⌈0.3·64⌉ = 20 rows, written back as their share
+    rc, err = _build(capsys, model, tmp_path / "b.gguf", "--policy", str(tmp_path / "exported.json"), "-t", "1")
+    assert rc == 0, err
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
