@@ -21,6 +21,7 @@ from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
 from seeddelta.builder.variant import encode_variant
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
+from seeddelta.codec.partial import choose_dense_rows
 from seeddelta.codec.sdq import SdqWeight
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix
@@ -148,12 +149,19 @@ def _ffn_proxy(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, sdw:
     }
 
 
+def dense_rows_fraction(opts: BuildOptions, kind: str, cfg: TensorConfig) -> float:
+    """The share of rows kept dense: a version-2 policy's `dense_rows`, else --dense-rows-down for ffn_down."""
+    if cfg.dense_rows is not None:
+        return cfg.dense_rows
+    return opts.dense_rows_down if kind == "ffn_down" else 0.0
+
+
 def encode_config(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int) -> EncodeConfig:
     """How one weight is encoded at budget K: the command line's encoding, with a version-2 policy's
     per-tensor base, row scale and norm clamp where it sets them."""
     base = cfg.base if cfg.base is not None else ("xor_circulant" if opts.base else "none")
     clamp = cfg.delta_norm_clamp if cfg.delta_norm_clamp is not None else (
-        opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0)
+        opts.delta_norm_clamp_down if kind == "ffn_down" else opts.delta_norm_clamp_gate if kind == "ffn_gate" else 0.0)
     return EncodeConfig(
         K=K, scheme=opts.scheme, block=cfg.block, idx_type=opts.idx_type, val_type=opts.val_type,
         row_scale=opts.row_scale if cfg.row_scale is None else cfg.row_scale, base=base,
@@ -195,6 +203,9 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
             sdw = encode(W, config, scale)
     except SeedDeltaError as exc:
         raise SeedDeltaError(f"{name}: {exc}") from None
+    fraction = dense_rows_fraction(opts, kind, cfg)
+    if fraction > 0:  # partial strip: the rows SeedΔ fits worst stay the original's (codec.partial)
+        sdw.dense_rows = choose_dense_rows(W, sdw.dense, fraction, scale)
     warnings = [f"{name}: {w}" for w in getattr(sdw, "warnings", [])]
     metrics = evaluate_weight(W, sdw, eval_cols=opts.eval_cols, eval_x=opts.eval_x, imatrix_scale=scale,
                               seed=tensor_seed(opts.seed, layer, kind, 1))
@@ -245,6 +256,8 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
         "dense_type": model.tensor_type(name).name, "bytes_dense": dense_bytes,
         "bytes_seeddelta": nbytes_sd, "bits_per_weight": 8.0 * nbytes_sd / (n_in * n_out),
     }
+    if sdw.dense_rows is not None:
+        entry_values["dense_rows"] = int(sdw.dense_rows.rows.shape[0])
     if cfg.autotune:
         entry_values["autotune_enabled"] = True
         entry_values["autotune_attempts"] = attempts or []

@@ -114,6 +114,8 @@ class BuildOptions:
     report_json: str | None = None
     seed: int = 1234
     delta_norm_clamp_down: float = 0.0
+    delta_norm_clamp_gate: float = 0.0  # v1 mechanism 2: the same clamp for ffn_gate
+    dense_rows_down: float = 0.0  # v1 H3b: share of ffn_down's rows kept dense (codec.partial); 0 = off
     threads: int = 0  # 0: one per CPU
     overwrite_existing: bool = False
     deterministic_report: bool = False
@@ -169,6 +171,7 @@ class TensorConfig:
     row_scale: bool | None = None
     delta_norm_clamp: float | None = None
     variant: VariantSpec | None = None  # None: the command line's (--variant …)
+    dense_rows: float | None = None  # version 2: share of rows kept dense (codec.partial); None: the CLI's
 
     def k_schedule(self) -> list[int]:
         """The K values the builder tries, in order (Appendix A.3 step 10)."""
@@ -251,11 +254,17 @@ def validate_encoding(opts: BuildOptions) -> None:
     if opts.eval_cols < 0 or opts.eval_x < 0:
         raise SeedDeltaError("--eval-cols and --eval-x must be >= 0")
     for flag, fvalue in (("--imatrix-eps", opts.imatrix_eps), ("--imatrix-power", opts.imatrix_power),
-                         ("--delta-norm-clamp-down", opts.delta_norm_clamp_down)):
+                         ("--delta-norm-clamp-down", opts.delta_norm_clamp_down),
+                         ("--delta-norm-clamp-gate", opts.delta_norm_clamp_gate),
+                         ("--dense-rows-down", opts.dense_rows_down)):
         if not np.isfinite(fvalue):
             raise SeedDeltaError(f"{flag} must be a finite number, got {fvalue}")
     if opts.delta_norm_clamp_down < 0:
         raise SeedDeltaError(f"--delta-norm-clamp-down must be >= 0, got {opts.delta_norm_clamp_down}")
+    if opts.delta_norm_clamp_gate < 0:
+        raise SeedDeltaError(f"--delta-norm-clamp-gate must be >= 0, got {opts.delta_norm_clamp_gate}")
+    if not 0 <= opts.dense_rows_down <= 1:
+        raise SeedDeltaError(f"--dense-rows-down must be in [0, 1], got {opts.dense_rows_down}")
     if opts.threads < 0:
         raise SeedDeltaError(f"-t must be >= 0 (0: automatic, one per core), got {opts.threads}")
 

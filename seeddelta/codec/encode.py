@@ -26,6 +26,7 @@ from seeddelta.codec.base import (
     fit_xor_circulant,
     xor_base_from_tensors,
 )
+from seeddelta.codec.partial import DenseRows
 from seeddelta.codec.residual import block_select, block_values, coo_select, n_blocks_total, take_rows
 from seeddelta.codec.storage import index_type_for, store_indices, store_values
 from seeddelta.errors import SeedDeltaError
@@ -81,6 +82,7 @@ class SeedDeltaWeight:
     base: Base | None = None
     k_budget: int = 0
     warnings: list[str] = field(default_factory=list)
+    dense_rows: DenseRows | None = None  # partial strip (codec.partial): these rows are the original's
 
     @property
     def K(self) -> int:  # noqa: N802 - the spec's name
@@ -97,6 +99,8 @@ class SeedDeltaWeight:
             out["d_row_scale"] = self.row_scale
         if self.base is not None:
             out.update(self.base.tensors())
+        if self.dense_rows is not None:
+            out.update(self.dense_rows.tensors())
         return out
 
     def nbytes(self) -> int:
@@ -119,7 +123,9 @@ class SeedDeltaWeight:
             raise SeedDeltaError("no SeedΔ residual tensors (d_idx/d_val or b_idx/b_val)")
         scale = t.get("d_row_scale")
         base = xor_base_from_tensors(t, n_in, n_out) if "base_d1" in t else None
-        return cls(n_in, n_out, scheme, block, idx, val, None if scale is None else np.asarray(scale).reshape(-1), base)
+        dense_rows = DenseRows(np.asarray(t["dr_idx"]), np.asarray(t["dr_val"])) if "dr_idx" in t else None
+        return cls(n_in, n_out, scheme, block, idx, val, None if scale is None else np.asarray(scale).reshape(-1), base,
+                   dense_rows=dense_rows)
 
     # --- reconstruction -------------------------------------------------------------------
     def _residual_coords(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,6 +155,9 @@ class SeedDeltaWeight:
         np.add.at(out, (position[r], c), v)
         if self.row_scale is not None:
             out *= self.row_scale.astype(np.float64)[rows][:, None]
+        if self.dense_rows is not None:
+            hit = position[self.dense_rows.rows.astype(np.int64)]
+            out[hit[hit >= 0]] = self.dense_rows.values[hit >= 0].astype(np.float64)
         return out
 
     @cached_property
@@ -205,6 +214,8 @@ class SeedDeltaWeight:
             y = self.base.apply(x2) + y
         if self.row_scale is not None:
             y = y * self.row_scale.astype(np.float32)[None, :]
+        if self.dense_rows is not None:
+            y[:, self.dense_rows.rows] = x2 @ self.dense_rows.values.astype(np.float32).T
         return np.ascontiguousarray(y, dtype=np.float32).reshape(*lead, self.n_out)
 
 

@@ -68,8 +68,12 @@ def register(sub: Subparsers) -> None:
     f.add_argument("--gate-cos-p05-metric", default="cos_p05_x_w", metavar="NAME", help="scan field (cos_p05_x_w)")
     f.add_argument("--gate-cos-threshold", type=float, default=0.70, metavar="F", help="minimum (0.70)")
     f.add_argument("--gate-cos-p05-threshold", type=float, default=0.50, metavar="F", help="minimum (0.50)")
-    f.add_argument("--band", default="all", metavar="core|leaf|all|LIST",
-                   help="layers admitted freely: core (middle half), leaf (outer quarters), a list like 2-5, or all")
+    f.add_argument("--band", default="all", metavar="core|leaf|use_more_bits|all|LIST",
+                   help="layers admitted freely: core (middle half), leaf (outer quarters), use_more_bits (the layers "
+                        "llama.cpp's ffn_down rule leaves unprotected), a list like 2-5, or all")
+    f.add_argument("--error-quantile", type=float, default=None, metavar="Q",
+                   help="also require the scan's tail error S_p95 at most its Q quantile over the kind's units "
+                        "(the v1 plan's error-quantile filter; off)")
     f.add_argument("--band-extreme", type=float, default=0.0, metavar="F",
                    help="outside the band: the scan's ΔNLL + 2·se must be at most F (0.0)")
     add_output_dir(p, "--cache", default=None, metavar="DIR",
@@ -111,6 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
                             ("--max-kld", args.max_kld, args.max_kld is None or args.max_kld >= 0),
                             ("--max-tensors", args.max_tensors, args.max_tensors is None or args.max_tensors > 0),
                             ("--min-gap", args.min_gap, args.min_gap >= 0),
+                            ("--error-quantile", args.error_quantile,
+                             args.error_quantile is None or 0 <= args.error_quantile <= 1),
                             ("--greedy-tolerance", args.greedy_tolerance, 0 <= args.greedy_tolerance <= 1),
                             ("--chunks", args.chunks, args.chunks is None or args.chunks > 0 or args.chunks == -1)):
         if not ok:
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         build_flags,
         policy_document,
         read_scan,
+        with_error_limits,
     )
     from seeddelta.policy.export import export_text
 
@@ -171,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
     filters = Filters(allow_up=args.allow_up, enable_down=args.enable_down, min_gap=args.min_gap,
                       cos_metric=args.gate_cos_metric, cos_p05_metric=args.gate_cos_p05_metric,
                       cos_threshold=args.gate_cos_threshold, cos_p05_threshold=args.gate_cos_p05_threshold,
-                      band=band_layers(args.band, base.model.config.n_layer), band_extreme=args.band_extreme)
+                      band=band_layers(args.band, base.model.config.n_layer), band_extreme=args.band_extreme,
+                      error_quantile=args.error_quantile)
+    filters = with_error_limits(filters, scan.units)
     windows = text_windows(text, args.ctx or scan.ctx, args.chunks or scan.chunks, base.tokenizer).windows
     greedy = None
     if args.greedy:

@@ -15,6 +15,7 @@ from seeddelta.commands.common import (
     add_output,
     describe,
     encoding_options,
+    finite_float,
     layers_arg,
 )
 
@@ -45,6 +46,11 @@ def register(sub: Subparsers) -> None:
                    help="leave the wall-clock `timing` object out of the report (byte-identical reports)")
     p.add_argument("--overwrite-existing", action="store_true",
                    help="re-encode weights that already have SeedΔ tensors (they are replaced)")
+    p.add_argument("--delta-norm-clamp-gate", type=finite_float, default=0.0, metavar="F",
+                   help="clamp ||Δ|| of ffn_gate to F·||W||_F (0: off; the v1 plan's homeostatic clamp)")
+    p.add_argument("--dense-rows-down", type=finite_float, default=0.0, metavar="F",
+                   help="partial strip: keep the share F of ffn_down's rows (those SeedΔ fits worst) dense; "
+                        "writes the dense_rows/1 file extension, which the original runtime refuses (0: off)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run)
 
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         policy_strict=args.policy_strict, policy_export=args.policy_export, stack_cost_cap=args.stack_cost_cap,
         eval_cols=args.eval_cols, eval_x=args.eval_x,
         report_json=args.report_json, overwrite_existing=args.overwrite_existing,
-        deterministic_report=args.deterministic_report, progress=not args.quiet, **encoding_options(args),
+        deterministic_report=args.deterministic_report, progress=not args.quiet,
+        delta_norm_clamp_gate=args.delta_norm_clamp_gate, dense_rows_down=args.dense_rows_down, **encoding_options(args),
     )
     result = build(opts)
     for message in size_warnings(result):

@@ -21,10 +21,11 @@ from seeddelta.outputs import write_json_atomic
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Sources that cannot change a cached figure: command-line parsing, tests' helpers, harness A, the plots,
 # and the regress suite's planning and analysis (what to measure is part of every cache key already;
-# how a measurement is made — regress/measure.py, codec, builder, runtime, evaluation — is fingerprinted).
+# how a measurement is made — regress/measure.py, codec, builder, runtime, evaluation — is fingerprinted);
+# the v1 experiments (v1/) only choose what to measure (their specs are the keys) and analyse the results.
 NOT_MEASURING = ("commands/", "testing/", "harness_a/", "cli.py", "evaluation/plots.py", "regress/report.py",
                  "regress/suite.py", "regress/units.py", "regress/presets.py", "regress/criteria.py",
-                 "regress/stats.py")
+                 "regress/stats.py", "v1/")
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,7 @@ KINDS: tuple[str, ...] = ("ffn_gate", "ffn_up", "ffn_down")
 PLAIN_SUFFIXES: tuple[str, ...] = (
     "d_idx", "d_val", "b_idx", "b_val", "d_row_scale",
     "base_d1", "base_d2", "base_d3", "base_perm1", "base_perm2",
+    "dr_idx", "dr_val",  # extension dense_rows/1 (gguf_format.extensions): output rows kept dense
 )
 RESIDUAL_SUFFIXES: tuple[str, ...] = ("d_idx", "d_val", "b_idx", "b_val")
 

@@ -35,8 +35,10 @@ from gguf.constants import GGMLQuantizationType
 from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.codec.encode import SeedDeltaWeight
+from seeddelta.codec.partial import check_dense_rows
 from seeddelta.codec.sdq import sdq_from_tensors
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.extensions import EXTENSIONS_KEY, check_extensions
 from seeddelta.gguf_format.reader import GGUFModel, _tensor_shape, field_value, tensor_nbytes
 from seeddelta.gguf_format.schema import (
     PLAIN_SUFFIXES,
@@ -280,6 +282,12 @@ def check_seeddelta_arrays(name: str, arrays: Mapping[str, StoredArray | None], 
         raise _bad(name, first, f"{'/'.join(sorted(present))} present without residual tensors (d_idx/d_val or "
                    "b_idx/b_val)")
 
+    if "dr_idx" in present or "dr_val" in present:
+        if "dr_idx" not in present or "dr_val" not in present:
+            missing = "dr_val" if "dr_idx" in present else "dr_idx"
+            raise _bad(name, missing, "missing (dense rows need both dr_idx and dr_val)")
+        check_dense_rows(name, present["dr_idx"], present["dr_val"], n_in, n_out)
+
     row_scale = present.get("d_row_scale")
     if row_scale is not None:
         _check_dtype(name, "d_row_scale", row_scale, _FLOAT_DTYPES)
@@ -343,7 +351,9 @@ def _per_tensor_kv(model: GGUFModel, layer: int, kind: str) -> dict[str, Any]:
 
 
 def seeddelta_entries(model: GGUFModel) -> list[SeedDeltaEntry]:
-    """Every weight of `model` that carries SeedΔ tensors, in build order."""
+    """Every weight of `model` that carries SeedΔ tensors, in build order (a file using a SeedΔ extension
+    this reader does not know is refused, gguf_format.extensions)."""
+    check_extensions(model.get(EXTENSIONS_KEY), (n.rsplit(".", 1)[-1] for n in model.tensors), model.path)
     entries: list[SeedDeltaEntry] = []
     for layer, kind in model.seeddelta_weights():
         tensors = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from seeddelta.errors import SeedDeltaError
@@ -142,13 +142,43 @@ class Filters:
     cos_p05_threshold: float = GATE_COS_P05_THRESHOLD
     band: frozenset[int] | None = None  # None: every layer
     band_extreme: float = 0.0
+    # v1 mechanism 4: keep only units whose tail error S_p95 is at most this quantile of the scanned units of
+    # their kind (None: off). Filled in by `with_error_limits` from the scan.
+    error_quantile: float | None = None
+    error_limits: Mapping[str, float] = field(default_factory=dict)
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule (src/llama-quant.cpp) for the layers whose ffn_down gets more bits in its Q4_K_M /
+    Q5_K_M mixes: the first and last eighth and every third layer in between (C integer division)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def with_error_limits(f: Filters, units: Sequence[Mapping[str, Any]]) -> Filters:
+    """`f` with the error limit of each kind: the `error_quantile` quantile (linear interpolation) of the
+    scan's S_p95 over that kind's units. Unchanged when the filter is off."""
+    import numpy as np
+
+    if f.error_quantile is None:
+        return f
+    if not 0 <= f.error_quantile <= 1:
+        raise SeedDeltaError(f"--error-quantile must be in [0, 1], got {f.error_quantile}")
+    limits = {}
+    for kind in KINDS:
+        values = [float(u["S_p95"]) for u in units if u["kind"] == kind and u.get("S_p95") is not None]
+        if values:
+            limits[kind] = float(np.quantile(np.array(values), f.error_quantile))
+    return replace(f, error_limits=limits)
 
 
 def band_layers(spec: str, n_layer: int) -> frozenset[int] | None:
-    """`all` → None; `core` → the middle half [n/4, n − 1 − n/4]; `leaf` → the outer quarters; else a
-    layer selector like "2-5,7" (the policy files' syntax)."""
+    """`all` → None; `core` → the middle half [n/4, n − 1 − n/4]; `leaf` → the outer quarters;
+    `use_more_bits` → the layers llama.cpp's rule leaves unprotected; else a layer selector like "2-5,7"
+    (the policy files' syntax)."""
     if spec == "all":
         return None
+    if spec == "use_more_bits":
+        return frozenset(i for i in range(n_layer) if not use_more_bits(i, n_layer))
     quarter = n_layer // 4
     core = frozenset(range(quarter, n_layer - quarter))
     if spec == "core":
@@ -192,6 +222,9 @@ def rejection(unit: Mapping[str, Any], f: Filters) -> str:
         return f"{f.cos_p05_metric} {p05:.4f} < {f.cos_p05_threshold}"
     if unit["bytes_saved"] <= 0:
         return f"saves no bytes ({unit['bytes_saved']:+,} B)"
+    limit = f.error_limits.get(kind)
+    if limit is not None and (unit.get("S_p95") is None or float(unit["S_p95"]) > limit):
+        return f"tail error S_p95 {unit.get('S_p95')} above the {f.error_quantile:g} quantile of its kind ({limit:.4f})"
     if f.band is not None and unit["layer"] not in f.band:
         upper = unit["delta_nll"] + BAND_Z * unit["delta_nll_se"]
         if upper > f.band_extreme:

@@ -25,7 +25,9 @@ def baseline_from_options(opts: BuildOptions) -> Baseline:
     return Baseline(
         strip_dense=opts.strip_dense, block=opts.block, K={kind: opts.kind_K(kind) for kind in KINDS},
         base="xor_circulant" if opts.base else "none", row_scale=opts.row_scale,
-        delta_norm_clamp={kind: opts.delta_norm_clamp_down if kind == "ffn_down" else 0.0 for kind in KINDS},
+        delta_norm_clamp={kind: {"ffn_down": opts.delta_norm_clamp_down, "ffn_gate": opts.delta_norm_clamp_gate}.get(
+            kind, 0.0) for kind in KINDS},
+        dense_rows={kind: opts.dense_rows_down if kind == "ffn_down" else 0.0 for kind in KINDS},
         variant=opts.variant_spec(),
     )
 
@@ -43,6 +45,7 @@ def tensor_config(r: Resolved) -> TensorConfig:
         row_scale=r.row_scale if from_policy("row_scale") else None,
         delta_norm_clamp=r.delta_norm_clamp if from_policy("delta_norm_clamp") else None,
         variant=r.variant if from_policy("variant") else None,
+        dense_rows=r.dense_rows if from_policy("dense_rows") else None,
     )
 
 

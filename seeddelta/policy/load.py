@@ -121,7 +121,7 @@ def policy_from_json(doc: Any, *, source: str, raw: bytes, strict: bool = False)
         ctx.version = ctx.integer(top["version"], "version", 0)
         if ctx.version not in VERSIONS:
             ctx.fail("version", f"unsupported policy version {ctx.version} (1: the original's schema, 2: 1 plus "
-                                "seeddelta's keys base, row_scale, delta_norm_clamp)")
+                                "seeddelta's keys base, row_scale, delta_norm_clamp, dense_rows)")
     for key in top:
         if key not in TOP_KEYS:
             ctx.warn(key, f"unknown top-level key in policy: {key}")
@@ -228,6 +228,11 @@ def _rule(ctx: _Ctx, value: Any, path: str, *, in_range: bool = False, kind: str
             fields["delta_norm_clamp"] = clamp
         if "variant" in obj:
             fields["variant"] = _variant(ctx, obj["variant"], join(path, "variant"))
+        if "dense_rows" in obj:
+            share = ctx.number(obj["dense_rows"], join(path, "dense_rows"))
+            if not 0 <= share <= 1:
+                ctx.fail(join(path, "dense_rows"), f"must be a share of the rows in [0, 1] (0: off), got {share:g}")
+            fields["dense_rows"] = share
     return Rule(path=path, **fields)
 
 

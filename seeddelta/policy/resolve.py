@@ -57,12 +57,13 @@ class Baseline:
     row_scale: bool = False
     delta_norm_clamp: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     variant: VariantSpec = field(default_factory=VariantSpec)
+    dense_rows: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
 
 
 # Resolved fields in output order; K_<kind> are all three kinds' budgets (the original resolves all).
 FIELDS: tuple[str, ...] = (
     "enabled", "strip_dense", "block", "K_gate", "K_up", "K_down", "metric", "min_mean", "min_p05", "autotune",
-    "base", "row_scale", "delta_norm_clamp", "variant",
+    "base", "row_scale", "delta_norm_clamp", "variant", "dense_rows",
 )
 
 
@@ -87,6 +88,7 @@ class Resolved:
     delta_norm_clamp: float
     variant: VariantSpec
     source: Mapping[str, str]
+    dense_rows: float = 0.0
 
     @property
     def K(self) -> int:
@@ -125,11 +127,13 @@ class Resolved:
             "require_imatrix": self.require_imatrix, "autotune": self.autotune.to_json(),
             "k_schedule": self.k_schedule(), "base": self.base, "row_scale": self.row_scale,
             "delta_norm_clamp": self.delta_norm_clamp, "variant": self.variant.to_json(),
+            "dense_rows": self.dense_rows,
             "source": {
                 "enabled": src["enabled"], "strip_dense": src["strip_dense"], "block": src["block"], "K": k_src,
                 "metric": src["metric"], "min_mean": src["min_mean"], "min_p05": src["min_p05"],
                 "autotune": src["autotune"], "base": src["base"], "row_scale": src["row_scale"],
                 "delta_norm_clamp": src["delta_norm_clamp"], "variant": src["variant"],
+                "dense_rows": src["dense_rows"],
             },
         }
 
@@ -154,6 +158,7 @@ def resolve(policy: Policy, layer: int, kind: str, baseline: Baseline | None = N
         "K_up": b.K["ffn_up"], "K_down": b.K["ffn_down"], "metric": b.metric, "min_mean": mean, "min_p05": p05,
         "autotune": AUTOTUNE_OFF, "base": b.base, "row_scale": b.row_scale, "delta_norm_clamp": b.delta_norm_clamp[kind],
         "variant": b.variant,
+        "dense_rows": b.dense_rows[kind],
     }
     source = dict.fromkeys(FIELDS, BASELINE)
 
@@ -161,7 +166,8 @@ def resolve(policy: Policy, layer: int, kind: str, baseline: Baseline | None = N
         def put(name: str, value: Any) -> None:
             values[name], source[name] = value, rule.path
 
-        for name in ("enabled", "strip_dense", "block", "metric", "base", "row_scale", "delta_norm_clamp", "variant"):
+        for name in ("enabled", "strip_dense", "block", "metric", "base", "row_scale", "delta_norm_clamp", "variant",
+                     "dense_rows"):
             value = getattr(rule, name)
             if value is not None:
                 put(name, value)

@@ -40,7 +40,8 @@ RULE_KEYS_V1: frozenset[str] = frozenset({
     "autotune", "tensors",
 })
 # Our additions, accepted only under "version": 2 (under version 1 they are unknown keys).
-RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "variant"})
+# `dense_rows` (v1 plan H3b): share of the tensor's rows kept dense, a file-schema extension (dense_rows/1).
+RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "variant", "dense_rows"})
 # Keys of a version-2 `variant` object (builder.options.VariantSpec; "name" is required).
 VARIANT_KEYS: tuple[str, ...] = ("name", "base_type", "quantizer", "rotate", "holdout", "coding", "refit")
 TOP_KEYS: frozenset[str] = frozenset({"version", "defaults", "ranges", "layers"})
@@ -101,6 +102,7 @@ class Rule:
     row_scale: bool | None = None
     delta_norm_clamp: float | None = None
     variant: VariantSpec | None = None
+    dense_rows: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ Progress = Callable[[str], None]
 METRIC_KEYS = ("cos_mean", "cos_p05", "rel_l2_mean", "cos_mean_w", "cos_p05_w", "rel_l2_mean_w", "cos_mean_x",
                "cos_p05_x", "cos_mean_x_w", "cos_p05_x_w", "rel_l2_mean_x_w", "norm_ratio_mean_x_w", "ffn_score",
                "ffn_proxy_cos_p05", "ffn_proxy_l2_p95")
+# Kept with each encoded weight as well, outside B4's correlations (the v1 down triage's l2 tail metrics).
+EXTRA_WEIGHT_KEYS = ("rel_l2_p95", "rel_l2_p95_x", "rel_l2_p95_x_w")
 EVAL_COLS, EVAL_X = 4096, 32  # the demo's: every row of a model up to 4096 wide, 32 random inputs
 GREEDY_TOLERANCE = 0.05  # the greedy pack's default accuracy tolerance (evaluation.greedy)
 
@@ -203,7 +205,7 @@ class Evaluator(Threaded):
         with open(os.devnull, "w") as quiet:
             result = run_build(opts, resolver, log=quiet)
         weights = [{"layer": w["layer"], "kind": w["kind"], "K": w["K"], "emit": w["emit"], "decision": w["decision"],
-                    **{k: w.get(k) for k in METRIC_KEYS}} for w in result.report["weights"]]
+                    **{k: w.get(k) for k in METRIC_KEYS + EXTRA_WEIGHT_KEYS}} for w in result.report["weights"]]
         return {"file_bytes": result.output_bytes, "input_bytes": result.input_bytes,
                 "bytes_saved": result.bytes_stripped - result.bytes_added,
                 "emitted": sum(1 for w in weights if w["emit"]), "weights": weights}

@@ -110,6 +110,10 @@ def markdown(report: Mapping[str, Any], plot_status: Mapping[str, str]) -> str:
         out += _fragile(r)
     if "equal_bytes" in r:
         out += _equal_bytes(r["equal_bytes"], plot_status)
+    if r.get("v1"):  # `seeddelta v1 run --out` on the same directory (seeddelta.v1.report)
+        from seeddelta.v1.report import markdown as v1_markdown
+
+        out += [v1_markdown(r["v1"], level=2), ""]
     t = r["timing"]
     out += ["## Timing", "", ", ".join(f"{k} {v:.0f} s" for k, v in t["seconds"].items())
             + f"; cache hits {t['cache']['hits']}, misses {t['cache']['misses']}.", ""]

@@ -296,6 +296,15 @@ def run_regress(settings: RegressSettings, progress: Progress | None = None) -> 
         report["presets"] = timed("presets", lambda: run_presets(c, others, base, "presets"))
     if "equal-bytes" in settings.steps:
         report["equal_bytes"] = timed("equal-bytes", lambda: equal_bytes_step(c))
+    v1_path = out / "v1.json"  # the v1 experiments' results (`seeddelta v1 run --out` on this directory)
+    if v1_path.is_file():
+        import json
+
+        v1 = json.loads(v1_path.read_text(encoding="utf-8"))
+        if v1.get("model", {}).get("sha256") == sha:
+            report["v1"] = v1
+        else:
+            note(f"note: {v1_path} was measured on another model; the v1 section is left out")
     judged = report.get("presets", []) + report.get("b5", [])
     failures = [f for j in judged for f in j["failures"]]
     report["verdict"] = {"result": "FAIL" if failures else "PASS", "failures": failures,

@@ -27,6 +27,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.extensions import EXTENSIONS_KEY, check_extensions
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, RUNTIME_ARCHITECTURES, SEEDDELTA_SUFFIXES
 from seeddelta.gguf_format.seeddelta_tensors import StoredArray
@@ -311,6 +312,8 @@ class WeightSource:
 
 def weight_source(gguf_model: GGUFModel) -> WeightSource:
     cfg = _read_config(gguf_model)
+    # a SeedΔ file extension this runtime does not know is refused before anything is loaded
+    check_extensions(gguf_model.get(EXTENSIONS_KEY), (n.rsplit(".", 1)[-1] for n in gguf_model.tensors), gguf_model.path)
     meta = {
         "architecture": gguf_model.arch,
         "name": gguf_model.get("general.name"),

@@ -84,6 +84,7 @@ class SeedDeltaPayload:
     block: tuple[np.ndarray, np.ndarray] | None  # b_idx (n_out, nb), b_val (n_out, nb, blk)
     row_scale: np.ndarray | None  # (n_out,)
     base: BasePayload | None
+    dense_rows: tuple[np.ndarray, np.ndarray] | None = None  # extension dense_rows/1: dr_idx (R,), dr_val (R, n_in)
 
     @property
     def scheme(self) -> str:
@@ -101,6 +102,8 @@ class SeedDeltaPayload:
             arrays += list(self.coo)
         if self.base is not None:
             arrays += [self.base.d1, self.base.d2, self.base.d3, self.base.perm1, self.base.perm2]
+        if self.dense_rows is not None:
+            arrays += list(self.dense_rows)
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     # ---------------------------------------------------------------- flattened residual
@@ -145,6 +148,9 @@ class SeedDeltaPayload:
         np.add.at(w, (rows[inside], cols[inside] - c0), val.reshape(-1)[inside].astype(np.float64))
         if self.row_scale is not None:
             w *= self.row_scale.astype(np.float64)[:, None]
+        if self.dense_rows is not None:  # these rows are the stored original rows, not SeedΔ's
+            dr_idx, dr_val = self.dense_rows
+            w[dr_idx.astype(np.int64)] = dr_val[:, c0:c1].astype(np.float64)
         return w
 
 
@@ -175,7 +181,8 @@ def parse_payload(name: str, arrays: dict[str, StoredArray], n_in: int,
     d1 = as2d("base_d1")
     if d1 is not None:
         base = BasePayload(d1, as2d("base_d2"), as2d("base_d3"), as2d("base_perm1"), as2d("base_perm2"))
-    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, present.get("d_row_scale"), base)
+    dense_rows = (present["dr_idx"], present["dr_val"]) if "dr_idx" in present else None
+    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, present.get("d_row_scale"), base, dense_rows)
 
 
 def _perm(p: np.ndarray | None) -> torch.Tensor | None:
@@ -319,6 +326,11 @@ class SparseSeedDeltaProjection:
         self.vals = torch.from_numpy(np.ascontiguousarray(vals))
         self.scale = None if payload.row_scale is None else torch.from_numpy(payload.row_scale.astype(np.float32))
         self.base = None if payload.base is None else _BaseOp(payload.base, self.n_in, self.n_out, torch.float32)
+        # extension dense_rows/1: these output rows come from the stored original rows (held as stored)
+        self.dr_idx = self.dr_val = None
+        if payload.dense_rows is not None:
+            self.dr_idx = torch.from_numpy(payload.dense_rows[0].astype(np.int64))
+            self.dr_val = torch.from_numpy(np.array(payload.dense_rows[1], copy=True, order="C"))
         self.nonfinite = 0
 
     def nbytes(self) -> int:
@@ -327,6 +339,8 @@ class SparseSeedDeltaProjection:
             n += self.scale.numel() * self.scale.element_size()
         if self.base is not None:
             n += self.base.nbytes()
+        if self.dr_idx is not None and self.dr_val is not None:
+            n += self.dr_idx.numel() * self.dr_idx.element_size() + self.dr_val.numel() * self.dr_val.element_size()
         return n
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,6 +360,8 @@ class SparseSeedDeltaProjection:
             y = self.base(x2) + y
         if self.scale is not None:
             y = y * self.scale
+        if self.dr_idx is not None and self.dr_val is not None:
+            y[:, self.dr_idx] = x2 @ self.dr_val.to(torch.float32).t()
         if not bool(torch.isfinite(y).all()):
             bad = ~torch.isfinite(y)
             self.nonfinite += int(bad.sum())

@@ -116,6 +116,9 @@ def reference_dense(arrays: Mapping[str, np.ndarray], n_in: int, n_out: int, *, 
                     W[o, idx[o, r]] += val[o, r]
     if "d_row_scale" in arrays:
         W *= np.asarray(arrays["d_row_scale"], dtype=np.float64).reshape(-1)[:, None]
+    if "dr_idx" in arrays:  # extension dense_rows/1: listed rows are the stored dense rows
+        for r, o in enumerate(np.asarray(arrays["dr_idx"]).tolist()):
+            W[o, :] = np.asarray(arrays["dr_val"], dtype=np.float64)[r]
     return W
 
 
@@ -180,6 +183,9 @@ def reference_apply(t: Mapping[str, np.ndarray], n_in: int, n_out: int, x: np.nd
             y[ti, o] += dot
     if "d_row_scale" in t:
         y *= f(t["d_row_scale"])[None, :]
+    if "dr_idx" in t:  # extension dense_rows/1
+        for r, o in enumerate(np.asarray(t["dr_idx"]).tolist()):
+            y[:, o] = xs @ f(np.asarray(t["dr_val"])[r])
     return y
 
 

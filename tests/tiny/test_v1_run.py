@@ -1,0 +1,102 @@
+"""`seeddelta v1 run` on the tiny model at a CI budget (ctx 64, one window, one greedy prompt per
+task): the H1 and H3b settings are measured against the original and the gate-only reference, the
+exit rule is applied to what was measured, a second run is read from the cache with the same figures,
+and the regress report shows the results as its "v1 mechanisms" section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+
+from seeddelta.cli import main
+from seeddelta.v1.experiments import DOWN_MAX_DPPL_PCT_2048
+
+ARGS = ("--ctx", "64", "--chunks", "1", "--unit-chunks", "1", "--greedy-limit", "1", "-t", "1")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("v1")
+    assert main(["v1", "run", "--out", str(out), "--experiments", "h1,h3b", *ARGS]) == 0
+    return out, json.loads((out / "v1.json").read_text(encoding="utf-8")), (out / "v1.md").read_text(encoding="utf-8")
+
+
+def test_rows_are_measured_against_original_and_reference(run):
+    _, doc, md = run
+    p = doc["profile"]
+    h1 = doc["experiments"]["h1"]["rows"]
+    assert [r["K_down"] for r in h1] == p["K_down"] and all(r["layer"] == p["down_layers"][0] for r in h1)
+    for r in h1 + doc["experiments"]["h3b"]["rows"]:
+        c = r["ctx"]["64"]
+        assert c["vs_original"]["ci95"][0] <= c["vs_original"]["pct"] <= c["vs_original"]["ci95"][1]
+        assert "vs_reference" in c and c["kld_mean"] >= 0.0
+        assert r["weights_encoded"] == len(p["gate_layers"]) + 1  # the gates and one ffn_down
+        assert r["greedy"]["n"] == 3  # one prompt per task
+    ref = doc["reference"]
+    assert ref["weights_encoded"] == len(p["gate_layers"]) and "vs_reference" not in ref["ctx"]["64"]
+    # adding ffn_down at a K below n_in/2 stores fewer bytes than the dense f16 it strips
+    assert all(r["file_drop_vs_reference"] > 0 for r in h1 if r["K_down"] < p["n_in"]["ffn_down"] // 2)
+    assert "H1 — K_down sweep" in md and "H3b — partial strip" in md
+
+
+def test_exit_rule_is_applied_to_what_was_measured(run):
+    _, doc, _ = run
+    v = doc["experiments"]["h1"]["verdict"]
+    # ctx 2048 was not measured at this budget: nothing can pass the note's rule
+    assert not v["keep"] and all("not measured at ctx 2048" in d for d in v["details"])
+    assert f"+{DOWN_MAX_DPPL_PCT_2048:g} %" in v["rule"]
+
+
+def test_partial_strip_rows_keep_more_dense_rows_as_the_share_grows(run):
+    out, doc, _ = run
+    rows = doc["experiments"]["h3b"]["rows"]
+    fractions = [r["dense_rows"] for r in rows]
+    assert fractions == sorted(fractions) and len(rows) == len(doc["profile"]["dense_fractions"])
+    # each setting's file carries more bytes than the one before (more f16 rows beside the same SeedΔ)
+    drops = [r["file_drop_vs_original"] for r in rows]
+    assert drops == sorted(drops, reverse=True) and len(set(drops)) == len(drops)
+    assert not list(out.glob("work/*.gguf"))  # measured files are removed
+
+
+def test_second_run_is_read_from_the_cache(run, capsys):
+    out, doc, _ = run
+    capsys.readouterr()
+    assert main(["v1", "run", "--out", str(out), "--experiments", "h1,h3b", *ARGS]) == 0
+    again = json.loads((out / "v1.json").read_text(encoding="utf-8"))
+    assert "from the cache" in capsys.readouterr().err
+    assert again["experiments"] == doc["experiments"] and again["reference"] == doc["reference"]
+
+
+def test_regress_report_shows_the_v1_section(run, tmp_path):
+    out, _, _ = run
+    assert main(["regress", "--out", str(out), "--steps", "b1", "--chunks", "1", "--greedy-limit", "1",
+                 "-t", "1"]) in (0, 1)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## v1 mechanisms" in md and "H1 — K_down sweep" in md
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["v1"]["schema"] == "seeddelta.v1/1"
+
+
+def test_unknown_experiment_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["v1", "run", "--out", str(tmp_path / "o"), "--experiments", "h9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "h9" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_extension_file_written_by_h3b_policy_declares_itself(tmp_path):
+    from seeddelta.assets import TINY_MODEL
+
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"version": 2, "defaults": {"enabled": False, "strip_dense": True,
+                                                             "gating": {"min_mean": -1, "min_p05": -1}},
+                                  "layers": {"1": {"enabled": True, "tensors": {
+                                      "ffn_gate": {"enabled": False}, "ffn_up": {"enabled": False},
+                                      "ffn_down": {"K": 256, "dense_rows": 0.125}}}}}))
+    assert main(["build", "-i", str(TINY_MODEL), "-o", str(tmp_path / "o.gguf"), "--policy", str(policy), "-q",
+                 "-t", "1"]) == 0
+    r = GGUFReader(tmp_path / "o.gguf")
+    names = {t.name: t for t in r.tensors}
+    assert names["blk.1.ffn_down.dr_idx"].n_elements == 24  # ⌈0.125 · 192⌉ rows of the tiny model's down
+    assert "blk.1.ffn_down.weight" not in names
