@@ -28,7 +28,7 @@ def test_rows_are_measured_against_original_and_reference(run):
     _, doc, md = run
     p = doc["profile"]
     h1 = doc["experiments"]["h1"]["rows"]
-    assert [r["K_down"] for r in h1] == p["K_down"] and all(r["layer"] == p["down_layers"][0] for r in h1)
+    assert [(r["layer"], r["K_down"]) for r in h1] == [(x, k) for x in p["down_layers"] for k in p["K_down"]]
     for r in h1 + doc["experiments"]["h3b"]["rows"]:
         c = r["ctx"]["64"]
         assert c["vs_original"]["ci95"][0] <= c["vs_original"]["pct"] <= c["vs_original"]["ci95"][1]
