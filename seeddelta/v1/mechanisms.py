@@ -89,10 +89,12 @@ def m5(p: Profile, units: Sequence[Mapping[str, Any]], encoding: Mapping[str, An
             for n in budgets(len(order))]
 
 
-def m7(p: Profile, harmless: Sequence[int], encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...],
+def m7(p: Profile, harmless: Sequence[int] | None, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...],
        greedy: int | None) -> list[Setting]:
     rule = [i for i in range(p.n_layer) if not use_more_bits(i, p.n_layer)]
-    bands = {"use_more_bits (unprotected layers)": rule, "measured harmless (H2)": sorted(harmless)}
+    bands = {"use_more_bits (unprotected layers)": rule}
+    if harmless is not None:
+        bands["measured harmless (H2)"] = sorted(harmless)
     return [Setting("m7", f"down in {name} {layers}", {"band": name, "layers": layers},
                     _spec(f"v1-m7-{i}", policy_text(p, p.gate_layers, {x: {"K": p.K_down_ref} for x in layers}),
                           encoding, evals, greedy))

@@ -84,12 +84,12 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
                             if k in v)
             lines += [f"**Verdict: {'KEEP' if v['keep'] else 'BACK OFF'}** — rule: {v['rule']}{extra}.", ""]
             eff = exp.get("effect")
-            if eff:
+            if eff and eff["against_h1"]:
                 parts = "; ".join(f"{x['label']}: ΔPPL@2048 {x['dppl_2048_change']:+.2f} points, resident drop "
                                   f"{x['rss_drop_change'] / 1024:+,.0f} KiB against {x['h1']}" for x in eff["against_h1"])
                 lines += [f"**The mechanism itself {'helps' if eff['helps'] else 'does not help'}** (against H1 at the "
                           f"same layer and K): {parts}.", ""]
-        if name == "m7":
+        if name == "m7" and "agreement" in exp:
             a = exp["agreement"]
             lines += [f"use_more_bits protects {a['protected']}; H2 measured harmful {a['harmful_measured']}: "
                       f"protected {a['harmful_protected']}, unprotected {a['harmful_unprotected']}; protected but "

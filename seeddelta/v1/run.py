@@ -144,8 +144,6 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
 
     exps = doc["experiments"]
     names = list(settings.experiments)
-    if "m7" in names and "h2" not in names:
-        names.insert(names.index("m7"), "h2")  # m7 compares against H2's measured band
     if "h2" in names:  # first: H1 also sweeps, and H3a/H3b repair, the layer where H2 measured down worst
         names.insert(0, names.pop(names.index("h2")))
     for name in names:
@@ -182,12 +180,13 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
             else:
                 rows = rows_of(M.m5(p, units, encoding, evals, greedy), "v1 m5")
                 exps["m5"] = {"rows": rows, "verdict": M.m5_verdict(rows)}
-        elif name == "m7":
-            h2 = exps["h2"]["units"]
-            harmless = [u["layer"] for u in h2 if not u.get("harmful")]
+        elif name == "m7":  # without H2 only llama.cpp's band is measured
+            h2 = exps["h2"]["units"] if "h2" in exps else None
+            harmless = None if h2 is None else [u["layer"] for u in h2 if not u.get("harmful")]
             rows = rows_of(M.m7(p, harmless, encoding, evals, greedy), "v1 m7")
-            exps["m7"] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem),
-                          "agreement": M.band_agreement(p.n_layer, exps["h2"]["analysis"]["harmful_layers"],
-                                                        [u["layer"] for u in h2])}
+            exps["m7"] = {"rows": rows, "verdict": X.down_exit_rule(rows, mem)}
+            if h2 is not None:
+                exps["m7"]["agreement"] = M.band_agreement(p.n_layer, exps["h2"]["analysis"]["harmful_layers"],
+                                                           [u["layer"] for u in h2])
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     return doc
