@@ -9,18 +9,12 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.timing import best_of
 from seeddelta.codec.encode import EncodeConfig, encode
 
 N_OUT, N_IN, K = 14336, 4096, 256
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> int:
@@ -40,10 +34,10 @@ def main() -> int:
     for tokens in (1, 512):
         x = rng.standard_normal((tokens, N_IN)).astype(np.float32)
         xt = torch.from_numpy(x)
-        dense = _best_of(lambda xt=xt: xt @ Wt.T)
+        dense = best_of(lambda xt=xt: xt @ Wt.T)
         for base, sdw in encoded.items():
             sdw.apply(x)  # build the cached sparse structure outside the timing
-            t = _best_of(lambda sdw=sdw, x=x: sdw.apply(x))
+            t = best_of(lambda sdw=sdw, x=x: sdw.apply(x))
             print(f"apply T={tokens:<4} base={base:<13}: {t * 1e3:8.2f} ms  dense {dense * 1e3:8.2f} ms  ratio {t / dense:6.2f}x")
     return 0
 

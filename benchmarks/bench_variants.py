@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.timing import best_of
 from seeddelta.codec.sdq import SdqConfig, encode_sdq
 from seeddelta.gguf_format.writer import RawTensor
 from seeddelta.runtime.projections import MaterializedSeedDeltaProjection, parse_payload
@@ -34,13 +35,6 @@ SETTINGS = {
 REPEATS = 5
 
 
-def _best(fn, repeats: int = REPEATS) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = np.sqrt(np.diag(xtx))
         dense = torch.from_numpy(W)
         xs = {t: torch.from_numpy(rng.standard_normal((t, n_in)).astype(np.float32)) for t in (1, 512)}
-        t_dense = {t: _best(lambda x=x, d=dense: torch.nn.functional.linear(x, d)) for t, x in xs.items()}
+        t_dense = {t: best_of(lambda x=x, d=dense: torch.nn.functional.linear(x, d), REPEATS) for t, x in xs.items()}
         print(f"\n{shape_name}: dense f32 matmul {t_dense[1] * 1e6:.0f} µs (T=1), {t_dense[512] * 1e3:.2f} ms (T=512)")
         print(f"  {'setting':<24} {'bpw':>6} {'encode s':>9} {'sparse T=1':>12} {'ratio':>7} {'sparse T=512':>13} "
               f"{'ratio':>7} {'mat. T=512':>11} {'ratio':>6}")
@@ -74,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             payload = parse_payload("blk.0.ffn_gate", arrays, n_in, n_out)
             sparse = SparseSdqProjection(payload)  # type: ignore[arg-type]
             mat = MaterializedSeedDeltaProjection(payload)  # type: ignore[arg-type]
-            ts = {t: _best(lambda x=x, f=sparse: f(x)) for t, x in xs.items()}
-            tm = _best(lambda f=mat, x=xs[512]: f(x))
+            ts = {t: best_of(lambda x=x, f=sparse: f(x), REPEATS) for t, x in xs.items()}
+            tm = best_of(lambda f=mat, x=xs[512]: f(x), REPEATS)
             bpw = 8 * sdw.nbytes() / W.size
             print(f"  {name:<24} {bpw:>6.3f} {t_enc:>9.2f} {ts[1] * 1e6:>10.0f}µs {ts[1] / t_dense[1]:>7.1f} "
                   f"{ts[512] * 1e3:>11.2f}ms {ts[512] / t_dense[512]:>7.2f} {tm * 1e3:>9.2f}ms "
