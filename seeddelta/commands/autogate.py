@@ -142,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from seeddelta.assets import sha256_file, tiny_test_pack
     from seeddelta.builder.options import BuildOptions
     from seeddelta.errors import SeedDeltaError
-    from seeddelta.evaluation.autogate import Budget, Limits, limit_per_task, run_autogate
+    from seeddelta.evaluation.autogate import Budget, Limits, run_autogate
     from seeddelta.evaluation.greedy import load_pack
     from seeddelta.evaluation.memory import load
+    from seeddelta.evaluation.pack import limit_per_task
     from seeddelta.evaluation.sweep import GreedySettings, UnitMeasure
     from seeddelta.evaluation.unit_cache import UnitCache, default_cache_dir
     from seeddelta.evaluation.windows import text_windows

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.evaluation.greedy import PackItem
 from seeddelta.evaluation.sweep import UnitMeasure
 from seeddelta.policy.autogate import Filters, Move, MoveQueue, Scan, Tensor, candidates, gap_conflict
 
@@ -45,19 +44,6 @@ class Limits:
 class Budget:
     max_tensors: int | None = None
     target_bytes: int | None = None  # bytes the GGUF file must shrink by
-
-
-def limit_per_task(items: Sequence[PackItem], n: int) -> list[PackItem]:
-    """The first n prompts of each task (all with n <= 0), in pack order."""
-    if n <= 0:
-        return list(items)
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        if seen.get(it.task, 0) < n:
-            out.append(it)
-            seen[it.task] = seen.get(it.task, 0) + 1
-    return out
 
 
 def judge(figures: Mapping[str, Any], limits: Limits) -> str:

@@ -8,6 +8,7 @@ Blank lines are allowed; other keys are ignored. Light module (no torch): the CL
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,19 @@ class PackItem:
     task: str
     prompt: str
     answer: str
+
+
+def limit_per_task(items: Sequence[PackItem], n: int) -> list[PackItem]:
+    """The first n prompts of each task (all with n <= 0), in pack order."""
+    if n <= 0:
+        return list(items)
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        if seen.get(it.task, 0) < n:
+            out.append(it)
+            seen[it.task] = seen.get(it.task, 0) + 1
+    return out
 
 
 def load_pack(path: str | Path | None = None) -> list[PackItem]:

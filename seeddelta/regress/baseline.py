@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.evaluation.pack import limit_per_task
 from seeddelta.evaluation.scoring import decode_speed, model_logits, perplexity
 from seeddelta.regress.criteria import CTXS
-from seeddelta.regress.measure import Evaluator, fresh_process_memory, greedy_summary, limit_per_task
+from seeddelta.regress.measure import Evaluator, fresh_process_memory, greedy_summary
 from seeddelta.regress.stats import bootstrap_windows
 
 Progress = Callable[[str], None]

@@ -28,6 +28,7 @@ from seeddelta.evaluation import equal_bytes as eb
 from seeddelta.evaluation.equal_bytes import kld_row
 from seeddelta.evaluation.greedy import PackItem, run_pack, verdict
 from seeddelta.evaluation.memory import Loaded, load
+from seeddelta.evaluation.pack import limit_per_task
 from seeddelta.evaluation.result_cache import ResultCache
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
 from seeddelta.evaluation.sweep import _cached
@@ -77,19 +78,6 @@ class Spec:
         return {"encoding": dict(self.encoding), "pairs": [list(p) for p in self.pairs] if self.pairs is not None else None,
                 "policy": self.policy, "evals": [list(e) for e in self.evals], "greedy_limit": self.greedy_limit,
                 "memory": self.memory, "eval_cols": EVAL_COLS, "eval_x": EVAL_X}
-
-
-def limit_per_task(items: Sequence[PackItem], n: int) -> list[PackItem]:
-    """The first n prompts of each task (0: all), in pack order."""
-    if n <= 0:
-        return list(items)
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        seen[it.task] = seen.get(it.task, 0) + 1
-        if seen[it.task] <= n:
-            out.append(it)
-    return out
 
 
 def greedy_summary(res: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:

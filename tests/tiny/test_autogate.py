@@ -26,9 +26,9 @@ from seeddelta.assets import TINY_MODEL, TINY_TEST_PACK, TINY_VAL_TEXT, sha256_f
 from seeddelta.builder.options import BuildOptions
 from seeddelta.cli import main
 from seeddelta.evaluation import sweep
-from seeddelta.evaluation.autogate import limit_per_task
 from seeddelta.evaluation.greedy import load_pack
 from seeddelta.evaluation.memory import load
+from seeddelta.evaluation.pack import limit_per_task
 from seeddelta.evaluation.sweep import GreedySettings, UnitMeasure
 from seeddelta.evaluation.windows import text_windows
 from seeddelta.testing import thresholds as T

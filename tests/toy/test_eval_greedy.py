@@ -99,3 +99,16 @@ def test_verdict_against_base_with_tolerance() -> None:
     v = verdict(ok, {"accuracy": 0.96}, 0.05)
     assert v["result"] == "FAIL" and "below base" in v["reasons"][0]
     assert verdict(ok, None, 0.0)["result"] == "PASS"
+
+
+@pytest.mark.parametrize("n", [-1, 0, 1, 2, 3, 4])
+def test_limit_per_task_keeps_the_first_n_of_each_task_in_pack_order(n):
+    from seeddelta.evaluation.pack import limit_per_task
+
+    # tasks interleaved, 3 prompts of "a", 2 of "b": n = 2 and 3 sit on both sides of each task's count
+    items = [PackItem(f"{t}{i}", t, "p", "x") for i, t in enumerate("abab" + "a")]
+    got = limit_per_task(items, n)
+    # oracle: an item is kept when fewer than n earlier items share its task; n <= 0 keeps everything
+    want = [it for k, it in enumerate(items) if n <= 0 or sum(o.task == it.task for o in items[:k]) < n]
+    assert got == want
+    assert len(got) == (5 if n <= 0 else min(n, 3) + min(n, 2))
