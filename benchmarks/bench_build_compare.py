@@ -24,7 +24,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.proc import Run, run_process, sha256, spread
+from benchmarks.proc import Run, run_process, spread
+from seeddelta.assets import sha256_file
 
 CASE = ["--K", "128", "--base", "--eval-cols", "64", "--eval-x", "16"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{base} vs {label}:")
             _pairs(base, label, runs[base], runs[label])
         if args.rev:
-            same = all(sha256(os.path.join(ours_dir, f)) == sha256(os.path.join(tmp, "rev", f))
+            same = all(sha256_file(os.path.join(ours_dir, f)) == sha256_file(os.path.join(tmp, "rev", f))
                        for f in ("out.gguf", "report.json"))
             print(f"output GGUF and report.json byte-identical to revision {args.rev}: {same} "
-                  f"(sha256 {sha256(os.path.join(ours_dir, 'out.gguf'))[:16]}…, "
-                  f"{sha256(os.path.join(ours_dir, 'report.json'))[:16]}…)")
+                  f"(sha256 {sha256_file(os.path.join(ours_dir, 'out.gguf'))[:16]}…, "
+                  f"{sha256_file(os.path.join(ours_dir, 'report.json'))[:16]}…)")
             if not same:
                 return 1
     return 0

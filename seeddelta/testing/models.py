@@ -19,3 +19,22 @@ def smollm2_path() -> Path | None:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     return p if p.is_file() else None
+
+
+def write_float32_copy(src: Path, dst: Path) -> None:
+    """`src` with every non-F32 tensor dequantized to F32 (gguf-py decodes ggml's types bit-exactly as
+    llama.cpp does): the same weights, so both engines can be compared without weight quantization."""
+    import gguf
+    import numpy as np
+
+    from seeddelta.gguf_format.reader import GGUFModel
+    from seeddelta.gguf_format.writer import write_model_copy
+
+    m = GGUFModel(src)
+    drop, add = [], []
+    for t in m.reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            drop.append(t.name)
+            add.append((t.name, np.array(a, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])))
+    write_model_copy(m, dst, drop_tensors=drop, add_tensors=add)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 
 from seeddelta.assets import TINY_MODEL, TINY_VAL_TEXT
@@ -33,9 +31,7 @@ from seeddelta.evaluation import greedy as pack
 from seeddelta.evaluation.memory import load
 from seeddelta.evaluation.scoring import kl_divergence, model_logits
 from seeddelta.evaluation.windows import text_windows
-from seeddelta.gguf_format.reader import GGUFModel
-from seeddelta.gguf_format.writer import write_model_copy
-from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
+from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path, write_float32_copy
 
 try:
     import llama_cpp  # noqa: F401
@@ -125,16 +121,8 @@ def test_smollm2_engines_differ_by_no_more_than_llama_cpps_activation_quantizati
         pytest.skip(SMOLLM2_INSTALL)
     if not GPL3.is_file():
         pytest.skip(f"{GPL3} not present")
-    m = GGUFModel(src)
-    drop, add = [], []
-    for t in m.reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-            drop.append(t.name)
-            add.append((t.name, np.array(a, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])))
     f32 = tmp_path / "smollm2_f32.gguf"
-    write_model_copy(m, f32, drop_tensors=drop, add_tensors=add)
-    del m, add
+    write_float32_copy(src, f32)
     ctx, chunks = 256, 4
     torch_q, torch_q32 = load(src), load(src, hold="float32")
     w = text_windows(GPL3, ctx, chunks, torch_q.tokenizer).windows

@@ -22,7 +22,7 @@ import torch
 
 from seeddelta.evaluation.windows import read_text
 from seeddelta.runtime.model import load_model, load_tokenizer
-from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path
+from seeddelta.testing.models import GPL3, SMOLLM2_INSTALL, smollm2_path, write_float32_copy
 
 try:
     import llama_cpp
@@ -81,23 +81,11 @@ def test_smollm2_tokenization_is_identical() -> None:
 
 
 def test_smollm2_f32_logits_agree_with_llama_cpp(tmp_path: Path) -> None:
-    import gguf
-
-    from seeddelta.gguf_format.reader import GGUFModel
-    from seeddelta.gguf_format.writer import write_model_copy
-
     src = smollm2_path()
     if src is None:
         pytest.skip(SMOLLM2_INSTALL)
-    m = GGUFModel(src)
-    drop, add = [], []
-    for t in m.reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-            drop.append(t.name)
-            add.append((t.name, np.array(a, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])))
     f32 = tmp_path / "smollm2_f32.gguf"
-    write_model_copy(m, f32, drop_tensors=drop, add_tensors=add)
+    write_float32_copy(src, f32)
     tok = load_tokenizer(f32)
     ids = tok.encode("The GNU General Public License is a free, copyleft license for software and other kinds "
                      "of works. The licenses for most software are designed to take away your freedom.")
