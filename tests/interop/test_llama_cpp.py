@@ -65,6 +65,8 @@ def test_tiny_logits_agree_with_llama_cpp() -> None:
     kld = (lp.exp() * (lp - lq)).sum(-1)
     same = (lp.argmax(-1) == lq.argmax(-1)).double().mean()
     assert float(same) >= 0.995, float(same)
+    # the tiny model is F16 and llama.cpp rounds activations to f16 for its F16 products (we compute in
+    # f32): the stated engine-agreement bound for the tiny model, KLD <= 1e-3
     assert float(kld.mean()) <= 1e-3, float(kld.mean())
 
 
