@@ -244,12 +244,6 @@ class LlamaModel:
             raise SeedDeltaError(f"forward: KV cache of {cache.max_len} positions cannot hold {past + t}")
         cos, sin = self._cos_sin(np.arange(past, past + t))
         h = self.tok_embd[tok].to(torch.float32)
-        if t == 1:
-            mask = None
-        else:
-            qi = torch.arange(past, past + t)[:, None]
-            kj = torch.arange(past + t)[None, :]
-            mask = kj <= qi
         rep = c.n_head // c.n_head_kv
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer.attn_norm)
@@ -265,7 +259,7 @@ class LlamaModel:
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=0)
                 v = v.repeat_interleave(rep, dim=0)
-            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            att = causal_attention(q, k, v, past)
             h = h + linear(att.transpose(0, 1).reshape(t, c.n_head * c.head_dim), layer.wo)
             x = self._rms(h, layer.ffn_norm)
             obs = self.ffn_observer
@@ -284,6 +278,31 @@ class LlamaModel:
         return linear(h, self.output if self.output is not None else self.tok_embd)
 
     __call__ = forward
+
+
+# Queries per attention block: the scores of one block (heads × block × keys float32) stay a few MB, so
+# they come from malloc's heap instead of fresh zeroed pages (a 2048-token window's full score matrix is
+# 100 MB on the tiny model: a third of the CPU time went to the kernel's page faults, measured).
+ATTENTION_QUERY_BLOCK = 128
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Causal softmax attention of queries at positions past..past+T-1 over keys 0..past+T-1, (H, T, hd).
+
+    Computed a block of queries at a time, each over the keys it can see: the masked half of the score
+    matrix is never computed (it contributes exact zeros), so the result equals one masked call up to
+    float32 rounding of the kernel's internal order (≤ 1e-6 absolute, tests/toy/test_runtime_attention.py)."""
+    t = q.shape[1]
+    if t == 1:  # decoding one token: it sees every key, no mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    blocks = []
+    for start in range(0, t, ATTENTION_QUERY_BLOCK):
+        end = min(t, start + ATTENTION_QUERY_BLOCK)
+        seen = past + end
+        mask = torch.arange(seen)[None, :] <= torch.arange(past + start, past + end)[:, None]
+        blocks.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, start:end], k[:, :seen], v[:, :seen], attn_mask=mask))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 def _collect_seeddelta(tensors: dict[str, Any], layer: int, kind: str) -> dict[str, StoredArray]:
