@@ -32,10 +32,11 @@ test: $(STAMP)
 
 # The gate before merging: `seeddelta regress` on the tiny model (the v1 criteria every shipped preset
 # declares, B1-B5, the equal-bytes comparison; report in $(REGRESS_OUT)/report.md; exit 1 when a declared
-# criterion or figure fails), then every test tier but the opt-in sweeps (`pytest -m slow`).
+# criterion or figure fails), then every test tier but the opt-in sweeps (`pytest -m slow`), two pytest
+# workers (pytest-xdist) so the tiers share the cores the way the measurements did.
 regress: $(STAMP)
 	$(BIN)/seeddelta regress --out $(REGRESS_OUT) $(REGRESS_ARGS)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(PYTEST_ARGS)
