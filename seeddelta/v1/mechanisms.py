@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from seeddelta.evaluation.retention import RETENTION_METRIC, retention
 from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD, use_more_bits
 from seeddelta.regress.criteria import CRITERIA
 from seeddelta.regress.measure import Spec
@@ -171,10 +172,9 @@ M1_ALPHAS = (0.25, 0.5)
 def retention_scores(units: Sequence[Mapping[str, Any]], layers: Sequence[int]) -> dict[int, float]:
     """Per gate tensor, a retention score in [0, 1] from the proxy metric cos_mean_x_w of the gate units:
     (value − lowest) / (highest − lowest) over the layers given (all 1 when they are equal). Salient =
-    SeedΔ reproduces the tensor's output well; the least faithful tensor decays most."""
-    vals = {u["layer"]: float(u["metrics"]["cos_mean_x_w"]) for u in units if u["layer"] in set(layers)}
-    lo, hi = min(vals.values()), max(vals.values())
-    return {layer: (v - lo) / (hi - lo) if hi > lo else 1.0 for layer, v in vals.items()}
+    SeedΔ reproduces the tensor's output well; the least faithful tensor decays most. The definition is
+    evaluation.retention's (also the scan's `retention` field)."""
+    return retention({u["layer"]: float(u["metrics"][RETENTION_METRIC]) for u in units if u["layer"] in set(layers)})
 
 
 def delta_norm_ratios(model: str, imatrix: str | None, encoding: Mapping[str, Any], p: Profile,

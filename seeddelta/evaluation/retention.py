@@ -1,0 +1,55 @@
+"""Mechanism 1's retention score and mechanism 6's replay weighting (the v1 plan): one definition,
+used by `seeddelta scan` (per unit) and by `seeddelta v1 run` (per gate tensor).
+
+* **retention** — a proxy of how faithfully SeedΔ reproduces a tensor's output: its functional
+  cosine `cos_mean_x_w` (rows weighted by the imatrix, random inputs), min–max scaled over a set
+  of comparable tensors (the same kind at the same K): ret = (v − lowest) / (highest − lowest), in
+  [0, 1]; the most faithful tensor of the set gets 1, the least faithful 0; all 1 when the values
+  are equal (nothing to tell them apart: nothing decays). The decay Δ ← Δ·(1 − α(1 − ret)) then
+  shrinks the least faithful tensor's Δ most.
+* **replay weighting** — the measured damage of each tensor on a replay pack of the prompts the
+  original model is most fragile on (KLD on the pack's tokens, `evaluation.replay`), min–max scaled
+  over the same set to imp ∈ [0, 1] (0: the least damaging; all 0 when equal), lowers retention
+  where the damage is high: ret_replay = ret·(1 − β·imp), β ∈ [0, 1]. β = 0 or equal impacts give
+  mechanism 1's retention exactly; ret_replay ≤ ret always; it is non-increasing in the impact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
+from seeddelta.errors import SeedDeltaError
+
+K = TypeVar("K", bound=Hashable)
+
+RETENTION_METRIC = "cos_mean_x_w"
+REPLAY_BETA = 0.5  # the most damaging tensor keeps half its plain retention (the least damaging all of it)
+
+
+def minmax(values: Mapping[K, float], equal: float) -> dict[K, float]:
+    """(v − lowest) / (highest − lowest) for each key; `equal` for all when the values are equal."""
+    vals = {k: float(v) for k, v in values.items()}
+    bad = [k for k, v in vals.items() if not math.isfinite(v)]
+    if bad:
+        raise SeedDeltaError(f"retention: value of {bad[0]!r} is not finite ({vals[bad[0]]})")
+    if not vals:
+        return {}
+    lo, hi = min(vals.values()), max(vals.values())
+    return {k: (v - lo) / (hi - lo) if hi > lo else equal for k, v in vals.items()}
+
+
+def retention(values: Mapping[K, float]) -> dict[K, float]:
+    """Mechanism 1's retention in [0, 1] from each tensor's RETENTION_METRIC (higher = more faithful)."""
+    return minmax(values, 1.0)
+
+
+def replay_weighted(ret: Mapping[K, float], impact: Mapping[K, float], beta: float = REPLAY_BETA) -> dict[K, float]:
+    """Mechanism 6: ret·(1 − β·imp), imp = the replay impact min–max scaled over the same keys."""
+    if not 0.0 <= beta <= 1.0:
+        raise SeedDeltaError(f"replay weight β must be in [0, 1], got {beta}")
+    if set(ret) != set(impact):
+        raise SeedDeltaError("replay weighting: retention and replay impact cover different tensors")
+    imp = minmax(impact, 0.0)
+    return {k: float(ret[k]) * (1.0 - beta * imp[k]) for k in ret}
