@@ -5,7 +5,9 @@ used by `seeddelta scan` (per unit) and by `seeddelta v1 run` (per gate tensor).
   cosine `cos_mean_x_w` (rows weighted by the imatrix, random inputs), min–max scaled over a set
   of comparable tensors (the same kind at the same K): ret = (v − lowest) / (highest − lowest), in
   [0, 1]; the most faithful tensor of the set gets 1, the least faithful 0; all 1 when the values
-  are equal (nothing to tell them apart: nothing decays). The decay Δ ← Δ·(1 − α(1 − ret)) then
+  are equal (nothing to tell them apart: nothing decays). Without an imatrix the weighted metric is
+  not measured (the report writes 0), so a scan without --imatrix uses `cos_mean_x` (the same
+  functional cosine, rows unweighted) and says so per unit (`retention_metric`). The decay Δ ← Δ·(1 − α(1 − ret)) then
   shrinks the least faithful tensor's Δ most.
 * **replay weighting** — the measured damage of each tensor on a replay pack of the prompts the
   original model is most fragile on (KLD on the pack's tokens, `evaluation.replay`), min–max scaled
@@ -25,6 +27,7 @@ from seeddelta.errors import SeedDeltaError
 K = TypeVar("K", bound=Hashable)
 
 RETENTION_METRIC = "cos_mean_x_w"
+RETENTION_FALLBACK = "cos_mean_x"  # when the tensor has no imatrix weights (has_w false)
 REPLAY_BETA = 0.5  # the most damaging tensor keeps half its plain retention (the least damaging all of it)
 
 
@@ -38,6 +41,10 @@ def minmax(values: Mapping[K, float], equal: float) -> dict[K, float]:
         return {}
     lo, hi = min(vals.values()), max(vals.values())
     return {k: (v - lo) / (hi - lo) if hi > lo else equal for k, v in vals.items()}
+
+
+def retention_metric(has_w: bool) -> str:
+    return RETENTION_METRIC if has_w else RETENTION_FALLBACK
 
 
 def retention(values: Mapping[K, float]) -> dict[K, float]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seeddelta.evaluation.replay import impact
-from seeddelta.evaluation.retention import REPLAY_BETA, RETENTION_METRIC, replay_weighted, retention
+from seeddelta.evaluation.retention import REPLAY_BETA, RETENTION_FALLBACK, RETENTION_METRIC, replay_weighted, retention, retention_metric
 from seeddelta.evaluation.sweep import Progress, UnitMeasure
 from seeddelta.evaluation.workers import Pool
 
@@ -72,6 +72,7 @@ def scan_row(unit: ScanUnit, result: dict[str, Any]) -> dict[str, Any]:
     row.update({k: (entry[k] if available else None) for k in PROXY_COPY})
     row["ffn_proxy_score"] = (max(1.0 - entry["ffn_proxy_cos_p05"], entry["ffn_proxy_l2_p95"],
                                   abs(entry["ffn_proxy_log_norm_ratio_p95"])) if available else None)
+    row["retention_metric"] = retention_metric(bool(entry["has_w"]))
     row["raw"] = {"rel_l2_mean": entry["rel_l2_mean"], "rel_l2_p95": entry["rel_l2_p95"], "norm_ratio_mean": norm_ratio}
     row.update({k: result[k] for k in MEASURED})
     row["bytes_dense"], row["bytes_seeddelta"] = entry["bytes_dense"], entry["bytes_seeddelta"]
@@ -85,9 +86,9 @@ def add_retention(rows: list[dict[str, Any]], beta: float = REPLAY_BETA) -> None
     rows carry a `replay_impact` (weighted by its kld_mean)."""
     groups: dict[tuple[str, int], list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault((row["kind"], row["K"]), []).append(i)
-    for members in groups.values():
-        ret = retention({i: rows[i][RETENTION_METRIC] for i in members})
+        groups.setdefault((row["kind"], row["K"], row["retention_metric"]), []).append(i)
+    for (_, _, metric), members in groups.items():
+        ret = retention({i: rows[i][metric] for i in members})
         for i, r in ret.items():
             rows[i]["retention"] = r
         if all("replay_impact" in rows[i] for i in members):
@@ -150,7 +151,8 @@ def scan_document(rows: list[dict[str, Any]], *, model: str, model_sha256: str, 
         "meta": meta, "layers": layers, "errors": [],
         "model_sha256": model_sha256, "text": text, "ctx": ctx, "chunks": chunks, "K_values": ks,
         "encoding": encoding, "cache": cache_dir, "units": rows, "replay": replay,
-        "retention": {"metric": RETENTION_METRIC, "over": "units of the same kind and K", "replay_beta": REPLAY_BETA},
+        "retention": {"metric": RETENTION_METRIC, "without_imatrix": RETENTION_FALLBACK,
+                      "over": "units of the same kind and K", "replay_beta": REPLAY_BETA},
         "method": "per unit: a file with only that tensor as SeedΔ at that K (dense stripped), sparse runtime, "
                   "against the dense base on the same llama-perplexity windows; delta_nll = mean paired "
                   "NLL_model - NLL_base (ln PPL ratio) ± its standard error; bytes_saved = dense bytes stripped - "
