@@ -11,9 +11,13 @@ used by `seeddelta scan` (per unit) and by `seeddelta v1 run` (per gate tensor).
   shrinks the least faithful tensor's Δ most.
 * **replay weighting** — the measured damage of each tensor on a replay pack of the prompts the
   original model is most fragile on (KLD on the pack's tokens, `evaluation.replay`), min–max scaled
-  over the same set to imp ∈ [0, 1] (0: the least damaging; all 0 when equal), lowers retention
-  where the damage is high: ret_replay = ret·(1 − β·imp), β ∈ [0, 1]. β = 0 or equal impacts give
-  mechanism 1's retention exactly; ret_replay ≤ ret always; it is non-increasing in the impact.
+  over the same set to imp ∈ [0, 1] (0: the least damaging), mixed with the proxy retention:
+  ret_replay = (1 − β)·ret + β·(1 − imp), β ∈ [0, 1]. It lies in [0, 1], is non-increasing in the
+  impact, rises above ret where the replay damage is low and falls below it where it is high (the
+  note: "increase retention for deltas that do well on the critical prompts"); β = 0, or impacts
+  that are all equal (the pack tells the tensors apart in nothing), give mechanism 1's retention
+  exactly. A multiplicative weighting ret·(1 − β·imp) was tried first: on the tiny model the proxy
+  and the pack agree on the extremes (ret 0 is also the most damaging), so it changed nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ K = TypeVar("K", bound=Hashable)
 
 RETENTION_METRIC = "cos_mean_x_w"
 RETENTION_FALLBACK = "cos_mean_x"  # when the tensor has no imatrix weights (has_w false)
-REPLAY_BETA = 0.5  # the most damaging tensor keeps half its plain retention (the least damaging all of it)
+REPLAY_BETA = 0.5  # the proxy and the replay measurement count equally
 
 
 def minmax(values: Mapping[K, float], equal: float) -> dict[K, float]:
@@ -53,10 +57,11 @@ def retention(values: Mapping[K, float]) -> dict[K, float]:
 
 
 def replay_weighted(ret: Mapping[K, float], impact: Mapping[K, float], beta: float = REPLAY_BETA) -> dict[K, float]:
-    """Mechanism 6: ret·(1 − β·imp), imp = the replay impact min–max scaled over the same keys."""
-    if not 0.0 <= beta <= 1.0:
+    """Mechanism 6: (1 − β)·ret + β·(1 − imp), imp = the replay impact min–max scaled over the same keys
+    (ret unchanged when the impacts are all equal)."""
+    if not (math.isfinite(beta) and 0.0 <= beta <= 1.0):
         raise SeedDeltaError(f"replay weight β must be in [0, 1], got {beta}")
     if set(ret) != set(impact):
         raise SeedDeltaError("replay weighting: retention and replay impact cover different tensors")
-    imp = minmax(impact, 0.0)
-    return {k: float(ret[k]) * (1.0 - beta * imp[k]) for k in ret}
+    imp = minmax(impact, -1.0)
+    return {k: float(ret[k]) if imp[k] < 0 else (1.0 - beta) * float(ret[k]) + beta * (1.0 - imp[k]) for k in ret}

@@ -19,7 +19,7 @@ per MB saved: the cost per byte that a byte budget is allocated by), `retention`
 mechanism 1: cos_mean_x_w min–max scaled to [0, 1] over the units of the same kind and K,
 evaluation.retention) and, with a replay pack, `replay_impact` (the unit's KLD/ΔNLL on the pack's
 windows, evaluation.replay) and `retention_replay` (mechanism 6: retention lowered where the replay
-impact is high).
+impact is high, raised where it is low).
 """
 
 from __future__ import annotations
