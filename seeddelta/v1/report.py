@@ -80,7 +80,7 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
                       f"{exp['pack']['cut_margin']:.3f}). Replay impact (KLD on the pack, gate alone): "
                       + ", ".join(f"L{k} {v['kld_mean']:.5f}" for k, v in exp["impact"].items())
                       + f". Retention plain {exp['retention_plain']}, replay-weighted (β {exp['beta']}) "
-                      f"{exp['retention_replay']}. Regression rate (windows worse than the original + greedy flags): "
+                      f"{exp['retention_replay']}. Regression rate vs gate-only (windows worse + greedy prompts lost): "
                       + ", ".join(f"{r['label']} {r['regression']['rate']:.3f}" for r in exp["rows"]
                                   if r["regression"]["rate"] is not None) + ".", ""]
         if name == "m4":

@@ -119,7 +119,7 @@ def _m6(settings: V1Settings, p: Profile, units: Sequence[Mapping[str, Any]], ev
     rows = []
     for s, r in zip([*chosen, *replayed], run([*chosen, *replayed], "v1 m6"), strict=True):
         rows.append({**X.row(s, r, ref, mem), "retention": "replay" if s.experiment == "m6" else "plain",
-                     "regression": R.regression(r)})
+                     "regression": R.regression(r, ref)})
     return {"pack": {k: pack_doc[k] for k in ("text", "ctx", "n", "candidates", "cut_margin", "criterion")},
             "impact": {str(k): v for k, v in impacts.items()}, "beta": R.REPLAY_BETA, "alpha": R.M6_ALPHA,
             "retention_plain": {str(k): round(v, 6) for k, v in plain.items()},

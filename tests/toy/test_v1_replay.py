@@ -162,10 +162,16 @@ def test_m6_exit_rule_both_sides():
     assert m6_verdict([plain, _row("m6 decay α 0.5", "replay", 1.19, 0.001, 3)])["keep"]  # within it
 
 
-def test_regression_rate_counts_windows_worse_and_greedy_flags():
-    r = regression({"ctx512": {"window_delta_nll": [0.1, -0.1, 0.0]}, "ctx1024": {"window_delta_nll": [0.2]},
-                    "greedy": {"flagged": 1, "n": 4}, "build": {}})
-    assert r == {"windows_worse": 2, "windows": 4, "greedy_flagged": 1, "rate": 3 / 8}
+def test_regression_rate_counts_windows_worse_than_the_reference_and_greedy_lost():
+    ref = {"ctx512": {"window_delta_nll": [0.1, 0.1, 0.1]}, "ctx1024": {"window_delta_nll": [0.3]},
+           "greedy": {"accuracy": 0.75, "n": 4}}
+    r = regression({"ctx512": {"window_delta_nll": [0.2, 0.1, 0.0]}, "ctx1024": {"window_delta_nll": [0.31]},
+                    "greedy": {"accuracy": 0.5, "n": 4}, "build": {}}, ref)
+    # 0.2 > 0.1 and 0.31 > 0.3 are worse; an equal window (0.1) is not; one greedy prompt lost net
+    assert r == {"windows_worse": 2, "windows": 4, "greedy_lost": 1, "greedy_n": 4, "rate": 3 / 8}
+    better = regression({"ctx512": {"window_delta_nll": [0.0, 0.0, 0.0]}, "ctx1024": {"window_delta_nll": [0.0]},
+                         "greedy": {"accuracy": 1.0, "n": 4}}, ref)
+    assert better["rate"] == 0.0 and better["greedy_lost"] == 0  # gains are not negative regressions
 
 
 # ---------------------------------------------------------------------------------- CLI
