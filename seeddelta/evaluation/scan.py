@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from seeddelta.evaluation.replay import impact
-from seeddelta.evaluation.retention import REPLAY_BETA, RETENTION_FALLBACK, RETENTION_METRIC, replay_weighted, retention, retention_metric
+from seeddelta.evaluation.retention import (
+    REPLAY_BETA,
+    RETENTION_FALLBACK,
+    RETENTION_METRIC,
+    replay_weighted,
+    retention,
+    retention_metric,
+)
 from seeddelta.evaluation.sweep import Progress, UnitMeasure
 from seeddelta.evaluation.workers import Pool
 
@@ -84,7 +91,7 @@ def scan_row(unit: ScanUnit, result: dict[str, Any]) -> dict[str, Any]:
 def add_retention(rows: list[dict[str, Any]], beta: float = REPLAY_BETA) -> None:
     """`retention` on every row (over the rows of the same kind and K); `retention_replay` too when the
     rows carry a `replay_impact` (weighted by its kld_mean)."""
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple[str, int, str], list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault((row["kind"], row["K"], row["retention_metric"]), []).append(i)
     for (_, _, metric), members in groups.items():
