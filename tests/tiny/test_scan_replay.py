@@ -91,3 +91,4 @@ def test_a_replay_pack_of_other_windows_is_another_cache_entry(scan, capsys):
     assert "cached" in err  # the text windows' unit was read back ...
     assert row["replay_impact"] != first["replay_impact"]  # ... the other pack's was measured, not served stale
     assert row["delta_nll"] == first["delta_nll"]
+    assert row["retention"] == 1.0  # derived from the cached figures when written: alone in its group
