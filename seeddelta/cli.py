@@ -21,7 +21,7 @@ from seeddelta.errors import SeedDeltaError, Terminated
 
 # Module names under seeddelta.commands, in the order they appear in --help.
 COMMAND_MODULES = ("demo", "toy", "build", "inspect", "materialize", "tiny", "ppl", "kld", "greedy", "imatrix",
-                   "sweep", "scan", "autogate", "policy", "regress", "v1")
+                   "sweep", "replay_pack", "scan", "autogate", "policy", "regress", "v1")
 EPILOG = ("Start with `seeddelta demo` (the whole job on the tiny model shipped in the package, about two "
           "minutes); `seeddelta COMMAND --help` lists a command's options. Without -m a command uses the tiny "
           "model, without -f its validation text.")

@@ -15,7 +15,11 @@ max(1 − proxy cos_p05, proxy l2_p95, |proxy log_norm_ratio_p95|) (lower is bet
 proxy is unavailable — the original wrote 1.0), `raw`. The original's never-computed
 `log_norm_ratio_p95` is left out. Ours: the other metric groups (`_w`, `_x`), `ffn_score`,
 `K`/`K_eff`, the measured figures, `bytes_dense`/`bytes_seeddelta`, and `delta_nll_per_mb` (ΔNLL
-per MB saved: the cost per byte that a byte budget is allocated by).
+per MB saved: the cost per byte that a byte budget is allocated by), `retention` (the v1 plan's
+mechanism 1: cos_mean_x_w min–max scaled to [0, 1] over the units of the same kind and K,
+evaluation.retention) and, with a replay pack, `replay_impact` (the unit's KLD/ΔNLL on the pack's
+windows, evaluation.replay) and `retention_replay` (mechanism 6: retention lowered where the replay
+impact is high, raised where it is low).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from seeddelta.evaluation.replay import impact
+from seeddelta.evaluation.retention import (
+    REPLAY_BETA,
+    RETENTION_FALLBACK,
+    RETENTION_METRIC,
+    replay_weighted,
+    retention,
+    retention_metric,
+)
 from seeddelta.evaluation.sweep import Progress, UnitMeasure
 from seeddelta.evaluation.workers import Pool
 
@@ -66,6 +79,7 @@ def scan_row(unit: ScanUnit, result: dict[str, Any]) -> dict[str, Any]:
     row.update({k: (entry[k] if available else None) for k in PROXY_COPY})
     row["ffn_proxy_score"] = (max(1.0 - entry["ffn_proxy_cos_p05"], entry["ffn_proxy_l2_p95"],
                                   abs(entry["ffn_proxy_log_norm_ratio_p95"])) if available else None)
+    row["retention_metric"] = retention_metric(bool(entry["has_w"]))
     row["raw"] = {"rel_l2_mean": entry["rel_l2_mean"], "rel_l2_p95": entry["rel_l2_p95"], "norm_ratio_mean": norm_ratio}
     row.update({k: result[k] for k in MEASURED})
     row["bytes_dense"], row["bytes_seeddelta"] = entry["bytes_dense"], entry["bytes_seeddelta"]
@@ -74,8 +88,24 @@ def scan_row(unit: ScanUnit, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def add_retention(rows: list[dict[str, Any]], beta: float = REPLAY_BETA) -> None:
+    """`retention` on every row (over the rows of the same kind and K); `retention_replay` too when the
+    rows carry a `replay_impact` (weighted by its kld_mean)."""
+    groups: dict[tuple[str, int, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["kind"], row["K"], row["retention_metric"]), []).append(i)
+    for (_, _, metric), members in groups.items():
+        ret = retention({i: rows[i][metric] for i in members})
+        for i, r in ret.items():
+            rows[i]["retention"] = r
+        if all("replay_impact" in rows[i] for i in members):
+            weighted = replay_weighted(ret, {i: rows[i]["replay_impact"]["kld_mean"] for i in members}, beta)
+            for i, r in weighted.items():
+                rows[i]["retention_replay"] = r
+
+
 def run_scan(measure: UnitMeasure, units: Sequence[ScanUnit], progress: Progress | None = None,
-             pool: Pool | None = None) -> list[dict[str, Any]]:
+             pool: Pool | None = None, replay: UnitMeasure | None = None) -> list[dict[str, Any]]:
     """Measure every unit (cached units are read back; the others run where `pool` says and are cached
     as each finishes); the rows in unit order, a progress line per unit as it finishes, with an
     estimate of the time left (from the units computed in this run)."""
@@ -97,12 +127,19 @@ def run_scan(measure: UnitMeasure, units: Sequence[ScanUnit], progress: Progress
 
     tasks = [({(u.layer, u.kind): u.K}, f"scan_{u.layer}_{u.kind}_{u.K}") for u in units]
     results = measure.measure_all(tasks, pool, done)
-    return [scan_row(unit, result) for unit, result in zip(units, results, strict=True)]
+    rows = [scan_row(unit, result) for unit, result in zip(units, results, strict=True)]
+    if replay is not None:
+        if progress is not None:
+            progress(f"replay pack: the {len(units)} unit(s) on its {replay.windows.n_chunk} window(s)")
+        for row, result in zip(rows, replay.measure_all(tasks, pool), strict=True):
+            row["replay_impact"] = impact(result)
+    add_retention(rows)
+    return rows
 
 
 def scan_document(rows: list[dict[str, Any]], *, model: str, model_sha256: str, text: str, ctx: int, chunks: int,
                   encoding: dict[str, Any], ks: dict[str, list[int]], k_fixed: int, eval_cols: int, eval_x: int,
-                  cache_dir: str | None) -> dict[str, Any]:
+                  cache_dir: str | None, replay: dict[str, Any] | None = None) -> dict[str, Any]:
     """The scan file: the original's layout (`layers."L".<kind>` at the first K, its meta keys) plus every
     unit at every K under `units`, and what autogate needs to check it scans the same model."""
     first = {kind: values[0] for kind, values in ks.items()}
@@ -120,7 +157,9 @@ def scan_document(rows: list[dict[str, Any]], *, model: str, model_sha256: str, 
                                                                          "strip_dense")},
         "meta": meta, "layers": layers, "errors": [],
         "model_sha256": model_sha256, "text": text, "ctx": ctx, "chunks": chunks, "K_values": ks,
-        "encoding": encoding, "cache": cache_dir, "units": rows,
+        "encoding": encoding, "cache": cache_dir, "units": rows, "replay": replay,
+        "retention": {"metric": RETENTION_METRIC, "without_imatrix": RETENTION_FALLBACK,
+                      "over": "units of the same kind and K", "replay_beta": REPLAY_BETA},
         "method": "per unit: a file with only that tensor as SeedΔ at that K (dense stripped), sparse runtime, "
                   "against the dense base on the same llama-perplexity windows; delta_nll = mean paired "
                   "NLL_model - NLL_base (ln PPL ratio) ± its standard error; bytes_saved = dense bytes stripped - "

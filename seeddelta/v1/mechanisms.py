@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from seeddelta.evaluation.retention import RETENTION_METRIC, retention
 from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD, use_more_bits
 from seeddelta.regress.criteria import CRITERIA
 from seeddelta.regress.measure import Spec
@@ -171,10 +172,9 @@ M1_ALPHAS = (0.25, 0.5)
 def retention_scores(units: Sequence[Mapping[str, Any]], layers: Sequence[int]) -> dict[int, float]:
     """Per gate tensor, a retention score in [0, 1] from the proxy metric cos_mean_x_w of the gate units:
     (value − lowest) / (highest − lowest) over the layers given (all 1 when they are equal). Salient =
-    SeedΔ reproduces the tensor's output well; the least faithful tensor decays most."""
-    vals = {u["layer"]: float(u["metrics"]["cos_mean_x_w"]) for u in units if u["layer"] in set(layers)}
-    lo, hi = min(vals.values()), max(vals.values())
-    return {layer: (v - lo) / (hi - lo) if hi > lo else 1.0 for layer, v in vals.items()}
+    SeedΔ reproduces the tensor's output well; the least faithful tensor decays most. The definition is
+    evaluation.retention's (also the scan's `retention` field)."""
+    return retention({u["layer"]: float(u["metrics"][RETENTION_METRIC]) for u in units if u["layer"] in set(layers)})
 
 
 def delta_norm_ratios(model: str, imatrix: str | None, encoding: Mapping[str, Any], p: Profile,
@@ -206,26 +206,30 @@ def delta_norm_ratios(model: str, imatrix: str | None, encoding: Mapping[str, An
 
 
 def m1(p: Profile, units: Sequence[Mapping[str, Any]], ratios: Mapping[int, float], encoding: Mapping[str, Any],
-       evals: tuple[tuple[int, int], ...], greedy: int | None) -> tuple[list[Setting], dict[str, Any]]:
+       evals: tuple[tuple[int, int], ...], greedy: int | None, *, ret: Mapping[int, float] | None = None,
+       experiment: str = "m1", alphas: Sequence[float] = M1_ALPHAS) -> tuple[list[Setting], dict[str, Any]]:
     """Decay Δ ← Δ·(1 − α(1 − ret)) per gate tensor (as the clamp τ = factor·‖Δ‖/‖W‖), for each α; and the
-    hard cap: each gate tensor's K cut to ⌈K·(1 + ret)/2⌉ entries per row (the least retained keeps half)."""
-    ret = retention_scores(units, p.gate_layers)
+    hard cap: each gate tensor's K cut to ⌈K·(1 + ret)/2⌉ entries per row (the least retained keeps half).
+    `ret`: another retention per gate layer (mechanism 6's replay-weighted one; default: mechanism 1's)."""
+    ret = dict(ret) if ret is not None else retention_scores(units, p.gate_layers)
+    tag = "" if experiment == "m1" else f"{experiment} "
     out = []
-    for a in M1_ALPHAS:
+    for a in alphas:
         taus = {layer: ratios[layer] * (1 - a * (1 - ret[layer])) for layer in p.gate_layers}
         doc = json.loads(policy_text(p, p.gate_layers))
         for layer, tau in taus.items():
             doc["layers"][str(layer)]["tensors"]["ffn_gate"]["delta_norm_clamp"] = round(tau, 6)
-        out.append(Setting("m1", f"decay α {a:g}", {"alpha": a, "tau": {str(k): round(v, 6) for k, v in taus.items()}},
-                           _spec(f"v1-m1-decay-{a:g}", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
+        out.append(Setting(experiment, f"{tag}decay α {a:g}", {"alpha": a,
+                                                                "tau": {str(k): round(v, 6) for k, v in taus.items()}},
+                           _spec(f"v1-{experiment}-decay-{a:g}", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
     caps = {layer: max(1, math.ceil(p.K_gate * (1 + ret[layer]) / 2)) for layer in p.gate_layers}
     doc = json.loads(policy_text(p, p.gate_layers))
     for layer, k in caps.items():
         doc["layers"][str(layer)]["tensors"]["ffn_gate"]["K"] = k
-    out.append(Setting("m1", "retention cap", {"K_gate": {str(k): v for k, v in caps.items()}},
-                       _spec("v1-m1-cap", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
+    out.append(Setting(experiment, f"{tag}retention cap", {"K_gate": {str(k): v for k, v in caps.items()}},
+                       _spec(f"v1-{experiment}-cap", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
     return out, {"retention": {str(k): round(v, 6) for k, v in ret.items()},
-                 "delta_norm_ratio": {str(k): round(v, 6) for k, v in ratios.items()}, "alphas": list(M1_ALPHAS)}
+                 "delta_norm_ratio": {str(k): round(v, 6) for k, v in ratios.items()}, "alphas": list(alphas)}
 
 
 def m1_verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

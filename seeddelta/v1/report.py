@@ -15,6 +15,7 @@ TITLES = {
     "m4": "Mechanism 4 — error-quantile filter vs the cosine thresholds (gate selection)",
     "m5": "Mechanism 5 — global budget: top-N gate tensors, ΔPPL vs bytes saved",
     "m1": "Mechanism 1 — retention score, decay Δ ← Δ·(1 − α(1 − ret)) and a retention-weighted hard cap (gate)",
+    "m6": "Mechanism 6 — replay-directed retention: m1's decay and cap with plain vs replay-weighted retention (gate)",
     "m7": "Mechanism 7 — core vs leaf: llama.cpp's use_more_bits band vs the measured band (ffn_down)",
 }
 
@@ -73,6 +74,15 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
         if name == "m1":
             lines += [f"Retention per gate layer (cos_mean_x_w scaled to [0, 1]): {exp['retention']}; ‖Δ‖/‖W‖: "
                       f"{exp['delta_norm_ratio']}.", ""]
+        if name == "m6":
+            lines += [f"Replay pack: {exp['pack']['n']} of {exp['pack']['candidates']} windows of {exp['pack']['ctx']} "
+                      f"tokens of {exp['pack']['text']} (smallest mean top-1/top-2 margin, ≤ "
+                      f"{exp['pack']['cut_margin']:.3f}). Replay impact (KLD on the pack, gate alone): "
+                      + ", ".join(f"L{k} {v['kld_mean']:.5f}" for k, v in exp["impact"].items())
+                      + f". Retention plain {exp['retention_plain']}, replay-weighted (β {exp['beta']}) "
+                      f"{exp['retention_replay']}. Regression rate vs gate-only (windows worse + greedy prompts lost): "
+                      + ", ".join(f"{r['label']} {r['regression']['rate']:.3f}" for r in exp["rows"]
+                                  if r["regression"]["rate"] is not None) + ".", ""]
         if name == "m4":
             sel = exp["selection"]
             lines += [f"Selected: {sel['selected']} (error quantile {sel['quantile']}: {sel['metric']} ≤ "

@@ -100,6 +100,33 @@ def base_memory(model: Path, cache: ResultCache, note: Progress) -> dict[str, An
     return out
 
 
+def _m6(settings: V1Settings, p: Profile, units: Sequence[Mapping[str, Any]], ev: Evaluator,
+        encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...], greedy: int | None, calibration: Path | None,
+        run: Callable[[Sequence[X.Setting], str], list[dict[str, Any]]], ref: Mapping[str, Any],
+        mem: Mapping[str, Any]) -> dict[str, Any]:
+    """Mechanism 6: m1's decay (α M6_ALPHA) and cap with plain retention and with replay-weighted retention."""
+    from seeddelta.v1 import replay as R
+
+    base = ev.base
+    pack, pack_doc = R.replay_pack(settings.model, calibration or settings.text, settings.out, base)
+    impacts = R.replay_impacts(settings.model, ev.imatrix, encoding, p, pack, base, settings.out / "cache" / "replay-units",
+                               settings.out / "work" / "replay", settings.threads)
+    plain = M.retention_scores(units, p.gate_layers)
+    weighted = R.replay_retention(plain, impacts)
+    ratios = M.delta_norm_ratios(str(settings.model), str(ev.imatrix) if ev.imatrix else None, encoding, p, p.gate_layers)
+    chosen, _ = M.m1(p, units, ratios, encoding, evals, greedy, alphas=(R.M6_ALPHA,))
+    replayed, _ = M.m1(p, units, ratios, encoding, evals, greedy, ret=weighted, experiment="m6", alphas=(R.M6_ALPHA,))
+    rows = []
+    for s, r in zip([*chosen, *replayed], run([*chosen, *replayed], "v1 m6"), strict=True):
+        rows.append({**X.row(s, r, ref, mem), "retention": "replay" if s.experiment == "m6" else "plain",
+                     "regression": R.regression(r, ref)})
+    return {"pack": {k: pack_doc[k] for k in ("text", "ctx", "n", "candidates", "cut_margin", "criterion")},
+            "impact": {str(k): v for k, v in impacts.items()}, "beta": R.REPLAY_BETA, "alpha": R.M6_ALPHA,
+            "retention_plain": {str(k): round(v, 6) for k, v in plain.items()},
+            "retention_replay": {str(k): round(v, 6) for k, v in weighted.items()},
+            "rows": rows, "verdict": R.m6_verdict(rows)}
+
+
 def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     note = progress or (lambda _m: None)
@@ -161,13 +188,15 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
         elif name == "m2":
             rows = rows_of(M.m2(p, encoding, evals, greedy), "v1 m2")
             exps["m2"] = {"rows": rows, "verdict": M.m2_verdict(rows)}
-        elif name in ("m4", "m5", "m1"):
+        elif name in ("m4", "m5", "m1", "m6"):
             if "gate_units" not in exps:
                 chosen = M.gate_units(p, encoding, settings.unit_chunks)
                 exps["gate_units"] = {"units": [_unit(s, r, "ffn_gate") for s, r in
                                                 zip(chosen, run(chosen, "v1 gate units"), strict=True)]}
             units = exps["gate_units"]["units"]
-            if name == "m1":
+            if name == "m6":
+                exps["m6"] = _m6(settings, p, units, ev, encoding, evals, greedy, calibration, run, ref, mem)
+            elif name == "m1":
                 ratios = M.delta_norm_ratios(str(settings.model), str(ev.imatrix) if ev.imatrix else None, encoding,
                                              p, p.gate_layers)
                 chosen, info = M.m1(p, units, ratios, encoding, evals, greedy)

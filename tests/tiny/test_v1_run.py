@@ -101,3 +101,31 @@ def test_extension_file_written_by_h3b_policy_declares_itself(tmp_path):
     names = {t.name: t for t in r.tensors}
     assert names["blk.1.ffn_down.dr_idx"].n_elements == 24  # ⌈0.125 · 192⌉ rows of the tiny model's down
     assert "blk.1.ffn_down.weight" not in names
+
+
+def test_m6_compares_replay_weighted_with_plain_retention(tmp_path):
+    """m6 at the CI budget: a deterministic pack, each replay row twinned with a plain-retention row,
+    the weighted retention as evaluation.retention computes it from the recorded figures, and the
+    verdict the exit rule gives on the recorded rows."""
+    from seeddelta.evaluation.retention import replay_weighted
+    from seeddelta.v1.replay import REPLAY_N, m6_verdict
+
+    out = tmp_path / "o"
+    assert main(["v1", "run", "--out", str(out), "--experiments", "m6", *ARGS]) == 0
+    m6 = json.loads((out / "v1.json").read_text(encoding="utf-8"))["experiments"]["m6"]
+    pack = (out / "replay-pack.json").read_bytes()
+    assert len(json.loads(pack)["windows"]) == REPLAY_N == m6["pack"]["n"]
+    labels = {r["label"]: r["retention"] for r in m6["rows"]}
+    assert labels == {"decay α 0.5": "plain", "retention cap": "plain", "m6 decay α 0.5": "replay",
+                      "m6 retention cap": "replay"}
+    plain = {int(k): v for k, v in m6["retention_plain"].items()}
+    impacts = {int(k): v["kld_mean"] for k, v in m6["impact"].items()}
+    want = replay_weighted(plain, impacts, m6["beta"])
+    assert m6["retention_replay"] == {str(k): round(v, 6) for k, v in want.items()}
+    assert m6["verdict"] == m6_verdict(m6["rows"])
+    for r in m6["rows"]:
+        assert set(r["ctx"]) == {"64"} and "vs_reference" in r["ctx"]["64"]
+        assert r["regression"]["windows"] == 1
+    (out / "replay-pack.json").unlink()
+    assert main(["v1", "run", "--out", str(out), "--experiments", "m6", *ARGS]) == 0
+    assert (out / "replay-pack.json").read_bytes() == pack  # the same inputs make the same pack

@@ -50,8 +50,9 @@ def test_building_the_parser_imports_no_torch():
 
 def test_every_help_answers_without_torch():
     # one process for all of them: --help of the tool and of every command, then torch must still be absent
+    # (a module's name with '_' is the command's with '-': replay_pack → replay-pack)
     code = ("import contextlib, io, sys\nfrom seeddelta.cli import main\n"
-            f"for argv in [['--help'], *[[name, '--help'] for name in {COMMAND_MODULES!r}]]:\n"
+            f"for argv in [['--help'], *[[name.replace('_', '-'), '--help'] for name in {COMMAND_MODULES!r}]]:\n"
             "    out = io.StringIO()\n"
             "    with contextlib.redirect_stdout(out):\n"
             "        assert main(argv) == 0, argv\n"
