@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
 
 from seeddelta.builder.options import BuildOptions
 from seeddelta.builder.pipeline import run_build
@@ -127,3 +129,18 @@ def test_build_is_byte_identical_across_thread_counts(tmp_path, monkeypatch, ffn
         outputs.append((_sha(str(d / "o.gguf")), _sha(str(d / "r.json"))))
         GGUFModel(opts.output)  # a readable llama GGUF
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("qtype", sorted(gguf_quants._type_traits, key=lambda t: t.name), ids=lambda t: t.name)
+def test_chunked_dequantize_is_ggufs_bit_for_bit(qtype):
+    """Every type gguf decodes, on random bytes (NaN and Inf scales included: compared as bits), over
+    more blocks than one chunk and a partial last chunk."""
+    from seeddelta.gguf_format import reader
+
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rows, per_row = 3, (reader._DEQUANT_CHUNK_BLOCKS // 2 + 7)
+    data = np.random.default_rng(int(qtype)).integers(0, 256, (rows, per_row * type_size), dtype=np.uint8)
+    with np.errstate(all="ignore"):  # random scales: NaN and Inf on purpose
+        ours, theirs = reader._dequantize(data, qtype), gguf_quants.dequantize(data, qtype)
+    assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape == (rows, per_row * block)
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
