@@ -56,13 +56,15 @@ def _reference_topk(score: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in score]).astype(np.int64)
 
 
-@pytest.mark.parametrize("kind", ["distinct", "quantized", "float32_collisions"])
+@pytest.mark.parametrize("kind", ["distinct", "quantized", "float32_collisions", "signed_zeros"])
 @pytest.mark.parametrize("k", [1, 3, 17, 63, 64])
 def test_topk_is_the_sort_of_minus_score_then_index(kind, k):
     rng = np.random.default_rng(k)
     score = np.abs(rng.standard_normal((40, 64)))
     if kind == "quantized":  # many exact ties (a quantized weight without base)
         score = np.round(score * 4) / 4
+    if kind == "signed_zeros":  # the partition reads float32 bits as int32: -0.0 must still tie with +0.0
+        score[:, 0::3], score[:, 1::5] = -0.0, 0.0
     if kind == "float32_collisions":  # pairs equal in float32, distinct in float64
         score[:, 0::2] = score[:, 1::2] * (1 + rng.integers(-3, 4, (40, 32)) * 2.0**-40)
     np.testing.assert_array_equal(topk_indices(score, k), _reference_topk(score, k))
