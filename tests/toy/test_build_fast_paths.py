@@ -146,3 +146,33 @@ def test_chunked_dequantize_is_ggufs_bit_for_bit(qtype):
         ours, theirs = reader._dequantize(data, qtype), gguf_quants.dequantize(data, qtype)
     assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape == (rows, per_row * block)
     np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64), (130, 33), (33, 130)])
+@pytest.mark.parametrize("max_samples,trials,weighted", [(2048, 1, False), (2048, 3, True), (20, 1, False),
+                                                         (0, 2, False), (2048, 1, True)])
+def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trials, weighted):
+    """The XOR base's two shortcuts against the plain computation, bit for bit: unit-weight bucket
+    counts taken from `_xor_counts` when every row of a block is sampled (instead of a bincount), and
+    a tall base's first Hadamard stage computed once for all blocks."""
+    from seeddelta.codec import base as base_mod
+
+    rng = np.random.default_rng(sum(shape) + max_samples + trials)
+    W = rng.standard_normal(shape).astype(np.float32)
+    scale = rng.uniform(0.1, 2.0, shape[1]) if weighted else None
+
+    def fit() -> base_mod.XorCirculantBase:
+        return base_mod.fit_xor_circulant(W, scale=scale, max_samples=max_samples, perm_trials=trials,
+                                          rng=np.random.default_rng(7))
+
+    fast = fit()
+    plain_fit = base_mod._bucket_fit
+    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False: plain_fit(vals, omega, u, L))
+    plain = fit()
+    for a, b in ((fast.d2, plain.d2), (fast.perm1, plain.perm1)):
+        np.testing.assert_array_equal(a, b)
+    assert fast.sse == plain.sse
+    x = rng.standard_normal((5, shape[1])).astype(np.float32)
+    shared = fast.apply(x)
+    plain.__dict__["_shared_first_stage"] = False  # the per-block computation
+    np.testing.assert_array_equal(shared, plain.apply(x))
