@@ -57,20 +57,26 @@ def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
     score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: the set of the
-    k largest (`_top_set`), then their order: an unstable sort of the k picked scores, redone
-    stably only in the rows where two picked scores are equal (so equal scores keep ascending
-    index order, as a stable sort of the whole would)."""
+    k largest (`_top_set`), then their order: one sort of int64 keys (float32 score bits descending,
+    then column — AVX-512-sorted, ~5x faster than an argsort of the float64 scores), redone on the
+    float64 scores, stably, only in the rows where two picked scores are equal in float32 (elsewhere
+    the float32 order is the float64 order: rounding is monotone)."""
     n_rows, n = score.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
     chosen = np.broadcast_to(np.arange(n), (n_rows, n)) if k == n else _top_set(score, k)
-    picked = -take_rows(score, chosen)
-    order = np.argsort(picked, axis=1)
-    in_order = take_rows(picked, order)
-    tie_rows = np.nonzero(np.any(in_order[:, 1:] == in_order[:, :-1], axis=1))[0]
+    picked = take_rows(score, chosen)
+    bits = np.abs(picked.astype(np.float32)).view(np.int32)  # abs: -0.0 ties with +0.0, as in float64
+    keys = (np.int64(0x7FFFFFFF) - bits.astype(np.int64)) << 32
+    keys |= chosen
+    keys.sort(axis=1)
+    out = keys & np.int64(0xFFFFFFFF)
+    high = keys >> 32
+    tie_rows = np.nonzero(np.any(high[:, 1:] == high[:, :-1], axis=1))[0]
     if tie_rows.size:
-        order[tie_rows] = np.argsort(picked[tie_rows], axis=1, kind="stable")
-    return take_rows(chosen, order).astype(np.int64)
+        order = np.argsort(-picked[tie_rows], axis=1, kind="stable")
+        out[tie_rows] = take_rows(np.ascontiguousarray(chosen[tie_rows]), order)
+    return out
 
 
 def coo_select(residual: np.ndarray, k: int, scale: np.ndarray | None) -> np.ndarray:
