@@ -197,7 +197,7 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     decode = getattr(traits, "dequantize_blocks", None)
     size = GGML_QUANT_SIZES.get(qtype)
     raw = np.asarray(data)
-    if decode is None or size is None or raw.dtype != np.uint8 or raw.size % size[1]:
+    if traits is None or decode is None or size is None or raw.dtype != np.uint8 or raw.size % size[1]:
         return dequantize(data, qtype)
     block, type_size = size
     traits.init_grid()  # (a no-op for the plain types; the i-quants' lookup grids)
