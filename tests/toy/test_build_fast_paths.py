@@ -176,3 +176,17 @@ def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trial
     shared = fast.apply(x)
     plain.__dict__["_shared_first_stage"] = False  # the per-block computation
     np.testing.assert_array_equal(shared, plain.apply(x))
+
+
+def test_metric_names_without_metrics_are_the_summarys():
+    """evaluate_weight lists every group's names up front (zeros) without computing a summary of zeros:
+    the names, and their order in the report, must be the summary's."""
+    from seeddelta.codec.metrics import SUMMARY_NAMES, RowMetrics, evaluate_weight
+
+    rm = RowMetrics(np.ones(3), np.ones(3), np.ones(3))
+    assert list(rm.summary("_x")) == [f"{n}_x" for n in SUMMARY_NAMES]
+    W = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    sdw = encode(W, EncodeConfig(K=2))
+    got = evaluate_weight(W, sdw, eval_cols=0, eval_x=0)
+    assert list(got) == [k for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s)] + ["has_w", "has_x"]
+    assert all(got[k] == 0.0 for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s))
