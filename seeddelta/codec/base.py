@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from seeddelta.codec.hadamard import fwht, fwht_sequential, is_pow2, next_pow2
+from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, is_pow2, next_pow2
 from seeddelta.codec.storage import val_dtype
 
 
@@ -126,10 +126,11 @@ class XorCirculantBase:
         col_base = (np.arange(n_in) // L) * L
         return kernel[(rows.astype(np.intp)[:, None] ^ col_inv[None, :]) + col_base[None, :]]
 
-    def _block_op(self, v: np.ndarray) -> np.ndarray:
+    def _block_op(self, v: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype, runtime order.
         The transforms are `fwht_sequential` (torch's matrix-product arithmetic, in numpy: the
-        builder measures what the runtime computes without importing torch)."""
+        builder measures what the runtime computes without importing torch). With `positions`
+        (sorted, distinct), only those outputs of every block: (..., B, P), the same bits."""
         L = v.shape[-1]
         dtype = v.dtype.type
 
@@ -144,13 +145,14 @@ class XorCirculantBase:
         else:
             v = gather(v * self.d1.astype(dtype), self.perm1)
             v = fwht_sequential(v)
+        d3 = self.d3.astype(dtype) if positions is None else self.d3[:, positions].astype(dtype)
         if self.d2 is None and self.perm2 is None:
-            return v * self.d3.astype(dtype)
+            return (v if positions is None else v[..., positions]) * d3
         if self.d2 is not None:
             v = v * self.d2.astype(dtype)
         if self.perm2 is not None:
             v = gather(v, self.perm2)
-        return fwht_sequential(v) * self.d3.astype(dtype)
+        return (fwht_sequential(v) if positions is None else fwht_sequential_at(v, positions)) * d3
 
     def _chain(self, x: np.ndarray) -> np.ndarray:
         """Runtime evaluation (spec §9.3): x (T, n_in) -> (T, n_out) in x's dtype."""
@@ -172,6 +174,29 @@ class XorCirculantBase:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return self._chain(np.asarray(x, dtype=np.float32))
+
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """`apply(x)[:, rows]` bit for bit, computing the last transform at those outputs only."""
+        x = np.asarray(x, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.intp)
+        g = self.geometry
+        L, B = g.L, g.B
+        T = x.shape[0]
+        if g.tall:  # output r is block r // L's position r % L
+            blocks, p = rows // L, rows % L
+            positions = np.unique(p)
+            xh = np.zeros((T, 1, L), dtype=x.dtype)
+            xh[:, 0, : self.n_in] = x
+            part = self._block_op(np.broadcast_to(xh, (T, B, L)), positions)
+            return part[:, blocks, np.searchsorted(positions, p)]
+        xb = np.zeros((T, B * L), dtype=x.dtype)  # wide: output r is the sum of every block's position r
+        xb[:, : self.n_in] = x
+        positions, where = np.unique(rows, return_inverse=True)
+        part = self._block_op(xb.reshape(T, B, L), positions)
+        acc = part[:, 0, :].copy()
+        for b in range(1, B):  # accumulation in block order, as the runtime does
+            acc += part[:, b, :]
+        return acc[:, where]
 
     def tensors(self) -> dict[str, np.ndarray]:
         out = {"base_d1": self.d1}

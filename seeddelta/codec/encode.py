@@ -199,7 +199,10 @@ class SeedDeltaWeight:
         rows = np.asarray(rows, dtype=np.int64)
         y = self._residual_apply(x2, rows)
         if self.base is not None:
-            y = self.base.apply(x2)[:, rows] + y
+            # the XOR base computes those outputs only (the same bits); other bases all of them
+            part = self.base.apply_rows(x2, rows) if isinstance(self.base, XorCirculantBase) else \
+                self.base.apply(x2)[:, rows]
+            y = part + y
         if self.row_scale is not None:
             y = y * self.row_scale.astype(np.float32)[rows][None, :]
         return np.asfortranarray(y, dtype=np.float32)

@@ -23,7 +23,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from seeddelta.builder.options import BuildOptions
 from seeddelta.builder.pipeline import run_build
 from seeddelta.codec.encode import EncodeConfig, encode
-from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_torch, fwht_torch_levels
+from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, fwht_torch, fwht_torch_levels
 from seeddelta.codec.residual import topk_indices
 from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, open_gguf
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
@@ -190,3 +190,34 @@ def test_metric_names_without_metrics_are_the_summarys():
     got = evaluate_weight(W, sdw, eval_cols=0, eval_x=0)
     assert list(got) == [k for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s)] + ["has_w", "has_x"]
     assert all(got[k] == 0.0 for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 2, 8, 32, 128, 2048])
+def test_fwht_at_positions_is_the_full_transform_there(length, dtype):
+    rng = np.random.default_rng(length)
+    v = rng.standard_normal((3, 2, length)).astype(dtype)
+    for positions in (np.arange(length), np.unique(rng.integers(0, length, max(1, length // 7))), np.array([length - 1])):
+        np.testing.assert_array_equal(fwht_sequential_at(v, positions), fwht_sequential(v)[..., positions])
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64), (130, 33), (33, 130), (300, 70)])
+@pytest.mark.parametrize("trials,depth1,perm2", [(1, False, False), (3, False, False), (1, True, False), (2, False, True)])
+def test_xor_base_rows_are_the_full_output_there(shape, trials, depth1, perm2):
+    """`XorCirculantBase.apply_rows` (the metrics' sampled outputs) against `apply(x)[:, rows]`, bit for
+    bit, for tall and wide bases, shared or per-block first stages, depth 1 and a second permutation."""
+    from dataclasses import replace
+
+    from seeddelta.codec.base import fit_xor_circulant
+
+    rng = np.random.default_rng(sum(shape) + trials)
+    W = rng.standard_normal(shape).astype(np.float32)
+    base = fit_xor_circulant(W, scale=None, max_samples=2048, perm_trials=trials, rng=np.random.default_rng(1))
+    if depth1:
+        base = replace(base, d2=None)
+    if perm2:
+        base = replace(base, perm2=np.stack([rng.permutation(base.d1.shape[1]) for _ in range(base.d1.shape[0])]))
+    x = rng.standard_normal((6, shape[1])).astype(np.float32)
+    full = base.apply(x)
+    for rows in (np.arange(shape[0]), np.sort(rng.choice(shape[0], min(shape[0], 17), replace=False)), np.array([0])):
+        np.testing.assert_array_equal(base.apply_rows(x, rows), full[:, rows])
