@@ -68,6 +68,9 @@ def test_topk_is_the_sort_of_minus_score_then_index(kind, k):
     if kind == "float32_collisions":  # pairs equal in float32, distinct in float64
         score[:, 0::2] = score[:, 1::2] * (1 + rng.integers(-3, 4, (40, 32)) * 2.0**-40)
     np.testing.assert_array_equal(topk_indices(score, k), _reference_topk(score, k))
+    # ranked by magnitude without a float64 copy of it: signs flipped at random change nothing
+    signed = score * np.where(rng.random(score.shape) < 0.5, -1.0, 1.0)
+    np.testing.assert_array_equal(topk_indices(signed, k, absolute=True), _reference_topk(score, k))
 
 
 @pytest.mark.parametrize("scheme,base,row_scale,shape,tokens", [
