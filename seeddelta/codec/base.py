@@ -111,15 +111,15 @@ class XorCirculantBase:
         inv = self.inv_perm1.astype(np.intp)
         if self.geometry.tall:  # row r = b·L + p: W0[r, j] = h2_b[p XOR inv_b[j]]
             blocks, p = rows // L, rows % L
-            parts = []
+            out = np.empty((len(rows), n_in))
             for b in np.unique(blocks):
                 sel = np.nonzero(blocks == b)[0]
-                parts.append((sel, kernel[b * L : (b + 1) * L][p[sel, None] ^ inv[b, None, :n_in]]))
-            if len(parts) == 1:
-                return parts[0][1]  # rows of one block (the encoder's chunks, mostly): no second copy
-            out = np.empty((len(rows), n_in))
-            for sel, values in parts:
-                out[sel] = values
+                index = p[sel, None] ^ inv[b, None, :n_in]
+                if sel[-1] - sel[0] + 1 == sel.size:  # a range of rows (the encoder's chunks): gathered in place (XOR of
+                    # two values below L is below L: "clip" never clips, and unlike "raise" it needs no buffer)
+                    np.take(kernel[b * L : (b + 1) * L], index, out=out[sel[0] : sel[-1] + 1], mode="clip")
+                else:
+                    out[sel] = kernel[b * L : (b + 1) * L][index]
             return out
         # wide: column j = b·L + q of block b: W0[r, j] = h2_b[r XOR inv_b[q]]
         col_inv = inv.reshape(-1)[:n_in]
