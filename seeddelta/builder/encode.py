@@ -4,9 +4,10 @@ the final trial, its report entry and the tensors to write (`weight_result`)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -18,16 +19,24 @@ from seeddelta.builder.options import (
     tensor_seed,
 )
 from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
-from seeddelta.builder.variant import encode_variant
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
 from seeddelta.codec.partial import choose_dense_rows
-from seeddelta.codec.sdq import SdqWeight
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
 from seeddelta.gguf_format.writer import AddedTensor, RawTensor
+
+if TYPE_CHECKING:
+    from seeddelta.codec.sdq import SdqWeight
+
+
+def _is_variant(sdw: SeedDeltaWeight) -> TypeGuard[SdqWeight]:
+    """An sdq weight. The variant modules are imported only by a build that uses a variant (a plain
+    build skips ~35 ms of imports): while they are not loaded, no weight can be one."""
+    sdq = sys.modules.get("seeddelta.codec.sdq")
+    return sdq is not None and isinstance(sdw, sdq.SdqWeight)
 
 
 @dataclass
@@ -198,6 +207,8 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
     spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
     try:
         if spec.is_variant:
+            from seeddelta.builder.variant import encode_variant
+
             sdw: SeedDeltaWeight = encode_variant(opts, spec, name, W, K, config.row_scale, config.seed, scale)
         else:
             sdw = encode(W, config, scale)
@@ -230,7 +241,7 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     name = weight_name(layer, kind)
     n_out, n_in = sdw.n_out, sdw.n_in
     strip = emit and cfg.strip_dense
-    types = sdw.ggml_types() if isinstance(sdw, SdqWeight) else {}
+    types = sdw.ggml_types() if _is_variant(sdw) else {}
     tensors: list[tuple[str, np.ndarray | RawTensor]] = [
         (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
         for s, a in sdw.tensors().items()] if emit else []
@@ -238,7 +249,7 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
     nbytes_sd = int(sdw.nbytes())
     dense_bytes = model.tensor_nbytes(name)
-    if isinstance(sdw, SdqWeight):  # a variant may keep 0 entries (its quantized base alone)
+    if _is_variant(sdw):  # a variant may keep 0 entries (its quantized base alone)
         k_budget = int(sdw.k_budget)
     else:
         k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, trial.K), n_in))
@@ -262,7 +273,7 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
         entry_values["autotune_enabled"] = True
         entry_values["autotune_attempts"] = attempts or []
     entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
-    if isinstance(sdw, SdqWeight):
+    if _is_variant(sdw):
         spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
         entry_values.update({"variant": spec.to_json(), "base_type": sdw.base_type})
     entry_values.update(extra or {})

@@ -41,7 +41,6 @@ from seeddelta.builder.report import (
     write_report,
 )
 from seeddelta.builder.spill import SpillFile
-from seeddelta.builder.variant import check_variant_inputs
 from seeddelta.codec.partial import EXTENSION as DENSE_ROWS_EXTENSION
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.extensions import EXTENSIONS_KEY
@@ -201,7 +200,10 @@ def plan_build(model: GGUFModel, opts: BuildOptions, resolve: Resolver, imatrix:
             if cfg.K < (0 if spec.is_variant else 1):  # a variant may keep 0 entries: its quantized base alone
                 raise SeedDeltaError(f"{name}: K must be a positive integer, got {cfg.K}")
             n_in = int(model.tensors[name].shape[0])
-            check_variant_inputs(opts, spec, name, n_in, int(model.tensors[name].shape[1]))
+            if spec.is_variant:
+                from seeddelta.builder.variant import check_variant_inputs
+
+                check_variant_inputs(opts, spec, name, n_in, int(model.tensors[name].shape[1]))
             if imatrix is not None:
                 imatrix.entry(name, n_in)  # fail before any work if it does not match
             if cfg.K > n_in:

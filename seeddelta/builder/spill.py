@@ -35,7 +35,7 @@ class SpillFile:
         offset = self._end
         try:
             self._file.seek(offset)
-            self._file.write(data.tobytes())
+            self._file.write(data.data.cast("B"))  # the array's own bytes, not a copy of them
         except OSError as exc:
             raise SeedDeltaError(f"cannot park tensor {name} in a temporary file in {self._directory}: "
                                  f"{exc.strerror or exc}") from None

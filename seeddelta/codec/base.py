@@ -11,13 +11,14 @@ Every base is described by its *stored* arrays: dense/apply use the rounded valu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
 import numpy as np
 
-from seeddelta.codec.hadamard import fwht, fwht_sequential, is_pow2, next_pow2
+from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, is_pow2, next_pow2
 from seeddelta.codec.storage import val_dtype
 
 
@@ -83,6 +84,11 @@ class XorCirculantBase:
         return bool(np.all(np.sort(self.perm1.astype(np.int64), axis=1) == np.arange(L)[None, :]))
 
     @cached_property
+    def _shared_first_stage(self) -> bool:
+        """Every block has the same D1 and P1 (always for one permutation trial)."""
+        return bool(np.all(self.d1 == self.d1[:1]) and np.all(self.perm1 == self.perm1[:1]))
+
+    @cached_property
     def h2(self) -> np.ndarray:
         """Effective XOR kernel of the stored d2 in float64: h2 = H·d2 (exact for the stored values)."""
         assert self.d2 is not None
@@ -104,21 +110,27 @@ class XorCirculantBase:
         kernel = self.h2.reshape(-1)  # block b's kernel at [b·L, (b+1)·L)
         inv = self.inv_perm1.astype(np.intp)
         if self.geometry.tall:  # row r = b·L + p: W0[r, j] = h2_b[p XOR inv_b[j]]
-            out = np.empty((len(rows), n_in))
             blocks, p = rows // L, rows % L
+            out = np.empty((len(rows), n_in))
             for b in np.unique(blocks):
                 sel = np.nonzero(blocks == b)[0]
-                out[sel] = kernel[(p[sel, None] ^ inv[b, None, :n_in]) + b * L]
+                index = p[sel, None] ^ inv[b, None, :n_in]
+                if sel[-1] - sel[0] + 1 == sel.size:  # a range of rows (the encoder's chunks): gathered in place (XOR of
+                    # two values below L is below L: "clip" never clips, and unlike "raise" it needs no buffer)
+                    np.take(kernel[b * L : (b + 1) * L], index, out=out[sel[0] : sel[-1] + 1], mode="clip")
+                else:
+                    out[sel] = kernel[b * L : (b + 1) * L][index]
             return out
         # wide: column j = b·L + q of block b: W0[r, j] = h2_b[r XOR inv_b[q]]
         col_inv = inv.reshape(-1)[:n_in]
         col_base = (np.arange(n_in) // L) * L
         return kernel[(rows.astype(np.intp)[:, None] ^ col_inv[None, :]) + col_base[None, :]]
 
-    def _block_op(self, v: np.ndarray) -> np.ndarray:
+    def _block_op(self, v: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """F_b for every block at once: v (..., B, L) -> (..., B, L), in v's dtype, runtime order.
         The transforms are `fwht_sequential` (torch's matrix-product arithmetic, in numpy: the
-        builder measures what the runtime computes without importing torch)."""
+        builder measures what the runtime computes without importing torch). With `positions`
+        (sorted, distinct), only those outputs of every block: (..., B, P), the same bits."""
         L = v.shape[-1]
         dtype = v.dtype.type
 
@@ -126,15 +138,21 @@ class XorCirculantBase:
             index = np.broadcast_to(_safe_gather_index(perm, L), t.shape)
             return np.take_along_axis(t, index, axis=-1)
 
-        v = gather(v * self.d1.astype(dtype), self.perm1)
-        v = fwht_sequential(v)
+        if self._shared_first_stage and v.shape[-2] > 1 and v.strides[-2] == 0:
+            # the same input in every block (a tall base) and the same D1, P1: one block's first stage, shared
+            first = fwht_sequential(gather(v[..., :1, :] * self.d1[:1].astype(dtype), self.perm1[:1]))
+            v = np.broadcast_to(first, v.shape)
+        else:
+            v = gather(v * self.d1.astype(dtype), self.perm1)
+            v = fwht_sequential(v)
+        d3 = self.d3.astype(dtype) if positions is None else self.d3[:, positions].astype(dtype)
         if self.d2 is None and self.perm2 is None:
-            return v * self.d3.astype(dtype)
+            return (v if positions is None else v[..., positions]) * d3
         if self.d2 is not None:
             v = v * self.d2.astype(dtype)
         if self.perm2 is not None:
             v = gather(v, self.perm2)
-        return fwht_sequential(v) * self.d3.astype(dtype)
+        return (fwht_sequential(v) if positions is None else fwht_sequential_at(v, positions)) * d3
 
     def _chain(self, x: np.ndarray) -> np.ndarray:
         """Runtime evaluation (spec §9.3): x (T, n_in) -> (T, n_out) in x's dtype."""
@@ -157,6 +175,29 @@ class XorCirculantBase:
     def apply(self, x: np.ndarray) -> np.ndarray:
         return self._chain(np.asarray(x, dtype=np.float32))
 
+    def apply_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """`apply(x)[:, rows]` bit for bit, computing the last transform at those outputs only."""
+        x = np.asarray(x, dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.intp)
+        g = self.geometry
+        L, B = g.L, g.B
+        T = x.shape[0]
+        if g.tall:  # output r is block r // L's position r % L
+            blocks, p = rows // L, rows % L
+            positions = np.unique(p)
+            xh = np.zeros((T, 1, L), dtype=x.dtype)
+            xh[:, 0, : self.n_in] = x
+            part = self._block_op(np.broadcast_to(xh, (T, B, L)), positions)
+            return part[:, blocks, np.searchsorted(positions, p)]
+        xb = np.zeros((T, B * L), dtype=x.dtype)  # wide: output r is the sum of every block's position r
+        xb[:, : self.n_in] = x
+        positions, where = np.unique(rows, return_inverse=True)
+        part = self._block_op(xb.reshape(T, B, L), positions)
+        acc = part[:, 0, :].copy()
+        for b in range(1, B):  # accumulation in block order, as the runtime does
+            acc += part[:, b, :]
+        return acc[:, where]
+
     def tensors(self) -> dict[str, np.ndarray]:
         out = {"base_d1": self.d1}
         if self.d2 is not None:
@@ -172,15 +213,27 @@ class XorCirculantBase:
         return int(g.B * (2 * L * np.log2(max(2, L)) + 3 * L + (0 if g.tall else L)))
 
 
+@functools.lru_cache(maxsize=16)
+def _xor_counts(n_rows: int, n_cols: int, L: int) -> np.ndarray:
+    """How many (p, j), p < n_rows, j < n_cols, have p XOR j = k, for every k < L (read-only)."""
+    u = np.arange(n_rows)[:, None] ^ np.arange(n_cols)[None, :]
+    counts = np.bincount(u.ravel(), minlength=L).astype(np.float64)
+    counts.flags.writeable = False
+    return counts
+
+
 def _bucket_fit(
-    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int
+    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, full: bool = False
 ) -> tuple[np.ndarray, float]:
     """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,), None
-    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64)."""
+    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64).
+    `full`: u is (some order of p < S) XOR (j < J), so the unit-weight counts are `_xor_counts`
+    (integers: the same whatever the order, and the same for every weight of that shape)."""
     flat_u = u.ravel()
     v = vals.ravel()
     if omega is None:
-        s0: np.ndarray = np.bincount(flat_u, minlength=L).astype(np.float64)
+        s0: np.ndarray = _xor_counts(u.shape[0], u.shape[1], L) if full else \
+            np.bincount(flat_u, minlength=L).astype(np.float64)
         wv = v
     else:
         w = np.broadcast_to(omega[None, :], vals.shape).ravel()
@@ -218,12 +271,14 @@ def fit_xor_circulant(
         shared_rows = candidates if max_samples <= 0 else candidates[: max_samples]
     for b in range(B):
         if g.tall:
-            candidates = b * L + rng.permutation(min(n_out, (b + 1) * L) - b * L)
+            n_local = min(n_out, (b + 1) * L) - b * L
+            candidates = b * L + rng.permutation(n_local)
             rows = candidates if max_samples <= 0 else candidates[: max_samples]
             local = rows - b * L
             offset = 0
         else:
             rows = local = shared_rows
+            n_local = min(n_out, L)
             offset = b * L
         sub = W[rows]
         best: tuple[float, np.ndarray, np.ndarray] | None = None
@@ -236,7 +291,10 @@ def fit_xor_circulant(
             u = local[:, None] ^ slots[None, :]
             # the identity trial's columns are one contiguous range: a slice, not a gather
             block_vals = sub[:, cols[0] : cols[-1] + 1] if t == 0 and cols.size else sub[:, cols]
-            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L)
+            # every row of the block sampled and the identity trial's columns 0..J-1: counts known in advance
+            full = t == 0 and local.size == n_local and bool(np.all(slots == np.arange(slots.size)))
+            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L,
+                                      full)
             if best is None or sse < best[0]:
                 best = (sse, kernel, perm)
         assert best is not None

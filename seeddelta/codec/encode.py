@@ -199,7 +199,10 @@ class SeedDeltaWeight:
         rows = np.asarray(rows, dtype=np.int64)
         y = self._residual_apply(x2, rows)
         if self.base is not None:
-            y = self.base.apply(x2)[:, rows] + y
+            # the XOR base computes those outputs only (the same bits); other bases all of them
+            part = self.base.apply_rows(x2, rows) if isinstance(self.base, XorCirculantBase) else \
+                self.base.apply(x2)[:, rows]
+            y = part + y
         if self.row_scale is not None:
             y = y * self.row_scale.astype(np.float32)[rows][None, :]
         return np.asfortranarray(y, dtype=np.float32)
@@ -269,8 +272,14 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
     idx = np.zeros((n_out, width), dtype=np.int64)
     val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
     for rows in _chunks(n_out, n_in):
-        w0 = base.dense_rows(rows) if base is not None else 0.0
-        resid = W[rows].astype(np.float64) - w0
+        w = W[rows[0] : rows[-1] + 1]  # a chunk is a range of rows: a view, not a copy
+        # W − W0 in float64 (float32 → float64 is exact), written over the W0 temporary
+        if base is None:
+            resid = w.astype(np.float64)
+        else:
+            w0 = base.dense_rows(rows)
+            resid = np.subtract(w, w0, out=w0 if w0.dtype == np.float64 and w0.flags.writeable else None,
+                                dtype=np.float64)
         if config.scheme == "coo":
             idx[rows] = coo_select(resid, width, scale)
             val[rows] = take_rows(resid, idx[rows])

@@ -18,12 +18,15 @@ values the algorithm chose (tests check this per type).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from gguf.constants import GGMLQuantizationType
 
 from seeddelta.errors import SeedDeltaError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the plain builder never loads it
+    import torch
 
 BLOCK = 32
 DAMP = 0.01  # relative to mean(diag H): GPTQ's default damping
@@ -108,6 +111,8 @@ def grid_for(name: str) -> Grid:
 def inverse_hessian_factor(C: np.ndarray, damp: float = DAMP) -> tuple[torch.Tensor, np.ndarray]:
     """(U, dead): the upper Cholesky factor of (C + damp·mean(diag C)·I)⁻¹, with never-active inputs
     (diag 0) given unit curvature, and their mask."""
+    import torch
+
     H = torch.from_numpy(np.array(C, dtype=np.float64, copy=True))
     dead = (torch.diagonal(H) <= 0).numpy()
     idx = torch.from_numpy(np.flatnonzero(dead))
@@ -126,6 +131,8 @@ def gptq_quantize(W: np.ndarray, C: np.ndarray, grid: Grid, damp: float = DAMP) 
     n_out, n_in = W.shape
     if n_in % BLOCK:
         raise SeedDeltaError(f"{grid.qtype.name} needs rows of a multiple of {BLOCK} values, got n_in = {n_in}")
+    import torch
+
     U, dead = inverse_hessian_factor(C, damp)
     Wt = torch.from_numpy(W.copy())
     codes = np.zeros((n_out, n_in))

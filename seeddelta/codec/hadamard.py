@@ -99,6 +99,34 @@ def fwht_sequential(v: np.ndarray) -> np.ndarray:
     return out.reshape(v.shape)
 
 
+def fwht_sequential_at(v: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`fwht_sequential(v)[..., positions]`, bit for bit, computing only those outputs: the rows of
+    the first product that they read, then their own sums of the second, each in the same order
+    from the same zero (the builder's metrics need a few sampled outputs of a weight's base)."""
+    length = v.shape[-1]
+    if not is_pow2(length):
+        raise ValueError(f"fwht needs a power-of-two length, got {length}")
+    positions = np.asarray(positions, dtype=np.intp)
+    if length == 1:
+        return np.array(v[..., positions], copy=True)
+    a, b = kron_split(length)
+    grid = v.reshape(*v.shape[:-1], a, b)
+    row_of, col_of = positions // b, positions % b
+    if a > 1:
+        rows, row_of = np.unique(row_of, return_inverse=True)
+        h_a = _hadamard_np(a, v.dtype)[rows]
+        acc = np.zeros((*grid.shape[:-2], rows.size, b), dtype=v.dtype)
+        for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :], for the rows i read below
+            acc += h_a[:, k, None] * grid[..., k, None, :]
+        grid = acc
+    picked = grid[..., row_of, :]  # (…, P, b)
+    h_b = _hadamard_np(b, v.dtype)
+    out = np.zeros(picked.shape[:-1], dtype=v.dtype)
+    for k in range(b):  # out[p] += V[i_p, k]·H_b[k, j_p]
+        out += picked[..., k] * h_b[k, col_of]
+    return out
+
+
 def fwht_torch(v: torch.Tensor) -> torch.Tensor:
     """H·v along the last dimension, as two small dense products: with H_L = H_a ⊗ H_b (Sylvester
     order), v viewed as (…, a, b) maps to H_a·V·H_b. Matrix products run at BLAS speed where the

@@ -16,6 +16,9 @@ from seeddelta.codec.encode import SeedDeltaWeight
 _TINY = 1e-20  # the original's floor on squared norms (spec §6.1)
 
 
+SUMMARY_NAMES = ("rel_l2_mean", "rel_l2_p95", "cos_mean", "cos_p05", "norm_ratio_mean")
+
+
 @dataclass(frozen=True)
 class RowMetrics:
     rel_l2: np.ndarray
@@ -23,6 +26,7 @@ class RowMetrics:
     norm_ratio: np.ndarray
 
     def summary(self, suffix: str = "") -> dict[str, float]:
+        """The report's five figures (SUMMARY_NAMES, in that order) with `suffix` appended to each name."""
         return {
             f"rel_l2_mean{suffix}": float(np.mean(self.rel_l2)),
             f"rel_l2_p95{suffix}": float(np.percentile(self.rel_l2, 95)),
@@ -85,10 +89,7 @@ def evaluate_weight(
     """The report's metric fields (spec §10.2) for one weight; uncomputed groups are 0.
 
     All four groups use the same sampled rows (the original drew a new sample per group)."""
-    out: dict[str, float | bool] = {}
-    zeros = RowMetrics(np.zeros(1), np.zeros(1), np.zeros(1))
-    for suffix in ("", "_w", "_x", "_x_w"):
-        out.update({k: 0.0 for k in zeros.summary(suffix)})
+    out: dict[str, float | bool] = {f"{name}{suffix}": 0.0 for suffix in ("", "_w", "_x", "_x_w") for name in SUMMARY_NAMES}
     has_w = imatrix_scale is not None
     has_x = eval_cols > 0 and eval_x > 0
     out["has_w"], out["has_x"] = has_w, has_x

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from seeddelta.codec.hadamard import fwht, fwht_torch
 from seeddelta.errors import SeedDeltaError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the plain builder never loads it
+    import torch
 
 # Types our encoder quantizes (gguf-py's quantizers; bits per weight in the comment). K-quants and
 # i-quants have no quantizer in gguf-py: such a base can only be taken from another GGUF
@@ -119,6 +122,8 @@ class QuantBase:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """W0·x in float32 for x (T, n_in): Q·(R·x)."""
+        import torch
+
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.signs is not None:
             xt = rotate_input(xt, torch.from_numpy(self.signs))

@@ -31,49 +31,67 @@ def _exact_top_mask(score: np.ndarray, k: int) -> np.ndarray:
     return take
 
 
-def _top_set(score: np.ndarray, k: int) -> np.ndarray:
+def _top_set(score: np.ndarray, k: int, absolute: bool = False) -> np.ndarray:
     """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index),
-    found on float32 copies of the scores (half the bytes to partition).
+    found on float32 copies of the scores (half the bytes to partition). `absolute`: the scores
+    are |score| (float32 rounding is symmetric: |f32(r)| = f32(|r|), so no float64 pass is needed).
 
     Rounding to float32 is monotone, so a float32 value above the k-th largest float32 value
     belongs to the top k and one below it does not: the float32 top k is the exact top k in every
     row where no score outside it rounds to the same float32 value as the k-th. The other rows (a
     tie at the boundary, in float32 or exactly) are decided on the float64 scores."""
     n_rows, n = score.shape
+    # non-negative float32 values order as their bit patterns read as int32 (abs: no -0.0 left), and
+    # numpy partitions int32 ~25 % faster than float32 (measured on SmolLM2's weights)
     s32 = score.astype(np.float32)
-    kth32 = np.partition(s32, n - k, axis=1)[:, n - k, None]
-    take = s32 >= kth32
-    unsure = np.nonzero(np.count_nonzero(take, axis=1) != k)[0]
-    if unsure.size:
-        take[unsure] = _exact_top_mask(score[unsure], k)
-    # flat positions of the k marks of each row, in row-major order (a 1-D nonzero: ~8x faster than 2-D)
-    return np.flatnonzero(take).reshape(n_rows, k) - (np.arange(n_rows) * n)[:, None]
+    bits = np.abs(s32, out=s32).view(np.int32)
+    kth32 = np.partition(bits, n - k, axis=1)[:, n - k, None]
+    take = bits >= kth32
+    # flat positions of the marks, in row-major order (a 1-D nonzero: ~8x faster than 2-D); every row
+    # has at least k marks, so exactly k·n_rows of them means exactly k in every row
+    flat = np.flatnonzero(take)
+    if flat.size != n_rows * k:
+        unsure = np.nonzero(np.count_nonzero(take, axis=1) != k)[0]
+        exact = np.abs(score[unsure]) if absolute else score[unsure]
+        take[unsure] = _exact_top_mask(exact, k)
+        flat = np.flatnonzero(take)
+    return flat.reshape(n_rows, k) - (np.arange(n_rows) * n)[:, None]
 
 
-def topk_indices(score: np.ndarray, k: int) -> np.ndarray:
+def topk_indices(score: np.ndarray, k: int, *, absolute: bool = False) -> np.ndarray:
     """Indices of the k largest scores of each row, in descending score order (ties: lowest index).
 
-    score: (n_rows, n) non-negative, finite. Returns (n_rows, k) int64. Vectorized: the set of the
-    k largest (`_top_set`), then their order: an unstable sort of the k picked scores, redone
-    stably only in the rows where two picked scores are equal (so equal scores keep ascending
-    index order, as a stable sort of the whole would)."""
+    score: (n_rows, n) non-negative, finite (with `absolute`: any finite values, ranked by |score|,
+    without a float64 copy of the magnitudes). Returns (n_rows, k) int64. Vectorized: the set of the
+    k largest (`_top_set`), then their order: one sort of int64 keys (float32 score bits descending,
+    then column — AVX-512-sorted, ~5x faster than an argsort of the float64 scores), redone on the
+    float64 scores, stably, only in the rows where two picked scores are equal in float32 (elsewhere
+    the float32 order is the float64 order: rounding is monotone)."""
     n_rows, n = score.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
-    chosen = np.broadcast_to(np.arange(n), (n_rows, n)) if k == n else _top_set(score, k)
-    picked = -take_rows(score, chosen)
-    order = np.argsort(picked, axis=1)
-    in_order = take_rows(picked, order)
-    tie_rows = np.nonzero(np.any(in_order[:, 1:] == in_order[:, :-1], axis=1))[0]
+    chosen = np.broadcast_to(np.arange(n), (n_rows, n)) if k == n else _top_set(score, k, absolute)
+    picked = take_rows(score, chosen)
+    if absolute:
+        picked = np.abs(picked)
+    bits = np.abs(picked.astype(np.float32)).view(np.int32)  # abs: -0.0 ties with +0.0, as in float64
+    keys = (np.int64(0x7FFFFFFF) - bits.astype(np.int64)) << 32
+    keys |= chosen
+    keys.sort(axis=1)
+    out = keys & np.int64(0xFFFFFFFF)
+    high = keys >> 32
+    tie_rows = np.nonzero(np.any(high[:, 1:] == high[:, :-1], axis=1))[0]
     if tie_rows.size:
-        order[tie_rows] = np.argsort(picked[tie_rows], axis=1, kind="stable")
-    return take_rows(chosen, order).astype(np.int64)
+        order = np.argsort(-picked[tie_rows], axis=1, kind="stable")
+        out[tie_rows] = take_rows(np.ascontiguousarray(chosen[tie_rows]), order)
+    return out
 
 
 def coo_select(residual: np.ndarray, k: int, scale: np.ndarray | None) -> np.ndarray:
     """Top-k input indices per output row by |r|·s."""
-    score = np.abs(residual) if scale is None else np.abs(residual) * scale[None, :]
-    return topk_indices(score, k)
+    if scale is None:
+        return topk_indices(residual, k, absolute=True)
+    return topk_indices(np.abs(residual) * scale[None, :], k)
 
 
 def n_blocks_total(n_in: int, block: int) -> int:

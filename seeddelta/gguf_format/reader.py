@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
-from gguf.constants import GGMLQuantizationType
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.gguf_reader import ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
@@ -79,17 +80,23 @@ class _Reader(GGUFReader):
         parts: list[np.ndarray] = [raw_itype, alen]
         if nptype is not None:
             whole = self._get(offs, nptype, n)
-            parts += [whole[i : i + 1] for i in range(n)]
+            parts += list(whole.reshape(n, 1))  # element i is whole[i : i + 1], cut by numpy's own iterator
             return 12 + int(whole.nbytes), parts, list(range(2, 2 + n)), [GGUFValueType.ARRAY, itype]
         plain = self._plain()
         buf = memoryview(plain.data)
-        u64 = np.dtype(np.uint64).newbyteorder("I")
         unpack = struct.Struct("<Q" if np.little_endian else ">Q").unpack_from
+        starts, lengths = [], []
         for _ in range(n):
             (slen,) = unpack(buf, offs)
-            parts.append(plain[offs : offs + 8].view(u64))
-            parts.append(plain[offs + 8 : offs + 8 + slen])
+            starts.append(offs + 8)
+            lengths.append(slen)
             offs += 8 + slen
+        # each length as a one-element uint64 array (a copy of the 8 bytes: the same value and dtype as
+        # gguf's view of them, ~4x cheaper to make); the strings' bytes stay views of the file
+        length_parts = list(np.array(lengths, dtype=np.dtype(np.uint64).newbyteorder("I")).reshape(n, 1))
+        for length_part, start, slen in zip(length_parts, starts, lengths, strict=True):
+            parts.append(length_part)
+            parts.append(plain[start : start + slen])
         return offs - orig_offs, parts, list(range(3, 2 + 2 * n, 2)), [GGUFValueType.ARRAY, itype]
 
 
@@ -182,6 +189,31 @@ def drop_mapped_pages(data: Any, offset: int, nbytes: int) -> None:
         pass  # an optimisation only
 
 
+_DEQUANT_CHUNK_BLOCKS = 4096  # blocks decoded per call (128K values of 32-value blocks: cache-sized temporaries)
+
+
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """`gguf.quants.dequantize(data, qtype)`, the same values bit for bit, in fewer and larger steps.
+
+    gguf decodes a block-quantized tensor 16 rows at a time (76 calls of its block decoder for one
+    576 × 1536 weight, whose fixed costs dominate: 5.3 ms against 3.1 ms here, measured). Its block
+    decoder is elementwise per block, so calling that same decoder on chunks of 4096 blocks gives
+    identical values; types without one (or a gguf without `_type_traits`) go through gguf's own path."""
+    traits = getattr(gguf_quants, "_type_traits", {}).get(qtype)
+    decode = getattr(traits, "dequantize_blocks", None)
+    size = GGML_QUANT_SIZES.get(qtype)
+    raw = np.asarray(data)
+    if traits is None or decode is None or size is None or raw.dtype != np.uint8 or raw.size % size[1]:
+        return dequantize(data, qtype)
+    block, type_size = size
+    traits.init_grid()  # (a no-op for the plain types; the i-quants' lookup grids)
+    blocks = raw.reshape(-1, type_size)
+    out = np.empty((blocks.shape[0], block), dtype=np.float32)
+    for start in range(0, blocks.shape[0], _DEQUANT_CHUNK_BLOCKS):
+        out[start : start + _DEQUANT_CHUNK_BLOCKS] = decode(blocks[start : start + _DEQUANT_CHUNK_BLOCKS])
+    return out.reshape(*raw.shape[:-1], raw.shape[-1] // type_size * block)
+
+
 def dequantize_tensor(tensor: ReaderTensor, path: str = "") -> np.ndarray:
     """Any tensor as a private, writable float32 numpy array in numpy order (reversed ggml shape).
 
@@ -189,7 +221,7 @@ def dequantize_tensor(tensor: ReaderTensor, path: str = "") -> np.ndarray:
     one is decoded into a new array already, which is kept: no second copy of a large tensor)."""
     qtype = GGMLQuantizationType(tensor.tensor_type)
     try:
-        values = dequantize(tensor.data, qtype)
+        values = _dequantize(tensor.data, qtype)
     except NotImplementedError:
         raise SeedDeltaError(f"{path}: tensor {tensor.name} has type {qtype.name}, which gguf cannot dequantize") from None
     shape = tuple(reversed(_tensor_shape(tensor)))

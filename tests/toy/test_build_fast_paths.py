@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
 
 from seeddelta.builder.options import BuildOptions
 from seeddelta.builder.pipeline import run_build
 from seeddelta.codec.encode import EncodeConfig, encode
-from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_torch, fwht_torch_levels
+from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, fwht_torch, fwht_torch_levels
 from seeddelta.codec.residual import topk_indices
 from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, open_gguf
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
@@ -54,16 +56,21 @@ def _reference_topk(score: np.ndarray, k: int) -> np.ndarray:
     return np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in score]).astype(np.int64)
 
 
-@pytest.mark.parametrize("kind", ["distinct", "quantized", "float32_collisions"])
+@pytest.mark.parametrize("kind", ["distinct", "quantized", "float32_collisions", "signed_zeros"])
 @pytest.mark.parametrize("k", [1, 3, 17, 63, 64])
 def test_topk_is_the_sort_of_minus_score_then_index(kind, k):
     rng = np.random.default_rng(k)
     score = np.abs(rng.standard_normal((40, 64)))
     if kind == "quantized":  # many exact ties (a quantized weight without base)
         score = np.round(score * 4) / 4
+    if kind == "signed_zeros":  # the partition reads float32 bits as int32: -0.0 must still tie with +0.0
+        score[:, 0::3], score[:, 1::5] = -0.0, 0.0
     if kind == "float32_collisions":  # pairs equal in float32, distinct in float64
         score[:, 0::2] = score[:, 1::2] * (1 + rng.integers(-3, 4, (40, 32)) * 2.0**-40)
     np.testing.assert_array_equal(topk_indices(score, k), _reference_topk(score, k))
+    # ranked by magnitude without a float64 copy of it: signs flipped at random change nothing
+    signed = score * np.where(rng.random(score.shape) < 0.5, -1.0, 1.0)
+    np.testing.assert_array_equal(topk_indices(signed, k, absolute=True), _reference_topk(score, k))
 
 
 @pytest.mark.parametrize("scheme,base,row_scale,shape,tokens", [
@@ -127,3 +134,93 @@ def test_build_is_byte_identical_across_thread_counts(tmp_path, monkeypatch, ffn
         outputs.append((_sha(str(d / "o.gguf")), _sha(str(d / "r.json"))))
         GGUFModel(opts.output)  # a readable llama GGUF
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("qtype", sorted(gguf_quants._type_traits, key=lambda t: t.name), ids=lambda t: t.name)
+def test_chunked_dequantize_is_ggufs_bit_for_bit(qtype):
+    """Every type gguf decodes, on random bytes (NaN and Inf scales included: compared as bits), over
+    more blocks than one chunk and a partial last chunk."""
+    from seeddelta.gguf_format import reader
+
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rows, per_row = 3, (reader._DEQUANT_CHUNK_BLOCKS // 2 + 7)
+    data = np.random.default_rng(int(qtype)).integers(0, 256, (rows, per_row * type_size), dtype=np.uint8)
+    with np.errstate(all="ignore"):  # random scales: NaN and Inf on purpose
+        ours, theirs = reader._dequantize(data, qtype), gguf_quants.dequantize(data, qtype)
+    assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape == (rows, per_row * block)
+    np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64), (130, 33), (33, 130)])
+@pytest.mark.parametrize("max_samples,trials,weighted", [(2048, 1, False), (2048, 3, True), (20, 1, False),
+                                                         (0, 2, False), (2048, 1, True)])
+def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trials, weighted):
+    """The XOR base's two shortcuts against the plain computation, bit for bit: unit-weight bucket
+    counts taken from `_xor_counts` when every row of a block is sampled (instead of a bincount), and
+    a tall base's first Hadamard stage computed once for all blocks."""
+    from seeddelta.codec import base as base_mod
+
+    rng = np.random.default_rng(sum(shape) + max_samples + trials)
+    W = rng.standard_normal(shape).astype(np.float32)
+    scale = rng.uniform(0.1, 2.0, shape[1]) if weighted else None
+
+    def fit() -> base_mod.XorCirculantBase:
+        return base_mod.fit_xor_circulant(W, scale=scale, max_samples=max_samples, perm_trials=trials,
+                                          rng=np.random.default_rng(7))
+
+    fast = fit()
+    plain_fit = base_mod._bucket_fit
+    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False: plain_fit(vals, omega, u, L))
+    plain = fit()
+    for a, b in ((fast.d2, plain.d2), (fast.perm1, plain.perm1)):
+        np.testing.assert_array_equal(a, b)
+    assert fast.sse == plain.sse
+    x = rng.standard_normal((5, shape[1])).astype(np.float32)
+    shared = fast.apply(x)
+    plain.__dict__["_shared_first_stage"] = False  # the per-block computation
+    np.testing.assert_array_equal(shared, plain.apply(x))
+
+
+def test_metric_names_without_metrics_are_the_summarys():
+    """evaluate_weight lists every group's names up front (zeros) without computing a summary of zeros:
+    the names, and their order in the report, must be the summary's."""
+    from seeddelta.codec.metrics import SUMMARY_NAMES, RowMetrics, evaluate_weight
+
+    rm = RowMetrics(np.ones(3), np.ones(3), np.ones(3))
+    assert list(rm.summary("_x")) == [f"{n}_x" for n in SUMMARY_NAMES]
+    W = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    sdw = encode(W, EncodeConfig(K=2))
+    got = evaluate_weight(W, sdw, eval_cols=0, eval_x=0)
+    assert list(got) == [k for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s)] + ["has_w", "has_x"]
+    assert all(got[k] == 0.0 for s in ("", "_w", "_x", "_x_w") for k in rm.summary(s))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 2, 8, 32, 128, 2048])
+def test_fwht_at_positions_is_the_full_transform_there(length, dtype):
+    rng = np.random.default_rng(length)
+    v = rng.standard_normal((3, 2, length)).astype(dtype)
+    for positions in (np.arange(length), np.unique(rng.integers(0, length, max(1, length // 7))), np.array([length - 1])):
+        np.testing.assert_array_equal(fwht_sequential_at(v, positions), fwht_sequential(v)[..., positions])
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64), (130, 33), (33, 130), (300, 70)])
+@pytest.mark.parametrize("trials,depth1,perm2", [(1, False, False), (3, False, False), (1, True, False), (2, False, True)])
+def test_xor_base_rows_are_the_full_output_there(shape, trials, depth1, perm2):
+    """`XorCirculantBase.apply_rows` (the metrics' sampled outputs) against `apply(x)[:, rows]`, bit for
+    bit, for tall and wide bases, shared or per-block first stages, depth 1 and a second permutation."""
+    from dataclasses import replace
+
+    from seeddelta.codec.base import fit_xor_circulant
+
+    rng = np.random.default_rng(sum(shape) + trials)
+    W = rng.standard_normal(shape).astype(np.float32)
+    base = fit_xor_circulant(W, scale=None, max_samples=2048, perm_trials=trials, rng=np.random.default_rng(1))
+    if depth1:
+        base = replace(base, d2=None)
+    if perm2:
+        base = replace(base, perm2=np.stack([rng.permutation(base.d1.shape[1]) for _ in range(base.d1.shape[0])]))
+    x = rng.standard_normal((6, shape[1])).astype(np.float32)
+    full = base.apply(x)
+    for rows in (np.arange(shape[0]), np.sort(rng.choice(shape[0], min(shape[0], 17), replace=False)), np.array([0])):
+        np.testing.assert_array_equal(base.apply_rows(x, rows), full[:, rows])
