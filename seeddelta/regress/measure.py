@@ -37,6 +37,7 @@ from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threa
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
 from seeddelta.resources import configure
+from seeddelta.runtime.model import LlamaModel
 
 Progress = Callable[[str], None]
 # Report fields of every encoded weight kept with a measurement (the weight-space metrics B4 correlates).

@@ -11,4 +11,4 @@ experiments with a verdict each, by the plan's own exit rules.
   section) and `v1.md`.
 """
 
-EXPERIMENTS = ("h1", "h2", "h3a", "h3b", "m2", "m4", "m5", "m7", "m1")
+EXPERIMENTS = ("h1", "h2", "h3a", "h3b", "m2", "m4", "m5", "m7", "m1", "m3")
