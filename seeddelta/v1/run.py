@@ -111,12 +111,12 @@ def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache,
 
     if calibration is None:
         raise SeedDeltaError("--experiments m3: needs a calibration text (--calibration) for its quantiles")
-    key = {"layers": list(p.gate_layers), "quantiles": list(C.M3_QUANTILES), "statistic": C.M3_STATISTIC}
+    key = {"layers": list(p.gate_layers), "quantiles": list(C.quantiles(p)), "statistic": C.M3_STATISTIC}
     cal = cache.get("v1-m3-calibration", key)
     if cal is None:
         note("[v1] m3: input-statistic quantiles of the gate layers on the calibration text")
         w = text_windows(calibration, 512, -1, ev.base.tokenizer).windows
-        cal = C.calibrate(ev.base.model, w, p.gate_layers, C.M3_QUANTILES)
+        cal = C.calibrate(ev.base.model, w, p.gate_layers, C.quantiles(p))
         cache.put("v1-m3-calibration", key, cal)
     chosen = C.m3(p, cal, encoding, evals, greedy)
     rows = [C.add_compute_saved(X.row(s, r, ref, mem), r) for s, r in zip(chosen, run(chosen, "v1 m3"), strict=True)]
