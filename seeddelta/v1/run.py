@@ -136,6 +136,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
     rs = RegressSettings(model=settings.model, text=settings.text, out=out, calibration=settings.calibration,
                          pack=settings.pack)
     calibration = calibration_text(rs, out)
+    if "m3" in settings.experiments and calibration is None:  # before anything is measured
+        raise SeedDeltaError("--experiments m3: needs a calibration text (--calibration) for its quantiles")
     ev = Evaluator(settings.model, settings.text, None, pack_items(rs), out / "work", settings.threads)
     cache = ResultCache(out / "cache", {"model_sha256": sha, "text_sha256": sha256_file(settings.text),
                                         "calibration_sha256": sha256_file(calibration) if calibration else None,
