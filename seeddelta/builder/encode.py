@@ -22,6 +22,7 @@ from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
 from seeddelta.codec.partial import choose_dense_rows
+from seeddelta.codec.regime import DeltaRegime
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
@@ -165,6 +166,13 @@ def dense_rows_fraction(opts: BuildOptions, kind: str, cfg: TensorConfig) -> flo
     return opts.dense_rows_down if kind == "ffn_down" else 0.0
 
 
+def delta_regime_of(opts: BuildOptions, kind: str, cfg: TensorConfig) -> DeltaRegime | None:
+    """Where Δ applies (codec.regime): a version-2 policy's `delta_regime`, else --delta-regime-gate for ffn_gate."""
+    if cfg.delta_regime is not None:
+        return cfg.delta_regime
+    return opts.delta_regime_gate if kind == "ffn_gate" else None
+
+
 def encode_config(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int) -> EncodeConfig:
     """How one weight is encoded at budget K: the command line's encoding, with a version-2 policy's
     per-tensor base, row scale and norm clamp where it sets them."""
@@ -205,6 +213,9 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
     scale = imatrix.scale(name, n_in, opts.imatrix_eps, opts.imatrix_power) if imatrix is not None else None
     config = encode_config(opts, layer, kind, cfg, K)
     spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
+    if spec.is_variant and delta_regime_of(opts, kind, cfg) is not None:
+        raise SeedDeltaError(f"{name}: a delta regime (delta_regime/1) applies to plain SeedΔ, not to variant "
+                             f"{spec.name}")
     try:
         if spec.is_variant:
             from seeddelta.builder.variant import encode_variant
@@ -245,9 +256,13 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     tensors: list[tuple[str, np.ndarray | RawTensor]] = [
         (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
         for s, a in sdw.tensors().items()] if emit else []
+    regime = delta_regime_of(opts, kind, cfg)
+    regime_tensors = regime.tensors() if regime is not None else {}
+    if emit:  # extension delta_regime/1: Δ only for tokens in the regime (codec.regime)
+        tensors += [(seeddelta_tensor_name(layer, kind, s), a) for s, a in regime_tensors.items()]
     order = {s: i for i, s in enumerate(SEEDDELTA_SUFFIXES)}
     tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
-    nbytes_sd = int(sdw.nbytes())
+    nbytes_sd = int(sdw.nbytes()) + sum(int(a.nbytes) for a in regime_tensors.values())
     dense_bytes = model.tensor_nbytes(name)
     if _is_variant(sdw):  # a variant may keep 0 entries (its quantized base alone)
         k_budget = int(sdw.k_budget)
@@ -269,6 +284,8 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     }
     if sdw.dense_rows is not None:
         entry_values["dense_rows"] = int(sdw.dense_rows.rows.shape[0])
+    if regime is not None:
+        entry_values["delta_regime"] = regime.stored().to_json()  # the bounds as the file holds them (float32)
     if cfg.autotune:
         entry_values["autotune_enabled"] = True
         entry_values["autotune_attempts"] = attempts or []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from seeddelta.codec.regime import DeltaRegime
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.schema import KINDS
 from seeddelta.outputs import same_file
@@ -116,6 +117,7 @@ class BuildOptions:
     delta_norm_clamp_down: float = 0.0
     delta_norm_clamp_gate: float = 0.0  # v1 mechanism 2: the same clamp for ffn_gate
     dense_rows_down: float = 0.0  # v1 H3b: share of ffn_down's rows kept dense (codec.partial); 0 = off
+    delta_regime_gate: DeltaRegime | None = None  # v1 mechanism 3: ffn_gate's Δ only for tokens in it (codec.regime)
     threads: int = 0  # 0: one per CPU
     overwrite_existing: bool = False
     deterministic_report: bool = False
@@ -172,6 +174,7 @@ class TensorConfig:
     delta_norm_clamp: float | None = None
     variant: VariantSpec | None = None  # None: the command line's (--variant …)
     dense_rows: float | None = None  # version 2: share of rows kept dense (codec.partial); None: the CLI's
+    delta_regime: DeltaRegime | None = None  # version 2: Δ only for tokens in it (codec.regime); None: the CLI's
 
     def k_schedule(self) -> list[int]:
         """The K values the builder tries, in order (Appendix A.3 step 10)."""

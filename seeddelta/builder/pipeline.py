@@ -42,6 +42,7 @@ from seeddelta.builder.report import (
 )
 from seeddelta.builder.spill import SpillFile
 from seeddelta.codec.partial import EXTENSION as DENSE_ROWS_EXTENSION
+from seeddelta.codec.regime import EXTENSION as REGIME_EXTENSION
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.extensions import EXTENSIONS_KEY
 from seeddelta.gguf_format.imatrix_file import Imatrix, read_imatrix
@@ -112,8 +113,11 @@ def _global_keys(opts: BuildOptions, any_seeddelta: bool, any_strip: bool, resul
     if variants:
         keys += [KV(VARIANT_KEY, variants[0], GGUFValueType.STRING),
                  KV(EXT_VERSION_KEY, KNOWN_VARIANTS[variants[0]], u32)]
-    if any(e.get("dense_rows") for e in written):  # an opt-in schema extension is declared (gguf_format.extensions)
-        keys.append(KV(EXTENSIONS_KEY, [DENSE_ROWS_EXTENSION], GGUFValueType.ARRAY, GGUFValueType.STRING))
+    # opt-in schema extensions are declared (gguf_format.extensions)
+    extensions = [name for name, used in ((DENSE_ROWS_EXTENSION, any(e.get("dense_rows") for e in written)),
+                                          (REGIME_EXTENSION, any(e.get("delta_regime") for e in written))) if used]
+    if extensions:
+        keys.append(KV(EXTENSIONS_KEY, extensions, GGUFValueType.ARRAY, GGUFValueType.STRING))
     return keys
 
 

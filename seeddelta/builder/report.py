@@ -79,7 +79,7 @@ WEIGHT_FIELDS: tuple[tuple[str, Any], ...] = (
 WEIGHT_FIELD_NAMES = tuple(name for name, _ in WEIGHT_FIELDS)
 # Written only by builds with a policy, after everything else: the per-tensor encoding a version-2
 # policy may set (what `policy export` needs to reproduce the file).
-POLICY_WEIGHT_FIELDS = ("base_kind", "row_scale", "delta_norm_clamp", "dense_rows")
+POLICY_WEIGHT_FIELDS = ("base_kind", "row_scale", "delta_norm_clamp", "dense_rows", "delta_regime")
 # Written only for weights encoded as a SeedΔ variant, at the very end: the variant's settings (an object
 # as `VariantSpec.to_json` writes it) and the ggml type its quantized base was stored in.
 VARIANT_WEIGHT_FIELDS = ("variant", "base_type")

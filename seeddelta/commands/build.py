@@ -51,6 +51,10 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--dense-rows-down", type=finite_float, default=0.0, metavar="F",
                    help="partial strip: keep the share F of ffn_down's rows (those SeedΔ fits worst) dense; "
                         "writes the dense_rows/1 file extension, which the original runtime refuses (0: off)")
+    p.add_argument("--delta-regime-gate", default=None, metavar="STAT:MIN:MAX",
+                   help="conditional Δ for ffn_gate: Δ only for tokens whose input statistic (rms or max_abs) is in "
+                        "[MIN, MAX] (inclusive; an empty bound is open, e.g. rms:0.9:); writes the delta_regime/1 "
+                        "file extension, which the original runtime refuses (default: Δ always)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run)
 
@@ -58,6 +62,7 @@ def register(sub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from seeddelta.builder.options import BuildOptions
     from seeddelta.builder.pipeline import size_warnings, summary_line
+    from seeddelta.codec.regime import parse_regime
     from seeddelta.policy.build import build
 
     opts = BuildOptions(
@@ -66,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         eval_cols=args.eval_cols, eval_x=args.eval_x,
         report_json=args.report_json, overwrite_existing=args.overwrite_existing,
         deterministic_report=args.deterministic_report, progress=not args.quiet,
-        delta_norm_clamp_gate=args.delta_norm_clamp_gate, dense_rows_down=args.dense_rows_down, **encoding_options(args),
+        delta_norm_clamp_gate=args.delta_norm_clamp_gate, dense_rows_down=args.dense_rows_down,
+        delta_regime_gate=(parse_regime(args.delta_regime_gate, "--delta-regime-gate")
+                           if args.delta_regime_gate is not None else None),
+        **encoding_options(args),
     )
     result = build(opts)
     for message in size_warnings(result):

@@ -246,6 +246,19 @@ def apply_threads(args: argparse.Namespace) -> int:
     return configure(int(getattr(args, "threads", 0) or 0))
 
 
+def conditional_delta(model: Any) -> dict[str, Any]:
+    """{"conditional_delta": compute saved} when the model has weights with a delta regime (extension
+    delta_regime/1), else {} — for a command's JSON output (a llama.cpp model has none)."""
+    fn = getattr(model, "conditional_delta", None)
+    saved = fn() if fn is not None else None
+    if saved is None:
+        return {}
+    print(f"conditional Δ: {saved['pairs_skipped']} of {saved['pairs']} (token, tensor) pairs skipped Δ "
+          f"({100 * saved['pairs_skipped_fraction']:.1f} %), {100 * saved['ffn_flops_skipped_fraction']:.2f} % of the "
+          "dense FFN FLOPs", file=sys.stderr)
+    return {"conditional_delta": saved}
+
+
 def load_from_args(args: argparse.Namespace, path: str | Path, *, use_seeddelta: bool | None = None) -> Loaded:
     """The model at `path` on the engine the options name (`use_seeddelta` overrides --no-seeddelta)."""
     from seeddelta.evaluation.memory import load

@@ -18,6 +18,7 @@ from seeddelta.commands.common import (
     add_runtime_args,
     add_text_args,
     apply_threads,
+    conditional_delta,
     describe,
     load_from_args,
     model_path,
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         with progress(args, windows.n_chunk, "KL divergence", "window") as step:
             res = kl_divergence(model_logits(base.model), model_logits(cand.model), windows, lambda i: step())
     s = res.summary()
+    s.update(conditional_delta(cand.model))
     k, st, dp, dn = s["kld"], s["same_top_p"], s["delta_p"], s["delta_nll"]
     print(f"Mean    KLD: {k['mean']:10.6f} ± {k['se']:.6f}")
     print(f"99.0%   KLD: {k['p99']:10.6f}")

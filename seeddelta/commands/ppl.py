@@ -15,6 +15,7 @@ from seeddelta.commands.common import (
     add_runtime_args,
     add_text_args,
     apply_threads,
+    conditional_delta,
     describe,
     load_from_args,
     model_path,
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
           f"{windows.n_chunk} window(s) of {windows.n_ctx}, {windows.n_scored} scored", file=sys.stderr)
     with progress(args, windows.n_chunk, "perplexity", "window") as step:
         res = perplexity(model_logits(m), windows, lambda i, ppl: step(1, f"PPL {ppl:.4f}"))
+    saved = conditional_delta(m)  # over the scored windows, before the decode-speed probe runs
     speed = decode_speed(m, windows.inputs[0][: min(16, windows.n_ctx)].tolist(), 16)
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.se:.5f}")
     if m.nonfinite_outputs():
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                            "prompt_seconds": res.seconds, "decode_tok_per_s": speed["decode_tok_per_s"],
                            "decode_tokens": speed["decode_tokens"]},
             "nonfinite_outputs": m.nonfinite_outputs(),
+            **saved,
             "method": "llama-perplexity: windows of n_ctx, BOS first (when the vocab adds BOS), second half scored; "
                       "PPL = exp(mean NLL), se = PPL*sqrt((E[NLL^2]-E[NLL]^2)/(N-1))",
         })

@@ -10,6 +10,9 @@ Known extensions:
 
 * ``dense_rows/1`` — partial strip (`codec.partial`): per weight, `dr_idx` (I32, (R,)) lists output
   rows computed from `dr_val` (F16/F32, (R, n_in)), the original rows, instead of from SeedΔ.
+* ``delta_regime/1`` — conditional Δ (`codec.regime`): per weight, `rg_stat` (I32, (1,)) and `rg_lim`
+  (F32, (2,)) declare the regime of a per-token input statistic inside which Δ is applied; outside it
+  the weight computes its base alone.
 
 The original C++ runtime knows no extension: it refuses such a file at load ("wrong number of
 tensors": the extra tensors are not claimed by its model), see docs/file-format.md.
@@ -23,7 +26,7 @@ from seeddelta.errors import SeedDeltaError
 
 EXTENSIONS_KEY = "seeddelta.extensions"
 # extension -> the tensor suffixes it adds
-KNOWN: Mapping[str, tuple[str, ...]] = {"dense_rows/1": ("dr_idx", "dr_val")}
+KNOWN: Mapping[str, tuple[str, ...]] = {"dense_rows/1": ("dr_idx", "dr_val"), "delta_regime/1": ("rg_stat", "rg_lim")}
 EXTENSION_OF_SUFFIX: Mapping[str, str] = {s: name for name, sufs in KNOWN.items() for s in sufs}
 
 

@@ -16,6 +16,7 @@ PLAIN_SUFFIXES: tuple[str, ...] = (
     "d_idx", "d_val", "b_idx", "b_val", "d_row_scale",
     "base_d1", "base_d2", "base_d3", "base_perm1", "base_perm2",
     "dr_idx", "dr_val",  # extension dense_rows/1 (gguf_format.extensions): output rows kept dense
+    "rg_stat", "rg_lim",  # extension delta_regime/1 (codec.regime): Δ only for tokens in a regime
 )
 RESIDUAL_SUFFIXES: tuple[str, ...] = ("d_idx", "d_val", "b_idx", "b_val")
 

@@ -36,6 +36,7 @@ from gguf.gguf_reader import ReaderTensor
 
 from seeddelta.codec.encode import SeedDeltaWeight
 from seeddelta.codec.partial import check_dense_rows
+from seeddelta.codec.regime import check_regime_tensors
 from seeddelta.codec.sdq import sdq_from_tensors
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.extensions import EXTENSIONS_KEY, check_extensions
@@ -287,6 +288,12 @@ def check_seeddelta_arrays(name: str, arrays: Mapping[str, StoredArray | None], 
             missing = "dr_val" if "dr_idx" in present else "dr_idx"
             raise _bad(name, missing, "missing (dense rows need both dr_idx and dr_val)")
         check_dense_rows(name, present["dr_idx"], present["dr_val"], n_in, n_out)
+
+    if "rg_stat" in present or "rg_lim" in present:
+        if "rg_stat" not in present or "rg_lim" not in present:
+            missing = "rg_lim" if "rg_stat" in present else "rg_stat"
+            raise _bad(name, missing, "missing (a delta regime needs both rg_stat and rg_lim)")
+        check_regime_tensors(name, present["rg_stat"], present["rg_lim"])
 
     row_scale = present.get("d_row_scale")
     if row_scale is not None:

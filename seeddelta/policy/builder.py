@@ -28,6 +28,7 @@ def baseline_from_options(opts: BuildOptions) -> Baseline:
         delta_norm_clamp={kind: {"ffn_down": opts.delta_norm_clamp_down, "ffn_gate": opts.delta_norm_clamp_gate}.get(
             kind, 0.0) for kind in KINDS},
         dense_rows={kind: opts.dense_rows_down if kind == "ffn_down" else 0.0 for kind in KINDS},
+        delta_regime={kind: opts.delta_regime_gate if kind == "ffn_gate" else None for kind in KINDS},
         variant=opts.variant_spec(),
     )
 
@@ -46,6 +47,7 @@ def tensor_config(r: Resolved) -> TensorConfig:
         delta_norm_clamp=r.delta_norm_clamp if from_policy("delta_norm_clamp") else None,
         variant=r.variant if from_policy("variant") else None,
         dense_rows=r.dense_rows if from_policy("dense_rows") else None,
+        delta_regime=r.delta_regime if from_policy("delta_regime") else None,
     )
 
 

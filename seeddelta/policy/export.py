@@ -93,6 +93,8 @@ def export_policy(report: Any, source: str = "<report>", *, emit_only: bool = Fa
             rule["variant"] = variant
             if entry.get("dense_rows"):  # a row count in the report; the policy key is the share of rows
                 rule["dense_rows"] = int(entry["dense_rows"]) / int(_field(entry, path, "n_out", int, source))
+            if isinstance(entry.get("delta_regime"), dict):  # as the file holds it (float32 bounds)
+                rule["delta_regime"] = dict(entry["delta_regime"])
         decisions[(layer, kind)] = (path, rule)
     layers: dict[str, Any] = {}
     for layer, kind in sorted(decisions, key=lambda lk: (lk[0], KINDS.index(lk[1]))):

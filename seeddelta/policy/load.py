@@ -30,11 +30,13 @@ from typing import Any, NoReturn
 
 from seeddelta.builder.options import VariantSpec
 from seeddelta.builder.report import policy_hash
+from seeddelta.codec.regime import STATISTICS, DeltaRegime
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.jsontext import JSONObject, NonFinite, join, json_type, parse_json_text, read_json_file
 from seeddelta.policy.schema import (
     ALIASES,
     AUTOTUNE_KEYS,
+    DELTA_REGIME_KEYS,
     GATING_KEYS,
     KIND_OF_SHORT,
     KINDS,
@@ -121,7 +123,7 @@ def policy_from_json(doc: Any, *, source: str, raw: bytes, strict: bool = False)
         ctx.version = ctx.integer(top["version"], "version", 0)
         if ctx.version not in VERSIONS:
             ctx.fail("version", f"unsupported policy version {ctx.version} (1: the original's schema, 2: 1 plus "
-                                "seeddelta's keys base, row_scale, delta_norm_clamp, dense_rows)")
+                                "seeddelta's keys base, row_scale, delta_norm_clamp, dense_rows, delta_regime)")
     for key in top:
         if key not in TOP_KEYS:
             ctx.warn(key, f"unknown top-level key in policy: {key}")
@@ -233,7 +235,31 @@ def _rule(ctx: _Ctx, value: Any, path: str, *, in_range: bool = False, kind: str
             if not 0 <= share <= 1:
                 ctx.fail(join(path, "dense_rows"), f"must be a share of the rows in [0, 1] (0: off), got {share:g}")
             fields["dense_rows"] = share
+        if "delta_regime" in obj:
+            fields["delta_regime"] = _delta_regime(ctx, obj["delta_regime"], join(path, "delta_regime"))
     return Rule(path=path, **fields)
+
+
+def _delta_regime(ctx: _Ctx, value: Any, path: str) -> DeltaRegime:
+    """A version-2 `delta_regime`: {"statistic": "rms"|"max_abs", "min": number, "max": number}, a bound
+    omitted = open; Δ is applied where min ≤ statistic ≤ max (codec.regime)."""
+    import math
+
+    obj = ctx.obj(value, path, 'an object {"statistic", "min", "max"}')
+    for key in obj:
+        if key not in DELTA_REGIME_KEYS:
+            ctx.fail(join(path, key), f"unknown delta_regime key (expected {', '.join(DELTA_REGIME_KEYS)})")
+    if "statistic" not in obj:
+        ctx.fail(join(path, "statistic"), f"missing (one of {', '.join(STATISTICS)})")
+    stat = obj["statistic"]
+    if not isinstance(stat, str) or stat not in STATISTICS:
+        shown = repr(stat) if isinstance(stat, str) else json_type(stat)
+        ctx.fail(join(path, "statistic"), f"unknown statistic {shown} (expected {', '.join(STATISTICS)})")
+    lo = ctx.number(obj["min"], join(path, "min")) if "min" in obj else -math.inf
+    hi = ctx.number(obj["max"], join(path, "max")) if "max" in obj else math.inf
+    if lo > hi:
+        ctx.fail(path, f"min {lo:g} > max {hi:g} (an empty regime)")
+    return DeltaRegime(stat, lo, hi)
 
 
 def _variant(ctx: _Ctx, value: Any, path: str) -> VariantSpec:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seeddelta.builder.options import VariantSpec
+from seeddelta.codec.regime import DeltaRegime
 from seeddelta.errors import SeedDeltaError
 from seeddelta.policy.schema import (
     AUTOTUNE_OFF,
@@ -58,12 +59,13 @@ class Baseline:
     delta_norm_clamp: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     variant: VariantSpec = field(default_factory=VariantSpec)
     dense_rows: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    delta_regime: Mapping[str, DeltaRegime | None] = field(default_factory=lambda: dict.fromkeys(KINDS))
 
 
 # Resolved fields in output order; K_<kind> are all three kinds' budgets (the original resolves all).
 FIELDS: tuple[str, ...] = (
     "enabled", "strip_dense", "block", "K_gate", "K_up", "K_down", "metric", "min_mean", "min_p05", "autotune",
-    "base", "row_scale", "delta_norm_clamp", "variant", "dense_rows",
+    "base", "row_scale", "delta_norm_clamp", "variant", "dense_rows", "delta_regime",
 )
 
 
@@ -89,6 +91,7 @@ class Resolved:
     variant: VariantSpec
     source: Mapping[str, str]
     dense_rows: float = 0.0
+    delta_regime: DeltaRegime | None = None
 
     @property
     def K(self) -> int:
@@ -128,12 +131,13 @@ class Resolved:
             "k_schedule": self.k_schedule(), "base": self.base, "row_scale": self.row_scale,
             "delta_norm_clamp": self.delta_norm_clamp, "variant": self.variant.to_json(),
             "dense_rows": self.dense_rows,
+            "delta_regime": None if self.delta_regime is None else self.delta_regime.to_json(),
             "source": {
                 "enabled": src["enabled"], "strip_dense": src["strip_dense"], "block": src["block"], "K": k_src,
                 "metric": src["metric"], "min_mean": src["min_mean"], "min_p05": src["min_p05"],
                 "autotune": src["autotune"], "base": src["base"], "row_scale": src["row_scale"],
                 "delta_norm_clamp": src["delta_norm_clamp"], "variant": src["variant"],
-                "dense_rows": src["dense_rows"],
+                "dense_rows": src["dense_rows"], "delta_regime": src["delta_regime"],
             },
         }
 
@@ -159,6 +163,7 @@ def resolve(policy: Policy, layer: int, kind: str, baseline: Baseline | None = N
         "autotune": AUTOTUNE_OFF, "base": b.base, "row_scale": b.row_scale, "delta_norm_clamp": b.delta_norm_clamp[kind],
         "variant": b.variant,
         "dense_rows": b.dense_rows[kind],
+        "delta_regime": b.delta_regime[kind],
     }
     source = dict.fromkeys(FIELDS, BASELINE)
 
@@ -167,7 +172,7 @@ def resolve(policy: Policy, layer: int, kind: str, baseline: Baseline | None = N
             values[name], source[name] = value, rule.path
 
         for name in ("enabled", "strip_dense", "block", "metric", "base", "row_scale", "delta_norm_clamp", "variant",
-                     "dense_rows"):
+                     "dense_rows", "delta_regime"):
             value = getattr(rule, name)
             if value is not None:
                 put(name, value)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from seeddelta.builder.options import VariantSpec
+from seeddelta.codec.regime import DeltaRegime
 from seeddelta.gguf_format.schema import KINDS
 
 # Short kind names used inside `K`, `gating.min_mean` and `gating.min_p05` objects.
@@ -41,7 +42,12 @@ RULE_KEYS_V1: frozenset[str] = frozenset({
 })
 # Our additions, accepted only under "version": 2 (under version 1 they are unknown keys).
 # `dense_rows` (v1 plan H3b): share of the tensor's rows kept dense, a file-schema extension (dense_rows/1).
-RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "variant", "dense_rows"})
+# `delta_regime` (v1 plan mechanism 3): Δ only for tokens whose input statistic lies in a regime, a file-schema
+# extension (delta_regime/1, codec.regime).
+RULE_KEYS_V2: frozenset[str] = frozenset({"base", "row_scale", "delta_norm_clamp", "variant", "dense_rows",
+                                          "delta_regime"})
+# Keys of a version-2 `delta_regime` object ("statistic" is required; an omitted bound is open).
+DELTA_REGIME_KEYS: tuple[str, ...] = ("statistic", "min", "max")
 # Keys of a version-2 `variant` object (builder.options.VariantSpec; "name" is required).
 VARIANT_KEYS: tuple[str, ...] = ("name", "base_type", "quantizer", "rotate", "holdout", "coding", "refit")
 TOP_KEYS: frozenset[str] = frozenset({"version", "defaults", "ranges", "layers"})
@@ -103,6 +109,7 @@ class Rule:
     delta_norm_clamp: float | None = None
     variant: VariantSpec | None = None
     dense_rows: float | None = None
+    delta_regime: DeltaRegime | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threa
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
 from seeddelta.resources import configure
+from seeddelta.runtime.model import LlamaModel
 
 Progress = Callable[[str], None]
 # Report fields of every encoded weight kept with a measurement (the weight-space metrics B4 correlates).
@@ -215,7 +216,12 @@ class Evaluator(Threaded):
             cand = load(path, mode="sparse")
             for ctx, chunks in spec.evals:
                 w = self.windows(ctx, chunks)
+                if isinstance(cand.model, LlamaModel):
+                    cand.model.reset_conditional_delta()
                 out[f"ctx{ctx}"] = kld_row(kl_divergence(self.base_logits(ctx, chunks), model_logits(cand.model), w), w)
+                saved = cand.model.conditional_delta() if isinstance(cand.model, LlamaModel) else None
+                if saved is not None:  # delta_regime/1: what skipping Δ saved on these windows
+                    out[f"ctx{ctx}"]["conditional_delta"] = saved
             if spec.greedy_limit is not None:
                 res = run_pack(cand.model, cand.tokenizer, limit_per_task(self.pack, spec.greedy_limit))
                 out["greedy"] = greedy_summary(res, self.base_greedy(spec.greedy_limit))

@@ -1,6 +1,7 @@
 """A SeedΔ file rewritten for stock llama.cpp: every SeedΔ weight reconstructed into a dense
 `blk.N.<kind>.weight` exactly as the torch runtime's materialized mode computes it, everything else
-copied as stored, the SeedΔ tensors and `seeddelta.*` keys dropped.
+copied as stored, the SeedΔ tensors and `seeddelta.*` keys dropped. A weight with a delta regime
+(extension delta_regime/1: Δ for some tokens only) has no single dense form and is refused.
 
 Ŵ is the float64 reconstruction of the stored arrays rounded once (`projections.materialize`) to
 float32 for an F32 model and float16 otherwise (`model.materialized_dtype`): the same bits the torch
@@ -65,6 +66,10 @@ def materialize_file(src: str | os.PathLike[str] | GGUFModel, out_path: str | os
             payload = parse_payload(name, _payload_arrays(model, layer, kind), n_in, n_out)
             if payload is None:  # seeddelta_weights() found a tensor, so parse_payload returns or raises
                 raise SeedDeltaError(f"{model.path}: {name}: no SeedΔ tensors")
+            if isinstance(payload, SeedDeltaPayload) and payload.regime is not None:
+                raise SeedDeltaError(f"{model.path}: {name} applies Δ only for tokens in a regime (extension "
+                                     "delta_regime/1): a token-dependent weight has no single dense form; run it "
+                                     "with the torch runtime")
             dtype = materialized_dtype(model.tensors, layer, kind)
             np_dtype = np.dtype(np.float32) if dtype == torch.float32 else np.dtype(np.float16)
 

@@ -39,6 +39,7 @@ from seeddelta.runtime.projections import (
     make_projection,
     parse_payload,
 )
+from seeddelta.runtime.regime import RegimeGate, summarize
 from seeddelta.runtime.sdq_projections import SdqPayload
 from seeddelta.runtime.tokenizers import Tokenizer
 from seeddelta.runtime.tokenizers.bpe import BPETokenizer
@@ -169,6 +170,7 @@ class LlamaModel:
         self.metadata = metadata or {}
         self.ffn_observer: FfnObserver | None = None
         self.layer_observer: LayerObserver | None = None
+        self.tokens_forwarded = 0  # positions run through the layers (what conditional Δ's counts are over)
         c = config
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
         if rope_freqs is not None:
@@ -187,6 +189,20 @@ class LlamaModel:
 
     def nonfinite_outputs(self) -> int:
         return sum(int(getattr(p, "nonfinite", 0)) for p in self.projections().values())
+
+    def regime_gates(self) -> dict[str, RegimeGate]:
+        """The projections with a delta regime (extension delta_regime/1) and their counters."""
+        return {n: p.gate for n, p in self.projections().items() if getattr(p, "gate", None) is not None}
+
+    def conditional_delta(self) -> dict[str, Any] | None:
+        """Compute saved by conditional Δ since the last reset (None: no weight has a regime)."""
+        c = self.config
+        return summarize(self.regime_gates(), self.tokens_forwarded, c.n_layer * len(KINDS) * 2 * c.n_embd * c.n_ff)
+
+    def reset_conditional_delta(self) -> None:
+        self.tokens_forwarded = 0
+        for g in self.regime_gates().values():
+            g.reset()
 
     def weight_nbytes(self) -> int:
         """Bytes of all weight tensors this model holds (tied output counted once)."""
@@ -243,6 +259,7 @@ class LlamaModel:
         if cache is not None and past + t > cache.max_len:
             raise SeedDeltaError(f"forward: KV cache of {cache.max_len} positions cannot hold {past + t}")
         cos, sin = self._cos_sin(np.arange(past, past + t))
+        self.tokens_forwarded += t
         h = self.tok_embd[tok].to(torch.float32)
         rep = c.n_head // c.n_head_kv
         for i, layer in enumerate(self.layers):

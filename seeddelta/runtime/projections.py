@@ -16,6 +16,11 @@ semantics of spec-builder-runtime §9 / §2.2:
   load (`parse_payload`), so every stored entry is used. Positions of the last block that lie past
   n_in are padding and are skipped.
 * s: ``d_row_scale`` multiplies the sum of base and residual.
+* extension delta_regime/1 (`codec.regime`, `runtime.regime`): Δ only for the tokens whose input
+  statistic lies in the weight's regime; the others get s ⊙ W0·x (dense rows stay dense). Both modes
+  compute the mask per token (vectorised); the sparse mode then runs the residual on those tokens only
+  (the compute saved), the materialized one holds Ŵ and the base-only s ⊙ W0 (twice the memory, no
+  compute saved: it is the reference the sparse mode is checked against).
 
 Two evaluation modes:
 
@@ -39,15 +44,17 @@ which a stripped file cannot do anyway).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from seeddelta.codec.hadamard import fwht_torch
+from seeddelta.codec.regime import DeltaRegime
 from seeddelta.errors import SeedDeltaError
 from seeddelta.gguf_format.schema import SDQ_SUFFIXES, SEEDDELTA_SUFFIXES
 from seeddelta.gguf_format.seeddelta_tensors import StoredArray, check_seeddelta_arrays
+from seeddelta.runtime.regime import RegimeGate
 from seeddelta.runtime.sdq_projections import SdqPayload, SparseSdqProjection, parse_sdq_payload
 from seeddelta.runtime.weights import linear
 
@@ -85,6 +92,7 @@ class SeedDeltaPayload:
     row_scale: np.ndarray | None  # (n_out,)
     base: BasePayload | None
     dense_rows: tuple[np.ndarray, np.ndarray] | None = None  # extension dense_rows/1: dr_idx (R,), dr_val (R, n_in)
+    regime: DeltaRegime | None = None  # extension delta_regime/1: Δ only for tokens inside it
 
     @property
     def scheme(self) -> str:
@@ -104,7 +112,18 @@ class SeedDeltaPayload:
             arrays += [self.base.d1, self.base.d2, self.base.d3, self.base.perm1, self.base.perm2]
         if self.dense_rows is not None:
             arrays += list(self.dense_rows)
+        if self.regime is not None:
+            arrays += list(self.regime.tensors().values())
         return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def entries_per_row(self) -> int:
+        """Δ entries per output row as the residual is evaluated (a block's padding included)."""
+        if self.block is not None:
+            return int(self.block[1].shape[1] * self.block[1].shape[2])
+        return 0 if self.coo is None else int(self.coo[0].shape[1])
+
+    def gate(self) -> RegimeGate | None:
+        return None if self.regime is None else RegimeGate(self.regime, self.n_out, self.entries_per_row())
 
     # ---------------------------------------------------------------- flattened residual
     def residual_entries(self) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +201,10 @@ def parse_payload(name: str, arrays: dict[str, StoredArray], n_in: int,
     if d1 is not None:
         base = BasePayload(d1, as2d("base_d2"), as2d("base_d3"), as2d("base_perm1"), as2d("base_perm2"))
     dense_rows = (present["dr_idx"], present["dr_val"]) if "dr_idx" in present else None
-    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, present.get("d_row_scale"), base, dense_rows)
+    regime = (DeltaRegime.from_tensors(name, present["rg_stat"], present["rg_lim"]) if "rg_stat" in present
+              else None)
+    return SeedDeltaPayload(name, int(n_in), int(n_out), coo, block, present.get("d_row_scale"), base, dense_rows,
+                            regime)
 
 
 def _perm(p: np.ndarray | None) -> torch.Tensor | None:
@@ -293,6 +315,31 @@ class MaterializedSeedDeltaProjection(DenseProjection):
         self.payload_scheme = payload.scheme
         self.has_base = payload.base is not None
         self.nonfinite = 0
+        self.gate: RegimeGate | None = None
+        self.base_weight: torch.Tensor | None = None  # delta_regime/1: s ⊙ W0 (dense rows kept) for the other tokens
+        if isinstance(payload, SeedDeltaPayload) and payload.regime is not None:
+            self.gate = payload.gate()
+            self.base_weight = materialize(replace(payload, coo=None, block=None, regime=None), dtype)
+
+    def nbytes(self) -> int:
+        extra = 0 if self.base_weight is None else self.base_weight.numel() * self.base_weight.element_size()
+        return super().nbytes() + extra
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None or self.base_weight is None:
+            return linear(x, self.weight)
+        shape = x.shape
+        x2 = x.reshape(-1, self.n_in)
+        m = self.gate.mask(x2)
+        if bool(m.all()):  # the plain SeedΔ product, bit for bit
+            y = linear(x2, self.weight)
+        elif not bool(m.any()):
+            y = linear(x2, self.base_weight)
+        else:
+            y = torch.empty((x2.shape[0], self.n_out), dtype=torch.float32)
+            y[m] = linear(x2[m], self.weight)
+            y[~m] = linear(x2[~m], self.base_weight)
+        return y.reshape(*shape[:-1], self.n_out)
 
 
 class SparseSeedDeltaProjection:
@@ -331,6 +378,7 @@ class SparseSeedDeltaProjection:
         if payload.dense_rows is not None:
             self.dr_idx = torch.from_numpy(payload.dense_rows[0].astype(np.int64))
             self.dr_val = torch.from_numpy(np.array(payload.dense_rows[1], copy=True, order="C"))
+        self.gate = payload.gate()  # extension delta_regime/1
         self.nonfinite = 0
 
     def nbytes(self) -> int:
@@ -355,7 +403,13 @@ class SparseSeedDeltaProjection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.n_in).to(torch.float32)
-        y = self._residual(x2)
+        m = None if self.gate is None else self.gate.mask(x2)
+        if m is None or bool(m.all()):
+            y = self._residual(x2)
+        else:  # Δ only for the tokens inside the regime: the others' residual is never computed
+            y = torch.zeros((x2.shape[0], self.n_out), dtype=torch.float32)
+            if bool(m.any()):
+                y[m] = self._residual(x2[m])
         if self.base is not None:
             y = self.base(x2) + y
         if self.scale is not None:

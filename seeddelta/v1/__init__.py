@@ -12,4 +12,4 @@ experiments with a verdict each, by the plan's own exit rules.
   section) and `v1.md`.
 """
 
-EXPERIMENTS = ("h1", "h2", "h3a", "h3b", "m2", "m4", "m5", "m7", "m1", "m6")
+EXPERIMENTS = ("h1", "h2", "h3a", "h3b", "m2", "m4", "m5", "m7", "m1", "m3", "m6")

@@ -16,6 +16,7 @@ TITLES = {
     "m5": "Mechanism 5 — global budget: top-N gate tensors, ΔPPL vs bytes saved",
     "m1": "Mechanism 1 — retention score, decay Δ ← Δ·(1 − α(1 − ret)) and a retention-weighted hard cap (gate)",
     "m6": "Mechanism 6 — replay-directed retention: m1's decay and cap with plain vs replay-weighted retention (gate)",
+    "m3": "Mechanism 3 — conditional (dendritic) Δ: gate Δ only for tokens above / below an input-rms quantile",
     "m7": "Mechanism 7 — core vs leaf: llama.cpp's use_more_bits band vs the measured band (ffn_down)",
 }
 
@@ -99,6 +100,10 @@ def markdown(doc: Mapping[str, Any], level: int = 1) -> str:
                                   f"{x['rss_drop_change'] / 1024:+,.0f} KiB against {x['h1']}" for x in eff["against_h1"])
                 lines += [f"**The mechanism itself {'helps' if eff['helps'] else 'does not help'}** (against H1 at the "
                           f"same layer and K): {parts}.", ""]
+        if name == "m3":  # compute saved beside the table (seeddelta.v1.conditional)
+            from seeddelta.v1.conditional import markdown_lines
+
+            lines += markdown_lines(exp, ctxs)
         if name == "m7" and "agreement" in exp:
             a = exp["agreement"]
             lines += [f"use_more_bits protects {a['protected']}; H2 measured harmful {a['harmful_measured']}: "

@@ -127,6 +127,29 @@ def _m6(settings: V1Settings, p: Profile, units: Sequence[Mapping[str, Any]], ev
             "rows": rows, "verdict": R.m6_verdict(rows)}
 
 
+def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache, encoding: Mapping[str, Any],
+        evals: tuple[tuple[int, int], ...], greedy: int | None,
+        run: Callable[[Sequence[X.Setting], str], list[dict[str, Any]]], ref: Mapping[str, Any],
+        mem: Mapping[str, Any], note: Progress) -> dict[str, Any]:
+    """Mechanism 3: calibrate each gate's input-statistic quantiles on the calibration text (cached), then
+    measure the gate-only reference with Δ conditional on them."""
+    from seeddelta.evaluation.windows import text_windows
+    from seeddelta.v1 import conditional as C
+
+    if calibration is None:
+        raise SeedDeltaError("--experiments m3: needs a calibration text (--calibration) for its quantiles")
+    key = {"layers": list(p.gate_layers), "quantiles": list(C.quantiles(p)), "statistic": C.M3_STATISTIC}
+    cal = cache.get("v1-m3-calibration", key)
+    if cal is None:
+        note("[v1] m3: input-statistic quantiles of the gate layers on the calibration text")
+        w = text_windows(calibration, 512, -1, ev.base.tokenizer).windows
+        cal = C.calibrate(ev.base.model, w, p.gate_layers, C.quantiles(p))
+        cache.put("v1-m3-calibration", key, cal)
+    chosen = C.m3(p, cal, encoding, evals, greedy)
+    rows = [C.add_compute_saved(X.row(s, r, ref, mem), r) for s, r in zip(chosen, run(chosen, "v1 m3"), strict=True)]
+    return {"calibration": cal, "rows": rows, "verdict": C.m3_verdict(rows)}
+
+
 def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     note = progress or (lambda _m: None)
@@ -140,6 +163,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
     rs = RegressSettings(model=settings.model, text=settings.text, out=out, calibration=settings.calibration,
                          pack=settings.pack)
     calibration = calibration_text(rs, out)
+    if "m3" in settings.experiments and calibration is None:  # before anything is measured
+        raise SeedDeltaError("--experiments m3: needs a calibration text (--calibration) for its quantiles")
     ev = Evaluator(settings.model, settings.text, None, pack_items(rs), out / "work", settings.threads)
     cache = ResultCache(out / "cache", {"model_sha256": sha, "text_sha256": sha256_file(settings.text),
                                         "calibration_sha256": sha256_file(calibration) if calibration else None,
@@ -209,6 +234,8 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
             else:
                 rows = rows_of(M.m5(p, units, encoding, evals, greedy), "v1 m5")
                 exps["m5"] = {"rows": rows, "verdict": M.m5_verdict(rows)}
+        elif name == "m3":  # conditional Δ (seeddelta.v1.conditional)
+            exps["m3"] = _m3(p, ev, calibration, cache, encoding, evals, greedy, run, ref, mem, note)
         elif name == "m7":  # without H2 only llama.cpp's band is measured
             h2 = exps["h2"]["units"] if "h2" in exps else None
             harmless = None if h2 is None else [u["layer"] for u in h2 if not u.get("harmful")]

@@ -129,3 +129,41 @@ def test_m6_compares_replay_weighted_with_plain_retention(tmp_path):
     (out / "replay-pack.json").unlink()
     assert main(["v1", "run", "--out", str(out), "--experiments", "m6", *ARGS]) == 0
     assert (out / "replay-pack.json").read_bytes() == pack  # the same inputs make the same pack
+
+
+@pytest.fixture(scope="module")
+def m3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("m3")
+    assert main(["v1", "run", "--out", str(out), "--experiments", "m3", *ARGS]) == 0
+    return json.loads((out / "v1.json").read_text(encoding="utf-8")), (out / "v1.md").read_text(encoding="utf-8")
+
+
+def test_m3_rows_report_compute_saved_consistent_with_their_bounds(m3_run):
+    from seeddelta.v1.conditional import M3_GRID, M3_MAX_DPPL_PCT_2048, M3_QUANTILES
+
+    doc, md = m3_run
+    exp = doc["experiments"]["m3"]
+    p, rows = doc["profile"], exp["rows"]
+    assert [(r["side"], r["quantile"]) for r in rows] == list(M3_GRID)
+    cal = exp["calibration"]["quantiles"]
+    for r in rows:  # the bounds written are the calibration's quantiles of each gate layer
+        assert r["bounds"] == {str(g): cal[str(g)][f"{r['quantile']:g}"] for g in p["gate_layers"]}
+    saved = {(r["side"], r["quantile"]): r["ctx"]["64"]["compute_saved"] for r in rows}
+    pairs = {s["pairs"] for s in saved.values()}
+    assert len(pairs) == 1 and pairs.pop() % len(p["gate_layers"]) == 0  # every token meets every gated gate
+    # the first gated layer sees the same inputs in every setting (a regime changes only what comes after
+    # it): there the bounds rising with q skip more above and fewer below, and the two sides, skipping
+    # below the bound and above it, skip at most every token between them
+    first = f"blk.{min(p['gate_layers'])}.ffn_gate"
+    above = [saved[("above", q)]["per_tensor"][first]["skipped"] for q in M3_QUANTILES]
+    below = [saved[("below", q)]["per_tensor"][first]["skipped"] for q in M3_QUANTILES]
+    assert above == sorted(above) and below == sorted(below, reverse=True)
+    for q in M3_QUANTILES:
+        a, b = saved[("above", q)]["per_tensor"][first], saved[("below", q)]["per_tensor"][first]
+        assert a["skipped"] + b["skipped"] <= a["tokens"]
+    # the verdict is the stated rule applied to the measured rows
+    passing = [r["label"] for r in rows if all(r["ctx"][c]["vs_reference"]["ci95"][0] <= 0 for c in ("512", "1024")
+                                               if c in r["ctx"])
+               and "2048" in r["ctx"] and r["ctx"]["2048"]["vs_reference"]["pct"] <= M3_MAX_DPPL_PCT_2048]
+    assert exp["verdict"]["passing"] == passing and exp["verdict"]["keep"] == bool(passing)
+    assert "Mechanism 3" in md and "FFN FLOPs saved @64" in md
