@@ -56,8 +56,14 @@ PPL_CRITERIA = tuple(c.name for c in V1_CRITERIA if c.ctx is not None)
 # B5: what the autogate's policy (its defaults) must meet for the gate to pass. Its own loop keeps a
 # step only with a greedy PASS on a subset of the pack and within ΔNLL 0.01 (≈ +1 % PPL), so it is held
 # to the greedy criterion on the whole pack; the PPL criteria are measured and shown, not required
-# (a +1 % budget cannot promise ≤ 0 %).
+# (a +1 % budget cannot promise ≤ 0 %). A model without a greedy pack declares none for B5.
 B5_CRITERIA: tuple[str, ...] = ("greedy_pass",)
+
+
+def b5_criteria(has_greedy_pack: bool) -> tuple[str, ...]:
+    """What B5's autogate policy declares: without a greedy pack its greedy criterion cannot be measured,
+    so nothing (its figures are shown, not gating)."""
+    return B5_CRITERIA if has_greedy_pack else ()
 
 # B4: a stack step is the first cliff when any of these is exceeded. ΔNLL 0.05 nats = +5.1 % PPL, the
 # original autogate's --max-delta-ppl default (5 %, spec-policy-eval §4.1); KLD 0.05 nats sits between

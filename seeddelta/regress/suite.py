@@ -7,7 +7,7 @@ Steps (each cached per measurement under <out>/cache, so an interrupted run resu
 * **b2**, **b3**, **b4** — `regress.units`;
 * **b5** — strict gating: `seeddelta scan` + `seeddelta autogate` with the original autogate's
   defaults (ffn_gate only, cos_mean_x_w ≥ 0.70, p05 ≥ 0.50, never adjacent layers, each step kept
-  only within ΔNLL 0.01 and a greedy PASS), its policy judged on `criteria.B5_CRITERIA`; and every
+  only within ΔNLL 0.01 and a greedy PASS), its policy judged on `criteria.b5_criteria` (the greedy criterion, when the model has a greedy pack); and every
   preset whose name contains `strict` (thresholds alone, as a policy);
 * **presets** — every preset made for this model: the v1 criteria it declares, its figures;
 * **equal-bytes** — `evaluation.equal_bytes`.
@@ -41,7 +41,7 @@ from seeddelta.outputs import write_text_atomic
 from seeddelta.regress import STEPS
 from seeddelta.regress import units as U
 from seeddelta.regress.baseline import b1
-from seeddelta.regress.criteria import B5_CRITERIA, CTXS
+from seeddelta.regress.criteria import CTXS, b5_criteria
 from seeddelta.regress.measure import Evaluator, Spec, run_specs
 from seeddelta.regress.presets import Preset, judge, load_preset, no_saving_preset_meets_ppl, shipped_presets
 
@@ -218,7 +218,7 @@ def b5_autogate(c: Context, base: dict[str, Any], layers: Sequence[int]) -> list
                                 f"scan of ffn_gate at K {k_gate}, XOR base, row scale, imatrix",
                     model_sha256=c.model_sha256, policy_text=text,
                     encoding={"base": True, "row_scale": True, "imatrix": ev.imatrix is not None},
-                    criteria=B5_CRITERIA, figures={})
+                    criteria=b5_criteria(bool(ev.pack)), figures={})
     return run_presets(c, [preset], base, "B5 autogate")
 
 

@@ -278,3 +278,8 @@ def test_recommended_gate_is_the_lowest_value_above_which_every_unit_is_safe():
     flipped = [{**u, "delta_nll": 0.03 - u["delta_nll"]} for u in units]
     t = U.recommended_thresholds(flipped, {}, U.correlations(flipped))
     assert t["gate_metric"] is None and "none predicts" in t["gate_metric_why"]
+
+
+def test_b5_declares_the_greedy_criterion_only_when_a_greedy_pack_can_measure_it():
+    assert C.b5_criteria(True) == ("greedy_pass",) == C.B5_CRITERIA
+    assert C.b5_criteria(False) == ()  # e.g. SmolLM2: no pack, so nothing B5 could fail on unmeasured
