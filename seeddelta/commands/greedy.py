@@ -25,7 +25,7 @@ from seeddelta.commands.common import (
     positive_int,
     progress,
 )
-from seeddelta.evaluation.pack import DEFAULT_MAX_NEW, DEFAULT_TOLERANCE, PackItem
+from seeddelta.evaluation.pack import DEFAULT_MAX_NEW, DEFAULT_TOLERANCE, limit_per_task
 
 
 def register(sub: Subparsers) -> None:
@@ -48,18 +48,6 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def _limit(items: list[PackItem], n: int) -> list[PackItem]:
-    if n <= 0:
-        return items
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        if seen.get(it.task, 0) < n:
-            out.append(it)
-            seen[it.task] = seen.get(it.task, 0) + 1
-    return out
-
-
 def _print(label: str, res: dict) -> None:
     tasks = "  ".join(f"{t}: {v['correct']}/{v['n']} ({100 * v['accuracy']:.1f}%)" for t, v in sorted(res["tasks"].items()))
     print(f"{label}: exact {res['correct']}/{res['n']} ({100 * res['accuracy']:.1f}%), flagged {res['flagged']}  [{tasks}]")
@@ -72,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args)
     path = model_path(args)
-    items = _limit(pack.load_pack(args.pack), args.limit)
+    items = limit_per_task(pack.load_pack(args.pack), args.limit)
     loaded = load_from_args(args, path)
     base = load_from_args(args, args.base, use_seeddelta=False) if args.base else None  # fails before the long run
     m = loaded.model
