@@ -32,11 +32,13 @@ test: $(STAMP)
 
 # The gate before merging: `seeddelta regress` on the tiny model (the v1 criteria every shipped preset
 # declares, B1-B5, the equal-bytes comparison; report in $(REGRESS_OUT)/report.md; exit 1 when a declared
-# criterion or figure fails), then every test tier but the opt-in sweeps (`pytest -m slow`), two pytest
-# workers (pytest-xdist) so the tiers share the cores the way the measurements did.
+# criterion or figure fails), then the tests that judge it (golden report snapshots, the presets at CI
+# settings) and the toy tier with hypothesis exploring new examples (profile "dev"). The tiny tier's
+# other tests are `make test`'s (CI gates every merge on them); the opt-in tiers: pytest -m real / interop.
+REGRESS_TESTS ?= tests/toy tests/golden tests/tiny/test_regress.py
 regress: $(STAMP)
 	$(BIN)/seeddelta regress --out $(REGRESS_OUT) $(REGRESS_ARGS)
-	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(REGRESS_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(PYTEST_ARGS)

@@ -31,11 +31,11 @@ from seeddelta.evaluation.memory import Loaded, load
 from seeddelta.evaluation.pack import limit_per_task
 from seeddelta.evaluation.result_cache import ResultCache
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
-from seeddelta.evaluation.sweep import _cached
 from seeddelta.evaluation.windows import Windows, text_windows
 from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
+from seeddelta.evaluation.original_store import OriginalStore
 from seeddelta.resources import configure
 from seeddelta.runtime.model import LlamaModel
 
@@ -112,9 +112,11 @@ class Evaluator(Threaded):
     _logits: dict[tuple[int, int], Logits] = field(default_factory=dict)
     _greedy: dict[int, dict[str, Any]] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _original: OriginalStore | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # what crosses to a worker process: the description, nothing loaded
-        return {**self.__dict__, "_base": None, "_windows": {}, "_logits": {}, "_greedy": {}, "_tmp": None}
+        return {**self.__dict__, "_base": None, "_windows": {}, "_logits": {}, "_greedy": {}, "_tmp": None,
+                "_original": None}
 
     def __call__(self, spec: Spec) -> dict[str, Any]:
         return self.run(spec)
@@ -135,7 +137,7 @@ class Evaluator(Threaded):
                        work_dir=absolute(self.work_dir) if pool.scheduler is None else None,
                        threads=worker_threads(replace(pool, threads=self.threads)),
                        model_sha256=self.model_sha256 or sha256_file(self.model), check_model=True,
-                       _base=None, _windows={}, _logits={}, _greedy={}, _tmp=None)
+                       _base=None, _windows={}, _logits={}, _greedy={}, _tmp=None, _original=None)
 
     @property
     def base(self) -> Loaded:
@@ -159,15 +161,25 @@ class Evaluator(Threaded):
             self._windows[key] = text_windows(self.text, ctx, chunks, self.base.tokenizer).windows
         return self._windows[key]
 
+    def original(self) -> OriginalStore:
+        """The original's results, shared through the work directory with this run's other processes."""
+        if self._original is None:
+            from seeddelta.assets import sha256_file
+
+            self._original = OriginalStore(self.work_dir, self.model_sha256 or sha256_file(self.model))
+        return self._original
+
     def base_logits(self, ctx: int, chunks: int) -> Logits:
         key = (ctx, chunks)
         if key not in self._logits:
-            self._logits[key] = _cached(model_logits(self.base.model))
+            self._logits[key] = self.original().logits(lambda window, first: model_logits(self.base.model)(window, first))
         return self._logits[key]
 
     def base_greedy(self, limit: int) -> dict[str, Any]:
         if limit not in self._greedy:
-            self._greedy[limit] = run_pack(self.base.model, self.base.tokenizer, limit_per_task(self.pack, limit))
+            items = limit_per_task(self.pack, limit)
+            self._greedy[limit] = self.original().greedy(
+                [it.id for it in items], lambda: run_pack(self.base.model, self.base.tokenizer, items))
         return self._greedy[limit]
 
     def build(self, spec: Spec, out: Path) -> dict[str, Any]:
