@@ -90,13 +90,16 @@ def test_regress_measurements_in_two_processes_equal_the_serial_ones(tmp_path):
     specs = [Spec(f"u{i}", {"K_gate": 64, "K_up": 64, "K_down": 256, "base": True, "row_scale": True}, pairs=pairs,
                   evals=((512, 1),)) for i, pairs in enumerate([((1, "ffn_gate"),), ((2, "ffn_down"), (5, "ffn_up"))])]
 
-    def measured(jobs: int) -> str:
-        ev = Evaluator(TINY_MODEL, TINY_VAL_TEXT, None, [], tmp_path / f"work{jobs}", threads=1)
-        cache = ResultCache(tmp_path / f"cache{jobs}", {}, enabled=False)
+    def measured(jobs: int, work: str) -> str:
+        ev = Evaluator(TINY_MODEL, TINY_VAL_TEXT, None, [], tmp_path / work, threads=1)
+        cache = ResultCache(tmp_path / f"cache-{jobs}-{work}", {}, enabled=False)
         results = run_specs(ev, specs, cache, "units", pool=Pool(jobs=jobs, threads=1))
         return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in results], sort_keys=True)
 
-    assert measured(2) == measured(1)
+    serial = measured(1, "serial")  # computes the original's logits and leaves them in its work directory
+    assert measured(2, "parallel") == serial  # each worker process computes its own
+    assert list((tmp_path / "serial").glob("original-*/logits-*.npy")), "the original's logits were not shared"
+    assert measured(2, "serial") == serial  # the worker processes read the serial run's files instead
 
 
 def test_without_dask_a_scheduler_is_one_line_naming_the_install(capsys, monkeypatch):
