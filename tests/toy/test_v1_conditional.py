@@ -317,3 +317,31 @@ def test_inspect_of_a_plain_file_lists_no_extension(tmp_path, model, capsys):
     assert info["extensions"] == [] and all(w["extensions"] == {} for w in info["weights"])
     assert main(["inspect", str(tmp_path / "p.gguf")]) == 0
     assert "delta_regime/1" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ quantile bounds calibrated by build
+@pytest.mark.parametrize("extra,what", [
+    (("--delta-regime-gate", "rms:q0.1:"), "need a calibration text (--calibration TEXT)"),
+    (("--calibration", "CAL"), "--calibration is only used by quantile bounds"),
+    (("--delta-regime-gate", "rms:0.5:", "--calibration", "CAL"), "--calibration is only used by quantile bounds"),
+    (("--delta-regime-gate", "rms:q0.1:2", "--calibration", "CAL"), "both bounds as quantiles (qP) or both as numbers"),
+    (("--delta-regime-gate", "rms:q1.5:", "--calibration", "CAL"), "MIN quantile must be in [0, 1]"),
+    (("--delta-regime-gate", "rms::q-0.1", "--calibration", "CAL"), "MAX quantile must be in [0, 1]"),
+    (("--delta-regime-gate", "rms:qx:", "--calibration", "CAL"), "is not a quantile qP"),
+    (("--delta-regime-gate", "rms:q0.9:q0.1", "--calibration", "CAL"), "quantile min 0.9 > quantile max 0.1"),
+    (("--delta-regime-gate", "mean:q0.1:", "--calibration", "CAL"), "unknown statistic 'mean'"),
+])
+def test_bad_quantile_regime_is_one_line_and_writes_nothing(tmp_path, model, capsys, extra, what):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("some calibration text " * 50, encoding="utf-8")
+    out = tmp_path / "o.gguf"
+    rc, err = _build(capsys, model, out, *(str(cal) if x == "CAL" else x for x in extra))
+    assert rc == 2 and what in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_quantile_regime_with_a_bad_output_fails_before_the_calibration(tmp_path, model, capsys):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("x " * 10, encoding="utf-8")  # far too short to calibrate: the -o error must come first
+    rc, err = _build(capsys, model, model.path, "--delta-regime-gate", "rms:q0.1:", "--calibration", str(cal))
+    assert rc == 2 and "calibrat" not in err.lower() and err.count("\n") == 1
