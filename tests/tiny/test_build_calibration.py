@@ -55,8 +55,14 @@ def _limits(path) -> dict[int, np.ndarray]:
 def test_build_writes_v1s_calibrated_bounds(tmp_path, calibration, capsys):
     text, v1, rms, n_embd, _ = calibration
     out = tmp_path / "q.gguf"
+    v2, policy = tmp_path / "v2.json", tmp_path / "export.json"
+    # a version-2 build (gating off) exports each tensor's encoding, its regime included
+    v2.write_text('{"version": 2, "defaults": {"gating": {"min_mean": -1, "min_p05": -1}}}\n', encoding="utf-8")
     assert main(["build", "-i", str(TINY_MODEL), "-o", str(out), *FLAGS, "--delta-regime-gate", "rms:q0.1:q0.9",
-                 "--calibration", str(text)]) == 0
+                 "--calibration", str(text), "--policy", str(v2), "--policy-export", str(policy)]) == 0
+    again = tmp_path / "again.gguf"  # the exported policy holds the calibrated bounds as numbers: no calibration
+    assert main(["build", "-i", str(TINY_MODEL), "-o", str(again), *FLAGS, "--policy", str(policy)]) == 0
+    assert again.read_bytes() == out.read_bytes()
     lim = _limits(out)
     assert sorted(lim) == sorted(int(k) for k in v1["quantiles"])  # every layer's gate, nothing else gated
     assert not any(t.name.endswith(("ffn_up.rg_lim", "ffn_down.rg_lim")) for t in GGUFReader(out).tensors)
