@@ -92,3 +92,25 @@ def test_a_replay_pack_of_other_windows_is_another_cache_entry(scan, capsys):
     assert row["replay_impact"] != first["replay_impact"]  # ... the other pack's was measured, not served stale
     assert row["delta_nll"] == first["delta_nll"]
     assert row["retention"] == 1.0  # derived from the cached figures when written: alone in its group
+
+
+def test_autogate_retention_cap_builds_at_the_replay_capped_K(scan, capsys):
+    # loose limits and no greedy: every candidate is kept, so the policy holds every admitted unit
+    from seeddelta.policy.autogate import retention_cap
+
+    d, _, doc = scan
+    pol = d / "capped.json"
+    assert main(["autogate", "--scan", str(d / "scan.json"), "-m", MODEL, "-o", str(pol), "--no-greedy",
+                 "--max-delta-nll", "10", "--min-gap", "0", "--gate-cos-threshold", "-1", "--gate-cos-p05-threshold",
+                 "-1", "--retention-cap", "--retention", "replay", "--cache", str(d / "cache"), *ONE_THREAD]) == 0
+    policy = json.loads(pol.read_text())
+    record = json.loads((d / "capped.autogate.json").read_text())
+    want = {u["layer"]: retention_cap(u["K"], u["retention_replay"]) for u in doc["units"]}
+    got = {int(layer): v["tensors"]["ffn_gate"]["K"] for layer, v in policy["layers"].items()
+           if v["tensors"].get("ffn_gate", {}).get("enabled")}
+    assert got == want
+    assert len(set(want.values())) > 1 or len({u["retention_replay"] for u in doc["units"]}) == 1
+    assert min(want.values()) < doc["units"][0]["K"]  # the least retained unit is cut (to half its K)
+    assert record["retention_cap"]["retention"] == "replay"
+    assert {s["layer"]: s["K_built"] for s in record["steps"]} == want
+    capsys.readouterr()
