@@ -166,11 +166,14 @@ def dense_rows_fraction(opts: BuildOptions, kind: str, cfg: TensorConfig) -> flo
     return opts.dense_rows_down if kind == "ffn_down" else 0.0
 
 
-def delta_regime_of(opts: BuildOptions, kind: str, cfg: TensorConfig) -> DeltaRegime | None:
-    """Where Δ applies (codec.regime): a version-2 policy's `delta_regime`, else --delta-regime-gate for ffn_gate."""
+def delta_regime_of(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig) -> DeltaRegime | None:
+    """Where Δ applies (codec.regime): a version-2 policy's `delta_regime`, else for ffn_gate the layer's
+    calibrated regime (--delta-regime-gate with quantile bounds) or --delta-regime-gate."""
     if cfg.delta_regime is not None:
         return cfg.delta_regime
-    return opts.delta_regime_gate if kind == "ffn_gate" else None
+    if kind != "ffn_gate":
+        return None
+    return dict(opts.delta_regime_gate_layers).get(layer, opts.delta_regime_gate)
 
 
 def encode_config(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int) -> EncodeConfig:
@@ -213,7 +216,7 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
     scale = imatrix.scale(name, n_in, opts.imatrix_eps, opts.imatrix_power) if imatrix is not None else None
     config = encode_config(opts, layer, kind, cfg, K)
     spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
-    if spec.is_variant and delta_regime_of(opts, kind, cfg) is not None:
+    if spec.is_variant and delta_regime_of(opts, layer, kind, cfg) is not None:
         raise SeedDeltaError(f"{name}: a delta regime (delta_regime/1) applies to plain SeedΔ, not to variant "
                              f"{spec.name}")
     try:
@@ -256,7 +259,7 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
     tensors: list[tuple[str, np.ndarray | RawTensor]] = [
         (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
         for s, a in sdw.tensors().items()] if emit else []
-    regime = delta_regime_of(opts, kind, cfg)
+    regime = delta_regime_of(opts, layer, kind, cfg)
     regime_tensors = regime.tensors() if regime is not None else {}
     if emit:  # extension delta_regime/1: Δ only for tokens in the regime (codec.regime)
         tensors += [(seeddelta_tensor_name(layer, kind, s), a) for s, a in regime_tensors.items()]

@@ -118,6 +118,9 @@ class BuildOptions:
     delta_norm_clamp_gate: float = 0.0  # v1 mechanism 2: the same clamp for ffn_gate
     dense_rows_down: float = 0.0  # v1 H3b: share of ffn_down's rows kept dense (codec.partial); 0 = off
     delta_regime_gate: DeltaRegime | None = None  # v1 mechanism 3: ffn_gate's Δ only for tokens in it (codec.regime)
+    # per-layer ffn_gate regimes (calibrated quantile bounds, evaluation.regime_calibration); a layer listed here
+    # takes its regime over delta_regime_gate
+    delta_regime_gate_layers: tuple[tuple[int, DeltaRegime], ...] = ()
     threads: int = 0  # 0: one per CPU
     overwrite_existing: bool = False
     deterministic_report: bool = False

@@ -6,7 +6,12 @@ cos_p05_x_w >= 0.50, ffn_up only with --allow-up, ffn_down only with --enable-do
 between selected layers) and the layer band; they are taken cheapest first — by measured ΔNLL per
 byte saved when a byte budget is given (--target-bytes / --target-saving), else by measured ΔNLL.
 Each step re-evaluates the whole selection (paired ΔNLL ± se, KLD, greedy pack with the compressed
-weights in use); the policy and a record of every step (POLICY.autogate.json) are written at the end."""
+weights in use); the policy and a record of every step (POLICY.autogate.json) are written at the end.
+
+--retention-cap (the v1 plan's mechanism 1 cap, off by default) builds, measures and writes each chosen
+tensor at ⌈K·(1 + ret)/2⌉ entries per row instead of the scan's K; --retention says which retention of
+the scan is ret: proxy (`retention`, from cos_mean_x_w) or replay (`retention_replay`, a scan made with
+--replay: mechanism 6). Candidates, filters and their order are unchanged (they read the scan at K)."""
 
 from __future__ import annotations
 
@@ -76,6 +81,13 @@ def register(sub: Subparsers) -> None:
                         "(the v1 plan's error-quantile filter; off)")
     f.add_argument("--band-extreme", type=float, default=0.0, metavar="F",
                    help="outside the band: the scan's ΔNLL + 2·se must be at most F (0.0)")
+    r = p.add_argument_group("retention (the v1 plan's mechanisms 1 and 6; off by default)")
+    r.add_argument("--retention-cap", action="store_true",
+                   help="build and write each chosen tensor at ceil(K·(1 + ret)/2) entries per row, ret its retention "
+                        "in [0, 1] (the least faithful unit keeps half its K)")
+    r.add_argument("--retention", choices=("proxy", "replay"), default="proxy",
+                   help="which retention --retention-cap reads: proxy (the scan's `retention`, from cos_mean_x_w) or "
+                        "replay (`retention_replay`: needs a scan made with --replay PACK) (proxy)")
     add_output_dir(p, "--cache", default=None, metavar="DIR",
                    help="step cache directory (default: $SEEDDELTA_CACHE or ~/.cache/seeddelta/units)")
     p.add_argument("--no-cache", action="store_true", help="evaluate every step, cache nothing")
@@ -121,6 +133,9 @@ def _check_args(args: argparse.Namespace) -> None:
                             ("--chunks", args.chunks, args.chunks is None or args.chunks > 0 or args.chunks == -1)):
         if not ok:
             raise SeedDeltaError(f"{flag}: invalid value {value}")
+    if args.retention == "replay" and not args.retention_cap:
+        raise SeedDeltaError("--retention replay chooses the retention of --retention-cap, which is off: "
+                             "add --retention-cap")
     report = args.report or _default_report(args.output)
     for flag, path in (("-o", args.output), ("--report", report)):
         directory = Path(path).resolve().parent
@@ -157,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         build_flags,
         policy_document,
         read_scan,
+        retention_caps,
         with_error_limits,
     )
     from seeddelta.policy.export import export_text
@@ -168,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if sha256_file(path) != scan.model_sha256:
         raise SeedDeltaError(f"{args.scan}: model_sha256: the scan was made on another model "
                              f"({scan.model_sha256[:16]}…), not on {path}")
+    caps = retention_caps(scan, args.retention) if args.retention_cap else None
     enc = dict(scan.encoding)
     if enc["imatrix"] is not None and not os.path.isfile(enc["imatrix"]):
         raise SeedDeltaError(f"{args.scan}: encoding.imatrix: {enc['imatrix']} not found")
@@ -196,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="seeddelta-autogate-") as tmp:
         measure = UnitMeasure(path, base, windows, template, Path(tmp), note=_note, greedy=greedy, cache=cache)
-        record = run_autogate(measure, scan, filters, limits, budget, _note)
+        record = run_autogate(measure, scan, filters, limits, budget, _note, caps)
         base_greedy = measure.base_greedy() if greedy is not None else None
     selection = {(layer, kind): K for layer, kind, K in record["selection"]}
     policy = policy_document(selection, enc)
@@ -208,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
                              "greedy": greedy.spec() if greedy else None,
                              "base_greedy_accuracy": base_greedy["accuracy"] if base_greedy else None},
               "build_command": command, **record,
+              "retention_cap": None if caps is None else {
+                  "retention": args.retention, "rule": "K -> ceil(K·(1 + ret)/2), ret the scan's "
+                  + ("retention_replay" if args.retention == "replay" else "retention"),
+                  "K_built": {f"blk.{layer}.{kind} K={K}": c for (layer, kind, K), c in sorted(caps.items())}},
               "method": "each step: a file with the selection so far plus the step's move (dense stripped, the scan's "
                         "encoding), sparse runtime, against the dense base on the same windows (paired ΔNLL ± se, "
                         "KLD) and the greedy pack with that file in use; kept iff the limits hold"}

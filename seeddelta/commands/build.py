@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from typing import Any
 
 from seeddelta.commands.common import (
     Subparsers,
@@ -53,18 +55,22 @@ def register(sub: Subparsers) -> None:
                         "writes the dense_rows/1 file extension, which the original runtime refuses (0: off)")
     p.add_argument("--delta-regime-gate", default=None, metavar="STAT:MIN:MAX",
                    help="conditional Δ for ffn_gate: Δ only for tokens whose input statistic (rms or max_abs) is in "
-                        "[MIN, MAX] (inclusive; an empty bound is open, e.g. rms:0.9:); writes the delta_regime/1 "
+                        "[MIN, MAX] (inclusive; an empty bound is open, e.g. rms:0.9:); a bound qP (e.g. rms:q0.1:) "
+                        "is each layer's P-quantile of the statistic on --calibration; writes the delta_regime/1 "
                         "file extension, which the original runtime refuses (default: Δ always)")
+    add_input(p, "--calibration", default=None, metavar="TEXT",
+              help="UTF-8 text whose ffn_gate inputs (on the input model, windows of 512) calibrate the quantile "
+                   "bounds of --delta-regime-gate (needed by, and only used with, qP bounds)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from seeddelta.builder.options import BuildOptions
+    from seeddelta.builder.options import BuildOptions, validate_options
     from seeddelta.builder.pipeline import size_warnings, summary_line
-    from seeddelta.codec.regime import parse_regime
     from seeddelta.policy.build import build
 
+    fixed, quantile = _gate_regime(args)
     opts = BuildOptions(
         input=args.input, output=args.output, layers=args.layers, strip_dense=args.strip_dense, policy=args.policy,
         policy_strict=args.policy_strict, policy_export=args.policy_export, stack_cost_cap=args.stack_cost_cap,
@@ -72,12 +78,43 @@ def run(args: argparse.Namespace) -> int:
         report_json=args.report_json, overwrite_existing=args.overwrite_existing,
         deterministic_report=args.deterministic_report, progress=not args.quiet,
         delta_norm_clamp_gate=args.delta_norm_clamp_gate, dense_rows_down=args.dense_rows_down,
-        delta_regime_gate=(parse_regime(args.delta_regime_gate, "--delta-regime-gate")
-                           if args.delta_regime_gate is not None else None),
+        delta_regime_gate=fixed,
         **encoding_options(args),
     )
+    if quantile is not None:  # the options checked before the calibration pass, which takes a while
+        validate_options(opts)
+        opts = replace(opts, delta_regime_gate_layers=_calibrate(args, quantile))
     result = build(opts)
     for message in size_warnings(result):
         print(f"warning: {message}", file=sys.stderr)
     print(summary_line(result, opts), file=sys.stdout)
     return 0
+
+
+def _gate_regime(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--delta-regime-gate as (a fixed regime, None) or (None, its quantile bounds); --calibration checked."""
+    from seeddelta.errors import SeedDeltaError
+    from seeddelta.evaluation.regime_calibration import QuantileRegime, parse_gate_regime
+
+    regime = None if args.delta_regime_gate is None else parse_gate_regime(args.delta_regime_gate, "--delta-regime-gate")
+    if isinstance(regime, QuantileRegime):
+        if args.calibration is None:
+            raise SeedDeltaError(f"--delta-regime-gate {args.delta_regime_gate}: quantile bounds need a calibration "
+                                 "text (--calibration TEXT)")
+        return None, regime
+    if args.calibration is not None:
+        raise SeedDeltaError("--calibration is only used by quantile bounds of --delta-regime-gate (e.g. rms:q0.1:); "
+                             "drop it or give qP bounds")
+    return regime, None
+
+
+def _calibrate(args: argparse.Namespace, regime: Any) -> Any:
+    """Each layer's ffn_gate regime, its quantile bounds calibrated on --calibration (torch threads: -t)."""
+    from seeddelta.commands.common import apply_threads
+    from seeddelta.evaluation.regime_calibration import calibrated_gate_regimes
+
+    apply_threads(args)
+    if not args.quiet:
+        print(f"calibrating the ffn_gate regime quantiles {list(regime.quantiles())} on {args.calibration}",
+              file=sys.stderr, flush=True)
+    return calibrated_gate_regimes(args.input, args.calibration, regime)

@@ -4,18 +4,66 @@ original's), and whether they can run.
 Per weight: layer, kind, scheme, K (and blocks), base geometry (L, B), row scale, whether the
 dense weight is stripped, stored bytes, per-tensor keys, and whether its arrays pass the runtime's
 validation (indices in range, permutations, finite values, consistent shapes); then the file's
-totals and global `seeddelta.*` keys. With --check the exit status is 1 when a weight is invalid."""
+totals and global `seeddelta.*` keys. The file-schema extensions a weight uses are shown per weight:
+`delta_regime/1` as its regime (statistic, bounds as stored in float32, and the direction: Δ applied
+`above` a lower bound, `below` an upper one, `between` both, or `always`), `dense_rows/1` as the number
+of output rows kept dense. With --check the exit status is 1 when a weight is invalid."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from seeddelta.commands.common import Subparsers, add_input
 
 
+def extensions_of(entry: Any) -> dict[str, Any]:
+    """The file-schema extensions one weight uses, read from its stored arrays ({} when none). A weight
+    whose extension arrays are malformed shows the extension with null figures (its problem is reported
+    by the validation)."""
+    from seeddelta.codec.regime import DeltaRegime
+    from seeddelta.errors import SeedDeltaError
+
+    out: dict[str, Any] = {}
+    name = f"blk.{entry.layer}.{entry.kind}"
+    if "rg_stat" in entry.tensors and "rg_lim" in entry.tensors:
+        views = entry.views()
+        try:
+            r = DeltaRegime.from_tensors(name, views["rg_stat"], views["rg_lim"])
+        except SeedDeltaError:
+            out["delta_regime/1"] = None
+        else:
+            lo, hi = (None if math.isinf(r.min) else r.min), (None if math.isinf(r.max) else r.max)
+            direction = {(True, False): "above", (False, True): "below", (True, True): "between",
+                         (False, False): "always"}[(lo is not None, hi is not None)]
+            out["delta_regime/1"] = {"statistic": r.statistic, "min": lo, "max": hi, "direction": direction}
+    if "dr_idx" in entry.tensors:
+        shape = entry.tensors["dr_idx"].shape
+        out["dense_rows/1"] = {"rows": int(shape[0]) if len(shape) == 1 else None, "of": entry.n_out}
+    return out
+
+
+def regime_text(regime: dict[str, Any] | None) -> str:
+    """'Δ when rms ≥ 0.5 (above)' and the like."""
+    if regime is None:
+        return "malformed"
+    stat, lo, hi = regime["statistic"], regime["min"], regime["max"]
+    direction = regime["direction"]
+    if direction == "above":
+        cond = f"{stat} ≥ {lo:.6g}"
+    elif direction == "below":
+        cond = f"{stat} ≤ {hi:.6g}"
+    elif direction == "between":
+        cond = f"{lo:.6g} ≤ {stat} ≤ {hi:.6g}"
+    else:
+        cond = f"any {stat}"
+    return f"Δ when {cond} ({direction})"
+
+
 def inspect_file(path: str) -> dict[str, Any]:
+    from seeddelta.gguf_format.extensions import EXTENSIONS_KEY, declared
     from seeddelta.gguf_format.reader import GGUFModel
     from seeddelta.gguf_format.seeddelta_tensors import entry_problem, global_seeddelta_kv, seeddelta_entries
 
@@ -47,6 +95,7 @@ def inspect_file(path: str) -> dict[str, Any]:
             "bits_per_weight": 8.0 * e.nbytes / (e.n_in * e.n_out) if e.n_in and e.n_out else 0.0,
             "dtypes": e.dtypes(),
             "kv": e.kv,
+            "extensions": extensions_of(e),
             "valid": problem is None,
             "problem": problem,
         })
@@ -61,6 +110,7 @@ def inspect_file(path: str) -> dict[str, Any]:
         "n_tensors": len(model.tensors),
         "alignment": model.alignment,
         "seeddelta_kv": global_seeddelta_kv(model),
+        "extensions": list(declared(model.get(EXTENSIONS_KEY), model.path)),
         "weights": weights,
         "totals": {
             "weights": len(weights),
@@ -97,6 +147,13 @@ def format_text(info: dict[str, Any]) -> str:
             f"{w['bytes_seeddelta']:>10} {w['bits_per_weight']:>6.2f} "
             f"{(w['dense_type'] or '-') if not w['stripped'] else 'stripped':>10} {'yes' if w['valid'] else 'NO'}"
         )
+    for w in info["weights"]:
+        ext = w["extensions"]
+        if "delta_regime/1" in ext:
+            lines.append(f"  blk.{w['layer']}.{w['kind']}: delta_regime/1 {regime_text(ext['delta_regime/1'])}")
+        if "dense_rows/1" in ext:
+            d = ext["dense_rows/1"]
+            lines.append(f"  blk.{w['layer']}.{w['kind']}: dense_rows/1 {d['rows']} of {d['of']} rows dense")
     t = info["totals"]
     lines.append(
         f"total: {t['weights']} weight(s), {t['stripped']} stripped, {t['with_base']} with base, "

@@ -11,6 +11,10 @@ the figures it measured; a step whose evaluation raises or returns incomplete fi
 run (the original counted missing results as a pass). Steps are cached like units (same key
 scheme), so an interrupted run resumes.
 
+With a retention cap (`caps`: each scan unit's capped K, policy.autogate.retention_caps) a step builds
+and measures every selected tensor at its capped K; the record's `selection` (what the policy holds)
+is at the capped K too, each step giving both K (the scan's) and `K_built`.
+
 The loop stops when the byte target is reached (bytes the evaluated GGUF file is smaller), when no move
 is left, or — with only --max-tensors — when no move can add or upgrade a tensor any more.
 """
@@ -76,8 +80,13 @@ def _label(tensor: Tensor) -> str:
 
 
 def run_autogate(measure: UnitMeasure, scan: Scan, filters: Filters, limits: Limits, budget: Budget,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None,
+                 caps: Mapping[tuple[int, str, int], int] | None = None) -> dict[str, Any]:
     """The incremental loop; returns the run's record (selection, steps, final figures, stop reason)."""
+
+    def built(sel: Mapping[Tensor, int]) -> dict[Tensor, int]:
+        return dict(sel) if caps is None else {t: caps[(t[0], t[1], K)] for t, K in sel.items()}
+
     moves, refused = candidates(scan, filters)
     queue = MoveQueue(by_bytes=budget.target_bytes is not None, moves=moves)
     selection: dict[Tensor, int] = {}
@@ -102,6 +111,8 @@ def run_autogate(measure: UnitMeasure, scan: Scan, filters: Filters, limits: Lim
         step: dict[str, Any] = {"step": len(steps) + 1, "move": "add" if move.from_K is None else "upgrade",
                                 "layer": move.tensor[0], "kind": move.tensor[1], "K": move.K, "from_K": move.from_K,
                                 "scan": move.scan_figures(), "evaluated": False}
+        if caps is not None:
+            step["K_built"] = built({move.tensor: move.K})[move.tensor]
         skip = _structural(move, selection, filters, budget, full)
         if skip:
             step.update(kept=False, reason=skip)
@@ -109,11 +120,11 @@ def run_autogate(measure: UnitMeasure, scan: Scan, filters: Filters, limits: Lim
             note(f"{_label(move.tensor)} K={move.K}: skipped ({skip})")
             continue
         trial = {**selection, move.tensor: move.K}
-        figures = _evaluate(measure, trial, step["step"], move, limits)
+        figures = _evaluate(measure, built(trial), step["step"], move, limits)
         reason = judge(figures, limits)
         step.update(evaluated=True, cached=figures.pop("cached"), figures=figures, kept=not reason,
                     reason=reason or "within the limits",
-                    selection=[[layer, kind, K] for (layer, kind), K in sorted(trial.items())])
+                    selection=[[layer, kind, K] for (layer, kind), K in sorted(built(trial).items())])
         steps.append(step)
         note(f"{step['move']} {_label(move.tensor)} K={move.K}: ΔNLL {figures['delta_nll']:+.5f} ± "
              f"{figures['delta_nll_se']:.5f}, KLD {figures['kld_mean']:.5f}, "
@@ -128,7 +139,7 @@ def run_autogate(measure: UnitMeasure, scan: Scan, filters: Filters, limits: Lim
         "candidates": {_label(t): [{"K": m.K, "from_K": m.from_K, **m.scan_figures()} for m in ms]
                        for t, ms in moves.items()},
         "refused": refused, "steps": steps, "stopped": stopped,
-        "selection": [[layer, kind, K] for (layer, kind), K in sorted(selection.items())],
+        "selection": [[layer, kind, K] for (layer, kind), K in sorted(built(selection).items())],
         "final": final,
         "budget_met": None if budget.target_bytes is None else bool(final and final["file_saved"] >= budget.target_bytes),
     }

@@ -10,6 +10,16 @@ mixes in the tail of the distribution, which cannot flip the choice; the expecte
 rewards windows the model simply does not know. The pack stores the chosen windows' tokens (so it
 is measured without the text) with the model's and the text's SHA-256.
 
+**Greedy-pack prompts** (`replay-pack --pack FILE`, optional). The original answers each prompt of a
+greedy pack (the first `limit` per task) greedily; the prompt's margin is the mean, over the decisions
+of that answer (each generated token, and the end-of-sequence when it stopped on one), of the gap
+between its top-1 and top-2 logits with the prompt and its own answer as context. The `n` prompts
+with the smallest margin (ties: the earlier in the pack) are added as windows of the same `ctx`: the
+pack's prompts and the original's answers in pack order make one token stream, and a chosen
+prompt's window is the last `ctx` tokens of that stream up to the end of its answer (BOS first, as a
+text window), so the scored second half holds its answer and what precedes it. A prompt whose stream
+is shorter than `ctx` tokens up to its end cannot make a window and is not a candidate.
+
 **Impact.** Each unit is measured on the pack's windows exactly as the scan measures it on the
 text (evaluation.sweep.UnitMeasure: a file with only that tensor as SeedΔ, against the dense base):
 KLD, paired ΔNLL, same top-1. Cached per unit; the key holds the pack's SHA-256 and its tokens' hash.
@@ -54,15 +64,80 @@ def select(margins: np.ndarray, n: int) -> list[int]:
 
 
 def make_pack(logits: Logits, windows: Windows, n: int, *, model: str, model_sha256: str, text: str,
-              text_sha256: str) -> dict[str, Any]:
+              text_sha256: str, prompts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pack document; `prompts`: {"pack", "pack_sha256", "considered", "margins" (id → mean margin of every
+    prompt considered), "windows" (prompt_windows)} from the greedy pack, its windows after the text's."""
     margins = window_margins(logits, windows)
     chosen = select(margins, n)
+    doc = _text_pack(margins, chosen, windows, n, model=model, model_sha256=model_sha256, text=text,
+                     text_sha256=text_sha256)
+    if prompts is not None:
+        doc["prompts"] = {"pack": prompts["pack"], "pack_sha256": prompts["pack_sha256"],
+                          "considered": prompts["considered"], "n": len(prompts["windows"]),
+                          "criterion": PROMPT_CRITERION, "ids": [w["id"] for w in prompts["windows"]],
+                          "margins": prompts["margins"]}
+        doc["windows"] += prompts["windows"]
+    return doc
+
+
+def _text_pack(margins: np.ndarray, chosen: list[int], windows: Windows, n: int, *, model: str, model_sha256: str,
+               text: str, text_sha256: str) -> dict[str, Any]:
     return {"format": PACK_FORMAT, "model": model, "model_sha256": model_sha256, "text": text,
             "text_sha256": text_sha256, "ctx": windows.n_ctx, "first": windows.first, "candidates": windows.n_chunk,
             "criterion": CRITERION, "n": n,
             "cut_margin": float(margins[chosen[-1]]),
             "windows": [{"index": i, "mean_margin": float(margins[i]), "inputs": windows.inputs[i].tolist(),
                          "targets": windows.targets[i].tolist()} for i in chosen]}
+
+
+PROMPT_CRITERION = ("mean top-1 minus top-2 logit margin of the original over the decisions of its greedy answer, "
+                    "smallest first")
+
+
+def prompt_margins(model: Any, tokenizer: Any, items: Sequence[Any], max_new: int) -> list[dict[str, Any]]:
+    """Per greedy-pack item: its prompt tokens (no BOS), the original's greedy answer tokens, and the mean
+    top-1/top-2 margin over that answer's decisions (see the module text)."""
+    from seeddelta.evaluation.greedy import greedy_decode
+
+    add_bos = bool(getattr(tokenizer, "add_bos", True))
+    out = []
+    for it in items:
+        d = greedy_decode(model, tokenizer, it.prompt, max_new)
+        ids = list(tokenizer.encode(it.prompt, add_bos=add_bos))
+        seq = ids + list(d.ids)
+        logits = model.forward(np.array(seq, dtype=np.int64), logits_start=len(ids) - 1)
+        decisions = len(d.ids) + (1 if d.stop == "eos" else 0)  # the positions that chose a token (or the end)
+        top = torch.topk(logits[:decisions].to(torch.float64), 2, dim=-1).values
+        prompt = list(tokenizer.encode(it.prompt, add_bos=False))
+        out.append({"id": it.id, "task": it.task, "prompt_tokens": prompt, "answer_tokens": list(d.ids),
+                    "answer": d.text, "mean_margin": float((top[:, 0] - top[:, 1]).mean())})
+    return out
+
+
+def prompt_windows(margins: Sequence[dict[str, Any]], n: int, ctx: int, bos_id: int | None) -> list[dict[str, Any]]:
+    """The pack windows of the n prompts with the smallest margin among those with ctx tokens of stream."""
+    if n < 1:
+        raise SeedDeltaError(f"--pack-n must be at least 1, got {n}")
+    stream: list[int] = []
+    ends = []
+    for m in margins:
+        stream += m["prompt_tokens"] + m["answer_tokens"]
+        ends.append(len(stream))
+    eligible = [i for i, end in enumerate(ends) if end >= ctx]
+    if n > len(eligible):
+        raise SeedDeltaError(f"--pack-n {n} is more than the {len(eligible)} greedy prompt(s) with {ctx} tokens of pack "
+                             "before their end (a smaller -c, more prompts with --pack-limit, or a smaller --pack-n)")
+    order = sorted(eligible, key=lambda i: (margins[i]["mean_margin"], i))[:n]
+    out = []
+    for i in order:
+        window = np.array(stream[ends[i] - ctx:ends[i]], dtype=np.int64)
+        targets = window[ctx // 2 + 1:].copy()  # make_windows' convention: first = ctx // 2
+        if bos_id is not None:
+            window[0] = bos_id
+        out.append({"source": "greedy pack", "id": margins[i]["id"], "task": margins[i]["task"],
+                    "mean_margin": margins[i]["mean_margin"], "answer": margins[i]["answer"],
+                    "inputs": window.tolist(), "targets": targets.tolist()})
+    return out
 
 
 def read_pack(path: str | Path, model_sha256: str | None, n_vocab: int) -> tuple[dict[str, Any], Windows]:

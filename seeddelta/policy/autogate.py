@@ -19,6 +19,13 @@ byte gained, the Lagrangian allocation `llama-quantize --target-bpw` makes over 
 types, here with the measured ΔNLL instead of a weight-error proxy; without a budget in order of
 the measured ΔNLL of the move's candidate. A tensor's next move only becomes available after its
 previous one was kept.
+
+**Retention cap** (the v1 plan's mechanism 1 hard cap, opt-in): each candidate keeps its place in that
+order, but the file a step builds — and the policy written — holds the unit at ⌈K·(1 + ret)/2⌉ entries
+per row instead of K, ret ∈ [0, 1] the unit's retention in the scan: `retention` (the proxy,
+cos_mean_x_w min–max scaled over the units of its kind and K) or `retention_replay` (mechanism 6: mixed
+with the unit's measured damage on a replay pack, `seeddelta scan --replay`). The most faithful unit keeps
+K, the least faithful half of it; the ranking and the filters still read the scan's figures at K.
 """
 
 from __future__ import annotations
@@ -230,6 +237,34 @@ def rejection(unit: Mapping[str, Any], f: Filters) -> str:
         if upper > f.band_extreme:
             return f"outside the band and ΔNLL + {BAND_Z:g}·se = {upper:+.5f} > {f.band_extreme:g}"
     return ""
+
+
+RETENTION_FIELDS = {"proxy": "retention", "replay": "retention_replay"}  # --retention → the scan field
+
+
+def retention_cap(K: int, ret: float) -> int:
+    """Mechanism 1's hard cap: ⌈K·(1 + ret)/2⌉ entries per row (ret 1 keeps K, ret 0 half of it), at least 1."""
+    return max(1, math.ceil(K * (1 + ret) / 2))
+
+
+def retention_caps(scan: Scan, source: str) -> dict[tuple[int, str, int], int]:
+    """Every scan unit's capped K under the retention `source` (proxy|replay); one-line errors naming the unit
+    when the scan does not carry that retention or it is not a number in [0, 1]."""
+    if source not in RETENTION_FIELDS:
+        raise SeedDeltaError(f"--retention: expected {' or '.join(RETENTION_FIELDS)}, got {source!r}")
+    name = RETENTION_FIELDS[source]
+    how = ("make the scan with `seeddelta scan --replay PACK` (a pack from `seeddelta replay-pack`)"
+           if source == "replay" else "make the scan again with this version of `seeddelta scan`")
+    caps = {}
+    for i, u in enumerate(scan.units):
+        ret = u.get(name)
+        if ret is None:
+            raise SeedDeltaError(f"{scan.path}: {join(join('units', i), name)}: missing, so --retention {source} has "
+                                 f"nothing to read: {how}")
+        if isinstance(ret, bool) or not isinstance(ret, (int, float)) or not 0.0 <= float(ret) <= 1.0:
+            raise SeedDeltaError(f"{scan.path}: {join(join('units', i), name)}: must be a number in [0, 1], got {ret!r}")
+        caps[(int(u["layer"]), str(u["kind"]), int(u["K"]))] = retention_cap(int(u["K"]), float(ret))
+    return caps
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from seeddelta.evaluation import equal_bytes as eb
 from seeddelta.evaluation.equal_bytes import kld_row
 from seeddelta.evaluation.greedy import PackItem, run_pack, verdict
 from seeddelta.evaluation.memory import Loaded, load
+from seeddelta.evaluation.original_store import OriginalStore
 from seeddelta.evaluation.pack import limit_per_task
 from seeddelta.evaluation.result_cache import ResultCache
 from seeddelta.evaluation.scoring import Logits, kl_divergence, model_logits
@@ -35,7 +36,6 @@ from seeddelta.evaluation.windows import Windows, text_windows
 from seeddelta.evaluation.workers import Pool, Threaded, run_tasks, worker_threads
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.outputs import write_text_atomic
-from seeddelta.evaluation.original_store import OriginalStore
 from seeddelta.resources import configure
 from seeddelta.runtime.model import LlamaModel
 

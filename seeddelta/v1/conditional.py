@@ -23,8 +23,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from seeddelta.v1.experiments import Setting, _spec
 from seeddelta.v1.policies import policy_text
 from seeddelta.v1.profiles import Profile
@@ -51,31 +49,12 @@ def quantiles(p: Profile) -> tuple[float, ...]:
 
 def calibrate(model: Any, windows: Any, layers: Sequence[int], quantiles: Sequence[float],
               statistic: str = M3_STATISTIC) -> dict[str, Any]:
-    """Per gate layer, the quantiles of the per-token statistic of ffn_gate's input over every position
-    of `windows` on `model` (a runtime LlamaModel), computed as the runtime computes it (float32)."""
-    from seeddelta.runtime.regime import token_statistic
+    """Per gate layer, the quantiles of ffn_gate's input statistic over `windows` (the library's
+    calibration, evaluation.regime_calibration, which `seeddelta build --delta-regime-gate rms:qP:
+    --calibration TEXT` uses too)."""
+    from seeddelta.evaluation.regime_calibration import calibrate as library_calibrate
 
-    wanted = set(layers)
-    values: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-
-    def observe(layer: int, kind: str, x: Any) -> None:
-        if kind == "ffn_gate" and layer in wanted:
-            values[layer].append(token_statistic(x.reshape(-1, x.shape[-1]), statistic).numpy())
-
-    previous = model.ffn_observer
-    model.ffn_observer = observe
-    try:
-        for i in range(windows.n_chunk):
-            model.forward(windows.inputs[i], logits_start=windows.n_ctx - 1)
-    finally:
-        model.ffn_observer = previous
-    out: dict[str, Any] = {"statistic": statistic, "tokens": 0, "quantiles": {}}
-    for layer in layers:
-        v = np.concatenate(values[layer]).astype(np.float64)
-        out["tokens"] = int(v.size)
-        # rounded once to float32: the value the file stores and the runtime compares with
-        out["quantiles"][str(layer)] = {f"{q:g}": float(np.float32(np.quantile(v, q))) for q in quantiles}
-    return out
+    return library_calibrate(model, windows, layers, quantiles, statistic)
 
 
 def m3(p: Profile, calibration: Mapping[str, Any], encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...],

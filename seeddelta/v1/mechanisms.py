@@ -24,14 +24,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from seeddelta.evaluation.retention import RETENTION_METRIC, retention
-from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD, use_more_bits
+from seeddelta.policy.autogate import GATE_COS_P05_THRESHOLD, GATE_COS_THRESHOLD, retention_cap, use_more_bits
 from seeddelta.regress.criteria import CRITERIA
 from seeddelta.regress.measure import Spec
 from seeddelta.v1.experiments import Setting, _spec
@@ -222,7 +221,7 @@ def m1(p: Profile, units: Sequence[Mapping[str, Any]], ratios: Mapping[int, floa
         out.append(Setting(experiment, f"{tag}decay α {a:g}", {"alpha": a,
                                                                 "tau": {str(k): round(v, 6) for k, v in taus.items()}},
                            _spec(f"v1-{experiment}-decay-{a:g}", json.dumps(doc, indent=2) + "\n", encoding, evals, greedy)))
-    caps = {layer: max(1, math.ceil(p.K_gate * (1 + ret[layer]) / 2)) for layer in p.gate_layers}
+    caps = {layer: retention_cap(p.K_gate, ret[layer]) for layer in p.gate_layers}
     doc = json.loads(policy_text(p, p.gate_layers))
     for layer, k in caps.items():
         doc["layers"][str(layer)]["tensors"]["ffn_gate"]["K"] = k

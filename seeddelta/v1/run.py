@@ -133,6 +133,7 @@ def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache,
         mem: Mapping[str, Any], note: Progress) -> dict[str, Any]:
     """Mechanism 3: calibrate each gate's input-statistic quantiles on the calibration text (cached), then
     measure the gate-only reference with Δ conditional on them."""
+    from seeddelta.evaluation.regime_calibration import CALIBRATION_CTX
     from seeddelta.evaluation.windows import text_windows
     from seeddelta.v1 import conditional as C
 
@@ -142,7 +143,7 @@ def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache,
     cal = cache.get("v1-m3-calibration", key)
     if cal is None:
         note("[v1] m3: input-statistic quantiles of the gate layers on the calibration text")
-        w = text_windows(calibration, 512, -1, ev.base.tokenizer).windows
+        w = text_windows(calibration, CALIBRATION_CTX, -1, ev.base.tokenizer).windows
         cal = C.calibrate(ev.base.model, w, p.gate_layers, C.quantiles(p))
         cache.put("v1-m3-calibration", key, cal)
     chosen = C.m3(p, cal, encoding, evals, greedy)

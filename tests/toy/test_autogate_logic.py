@@ -249,3 +249,52 @@ def test_bad_scan_files_name_the_place(tmp_path, change, needle):
     assert needle in str(err.value) and str(err.value).startswith(str(tmp_path / "scan.json"))
     assert err.value.exit_code == 2
     read_scan(_scan_file(tmp_path, _good_scan()))  # and the unchanged file is fine
+
+
+# ------------------------------------------------------------------ retention cap (v1 mechanisms 1 and 6)
+def test_retention_cap_keeps_K_at_full_retention_and_half_at_none():
+    from seeddelta.policy.autogate import retention_cap
+
+    assert [retention_cap(64, r) for r in (1.0, 0.0, 0.5)] == [64, 32, 48]
+    assert retention_cap(63, 0.0) == 32 and retention_cap(1, 0.0) == 1  # rounded up; never below one entry
+    # both sides of a rounding boundary: ⌈64·1.25/2⌉ = 40 exactly, a hair above needs one more entry
+    assert retention_cap(64, 0.25) == 40 and retention_cap(64, 0.25 + 1e-9) == 41
+
+
+def test_retention_caps_read_the_chosen_field_and_refuse_a_scan_without_it():
+    from seeddelta.policy.autogate import retention_caps
+
+    units = [{**unit(0, "ffn_gate", 32, 0.001, 100), "retention": 1.0, "retention_replay": 0.0},
+             {**unit(2, "ffn_gate", 32, 0.002, 100), "retention": 0.0, "retention_replay": 1.0}]
+    assert retention_caps(scan_of(units), "proxy") == {(0, "ffn_gate", 32): 32, (2, "ffn_gate", 32): 16}
+    assert retention_caps(scan_of(units), "replay") == {(0, "ffn_gate", 32): 16, (2, "ffn_gate", 32): 32}
+    plain = [{k: v for k, v in u.items() if k != "retention_replay"} for u in units]
+    with pytest.raises(SeedDeltaError, match=r"^scan.json: units\[0\]\.retention_replay: missing.*--replay PACK"):
+        retention_caps(scan_of(plain), "replay")
+    for bad in (1.5, -0.1, "high", True):
+        with pytest.raises(SeedDeltaError, match=r"units\[1\]\.retention: must be a number in \[0, 1\]"):
+            retention_caps(scan_of([units[0], {**units[1], "retention": bad}]), "proxy")
+
+
+def test_capped_loop_measures_and_selects_the_capped_K_in_the_same_order():
+    t = {L: (L, "ffn_gate") for L in range(6)}
+    cost = {(t[0], 32): 0.001, (t[3], 32): 0.0005, (t[5], 32): 0.009}
+    capped = {(t[0], 16): 0.0004, (t[3], 24): 0.0003, (t[5], 32): 0.009}  # the fake's figures at the built K
+    ret = {0: 0.0, 3: 0.5, 5: 1.0}
+    units = [{**unit(L, "ffn_gate", 32, cost[(t[L], 32)], 100), "retention": ret[L]} for L in (0, 3, 5)]
+    from seeddelta.policy.autogate import retention_caps
+
+    caps = retention_caps(scan_of(units), "proxy")
+    assert caps == {(0, "ffn_gate", 32): 16, (3, "ffn_gate", 32): 24, (5, "ffn_gate", 32): 32}
+    plain = run_autogate(FakeMeasure(cost, {k: 100 for k in cost}), scan_of(units), Filters(), Limits(greedy=False),
+                         Budget())
+    fake = FakeMeasure(capped, {k: 60 for k in capped})
+    record = run_autogate(fake, scan_of(units), Filters(), Limits(greedy=False), Budget(), caps=caps)
+    # the same candidates in the same order (the scan's figures at K), each built at its capped K
+    assert [s["layer"] for s in record["steps"]] == [s["layer"] for s in plain["steps"]] == [3, 0, 5]
+    assert [s["K_built"] for s in record["steps"]] == [24, 16, 32] and all(s["K"] == 32 for s in record["steps"])
+    assert fake.calls == [{t[3]: 24}, {t[3]: 24, t[0]: 16}, {t[3]: 24, t[0]: 16, t[5]: 32}]
+    assert record["selection"] == [[0, "ffn_gate", 16], [3, "ffn_gate", 24], [5, "ffn_gate", 32]]
+    # uncapped, layer 5 takes ΔNLL to 0.0005 + 0.001 + 0.009 > 0.01 and is rejected; capped it fits (0.0097)
+    assert plain["selection"] == [[0, "ffn_gate", 32], [3, "ffn_gate", 32]]
+    assert "K_built" not in plain["steps"][0]  # off: today's record

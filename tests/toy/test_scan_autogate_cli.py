@@ -65,6 +65,12 @@ def _autogate_cases(d, model, other):
         ("out-is-scan", ["--scan", scan, "-m", model, "-o", scan], "is the input --scan"),
         ("max-tensors", [*ok, "--max-tensors", "0"], "--max-tensors: invalid value 0"),
         ("min-gap", [*ok, "--min-gap", "-1"], "--min-gap: invalid value -1"),
+        ("retention-replay", [*ok, "--retention-cap", "--retention", "replay"],
+         "scan.json: units[0].retention_replay: missing, so --retention replay has nothing to read"),
+        ("retention-proxy", [*ok, "--retention-cap"], "scan.json: units[0].retention: missing"),
+        ("retention-no-cap", [*ok, "--retention", "replay"], "--retention replay chooses the retention of "
+                                                             "--retention-cap, which is off"),
+        ("retention-bad", [*ok, "--retention", "both"], "argument --retention: invalid choice"),
     ]
 
 

@@ -4,6 +4,7 @@ the oracle says the stored tensors mean; anything unknown or damaged is one line
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def test_inspect_lists_the_variant(files, capsys):
     assert main(["inspect", str(out["c8_rs"]), "--check"]) == 0
     text = capsys.readouterr().out
     assert "variant=sdq" in text and "valid: every SeedΔ weight passes" in text
+    assert "dense_rows/1" not in text and "delta_regime/1" not in text  # a variant uses no extension
+    assert main(["inspect", str(out["c8_rs"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extensions"] == [] and all(w["extensions"] == {} and w["variant"] == "sdq" for w in info["weights"])
     e = seeddelta_entries(GGUFModel(out["c8_rs"]))[0]
     assert (e.variant, e.coding, e.base_type, e.K, e.row_scale) == ("sdq", "c8", "Q4_0", 3, True)
 

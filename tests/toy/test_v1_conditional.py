@@ -260,3 +260,88 @@ def test_exported_policy_rebuilds_a_regime_file_byte_for_byte(tmp_path, model, c
     rc, err = _build(capsys, model, tmp_path / "b.gguf", "--policy", str(tmp_path / "e.json"))
     assert rc == 0, err
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+# ------------------------------------------------------------------ inspect shows the extensions
+def _inspect_json(capsys, path) -> dict:
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("spec,direction", [("rms:0.3:", "above"), ("max_abs::1.7", "below"),
+                                            ("rms:0.1:0.3", "between"), ("rms::", "always")])
+def test_inspect_shows_each_weights_regime_as_stored(tmp_path, model, capsys, spec, direction):
+    out = tmp_path / "r.gguf"
+    rc, err = _build(capsys, model, out, "--delta-regime-gate", spec)
+    assert rc == 0, err
+    info = _inspect_json(capsys, out)
+    assert info["extensions"] == ["delta_regime/1"]
+    stat = spec.split(":")[0]
+    for w in info["weights"]:
+        if w["kind"] != "ffn_gate":
+            assert w["extensions"] == {}  # the regime flag is ffn_gate's only
+            continue
+        lim = _arrays(out, f"blk.{w['layer']}.ffn_gate")["rg_lim"]  # read independently of inspect
+        want_lo = None if math.isinf(lim[0]) else float(lim[0])
+        want_hi = None if math.isinf(lim[1]) else float(lim[1])
+        assert w["extensions"] == {"delta_regime/1": {"statistic": stat, "min": want_lo, "max": want_hi,
+                                                      "direction": direction}}
+        for given, got in zip(spec.split(":")[1:], (want_lo, want_hi), strict=True):  # the flag's numbers, in float32
+            assert got == (float(np.float32(given)) if given else None)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("delta_regime/1 Δ when") == 2 and f"({direction})" in text
+
+
+def test_inspect_shows_the_dense_row_count(tmp_path, model, capsys):
+    out = tmp_path / "d.gguf"
+    rc, err = _build(capsys, model, out, "--dense-rows-down", "0.25")
+    assert rc == 0, err
+    info = _inspect_json(capsys, out)
+    assert info["extensions"] == ["dense_rows/1"]
+    downs = [w for w in info["weights"] if w["kind"] == "ffn_down"]
+    assert len(downs) == 2
+    for w in downs:
+        rows = _arrays(out, f"blk.{w['layer']}.ffn_down")["dr_idx"].size
+        assert rows == math.ceil(0.25 * N_EMBD)  # ffn_down has n_embd output rows
+        assert w["extensions"] == {"dense_rows/1": {"rows": rows, "of": N_EMBD}}
+    assert all(w["extensions"] == {} for w in info["weights"] if w["kind"] != "ffn_down")
+    assert main(["inspect", str(out)]) == 0
+    assert capsys.readouterr().out.count(f"dense_rows/1 {math.ceil(0.25 * N_EMBD)} of {N_EMBD} rows dense") == 2
+
+
+def test_inspect_of_a_plain_file_lists_no_extension(tmp_path, model, capsys):
+    assert _build(capsys, model, tmp_path / "p.gguf")[0] == 0
+    info = _inspect_json(capsys, tmp_path / "p.gguf")
+    assert info["extensions"] == [] and all(w["extensions"] == {} for w in info["weights"])
+    assert main(["inspect", str(tmp_path / "p.gguf")]) == 0
+    assert "delta_regime/1" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ quantile bounds calibrated by build
+@pytest.mark.parametrize("extra,what", [
+    (("--delta-regime-gate", "rms:q0.1:"), "need a calibration text (--calibration TEXT)"),
+    (("--calibration", "CAL"), "--calibration is only used by quantile bounds"),
+    (("--delta-regime-gate", "rms:0.5:", "--calibration", "CAL"), "--calibration is only used by quantile bounds"),
+    (("--delta-regime-gate", "rms:q0.1:2", "--calibration", "CAL"), "both bounds as quantiles (qP) or both as numbers"),
+    (("--delta-regime-gate", "rms:q1.5:", "--calibration", "CAL"), "MIN quantile must be in [0, 1]"),
+    (("--delta-regime-gate", "rms::q-0.1", "--calibration", "CAL"), "MAX quantile must be in [0, 1]"),
+    (("--delta-regime-gate", "rms:qx:", "--calibration", "CAL"), "is not a quantile qP"),
+    (("--delta-regime-gate", "rms:q0.9:q0.1", "--calibration", "CAL"), "quantile min 0.9 > quantile max 0.1"),
+    (("--delta-regime-gate", "mean:q0.1:", "--calibration", "CAL"), "unknown statistic 'mean'"),
+])
+def test_bad_quantile_regime_is_one_line_and_writes_nothing(tmp_path, model, capsys, extra, what):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("some calibration text " * 50, encoding="utf-8")
+    out = tmp_path / "o.gguf"
+    rc, err = _build(capsys, model, out, *(str(cal) if x == "CAL" else x for x in extra))
+    assert rc == 2 and what in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_quantile_regime_with_a_bad_output_fails_before_the_calibration(tmp_path, model, capsys):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("x " * 10, encoding="utf-8")  # far too short to calibrate: the -o error must come first
+    rc, err = _build(capsys, model, model.path, "--delta-regime-gate", "rms:q0.1:", "--calibration", str(cal))
+    assert rc == 2 and "calibrat" not in err.lower() and err.count("\n") == 1

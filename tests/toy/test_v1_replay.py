@@ -235,3 +235,34 @@ def test_scan_replay_bad_input_is_one_line_exit_2_nothing_written(model, capsys)
         assert not out.exists(), pack
     assert {p: sha256_file(d / p) for p in before} == before  # inputs untouched
     assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ replay-pack --pack: greedy prompts
+def _margins(lengths, margins):
+    return [{"id": f"p{i}", "task": "t", "prompt_tokens": list(range(100 * i, 100 * i + n - 1)),
+             "answer_tokens": [100 * i + 99], "answer": "a", "mean_margin": m}
+            for i, (n, m) in enumerate(zip(lengths, margins, strict=True))]
+
+
+def test_prompt_windows_end_with_the_prompt_and_take_the_smallest_margins():
+    from seeddelta.evaluation.replay import prompt_windows
+
+    # stream ends at 5, 10, 15, 20 tokens; ctx 10: prompt 0 (5 tokens of stream) cannot make a window,
+    # prompt 1 ends exactly at 10 (eligible: the boundary's inclusive side)
+    ms = _margins([5, 5, 5, 5], [0.1, 0.9, 0.5, 0.2])
+    got = prompt_windows(ms, 2, 10, bos_id=7)
+    assert [w["id"] for w in got] == ["p3", "p2"]  # p0 has the smallest margin but too little stream
+    stream = [t for m in ms for t in m["prompt_tokens"] + m["answer_tokens"]]
+    for w, end in zip(got, (20, 15), strict=True):
+        assert w["inputs"] == [7] + stream[end - 9:end]  # BOS first, then the stream up to the prompt's end
+        assert w["targets"] == stream[end - 10:end][10 // 2 + 1:]  # make_windows' scored half (first = ctx // 2)
+    assert [w["id"] for w in prompt_windows(ms, 3, 10, bos_id=None)] == ["p3", "p2", "p1"]
+    with pytest.raises(SeedDeltaError, match=r"--pack-n 4 is more than the 3 greedy prompt\(s\) with 10 tokens"):
+        prompt_windows(ms, 4, 10, bos_id=None)
+    # the other side of the boundary: at ctx 11 prompt 1 (10 tokens of stream) is no longer a candidate
+    with pytest.raises(SeedDeltaError, match=r"more than the 2 greedy prompt"):
+        prompt_windows(ms, 3, 11, bos_id=None)
+    ties = _margins([5, 5, 5], [0.3, 0.3, 0.3])
+    assert [w["id"] for w in prompt_windows(ties, 2, 5, bos_id=None)] == ["p0", "p1"]  # ties: the earlier prompt
+    with pytest.raises(SeedDeltaError, match="--pack-n must be at least 1"):
+        prompt_windows(ms, 0, 10, bos_id=None)
