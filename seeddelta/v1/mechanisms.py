@@ -51,10 +51,12 @@ def m2(p: Profile, encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ..
             for tau in M2_TAUS]
 
 
-def gate_units(p: Profile, encoding: Mapping[str, Any], chunks: int) -> list[Setting]:
+def gate_units(p: Profile, encoding: Mapping[str, Any], chunks: int,
+               layers: Sequence[int] | None = None) -> list[Setting]:
+    """Each layer's ffn_gate alone (default: H2's layers, the sample m4 and m5 choose from)."""
     return [Setting("gate-units", f"gate L{layer} alone K {p.K_gate}", {"layer": layer},
                     Spec(f"v1-gate-{layer}", dict(encoding), policy=policy_text(p, (layer,)), evals=((512, chunks),)))
-            for layer in p.h2_layers]
+            for layer in (p.h2_layers if layers is None else layers)]
 
 
 def m4(p: Profile, units: Sequence[Mapping[str, Any]], encoding: Mapping[str, Any],

@@ -220,6 +220,12 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
                 exps["gate_units"] = {"units": [_unit(s, r, "ffn_gate") for s, r in
                                                 zip(chosen, run(chosen, "v1 gate units"), strict=True)]}
             units = exps["gate_units"]["units"]
+            missing = [x for x in p.gate_layers if x not in {u["layer"] for u in units}]
+            if name in ("m1", "m6") and missing:  # retention is per reference gate; H2's sample may skip some
+                extra = M.gate_units(p, encoding, settings.unit_chunks, missing)
+                units = sorted(units + [_unit(s, r, "ffn_gate") for s, r in
+                                        zip(extra, run(extra, "v1 gate units"), strict=True)], key=lambda u: u["layer"])
+                exps["gate_units"]["units"] = units
             if name == "m6":
                 exps["m6"] = _m6(settings, p, units, ev, encoding, evals, greedy, calibration, run, ref, mem)
             elif name == "m1":

@@ -167,3 +167,22 @@ def test_m3_rows_report_compute_saved_consistent_with_their_bounds(m3_run):
                and "2048" in r["ctx"] and r["ctx"]["2048"]["vs_reference"]["pct"] <= M3_MAX_DPPL_PCT_2048]
     assert exp["verdict"]["passing"] == passing and exp["verdict"]["keep"] == bool(passing)
     assert "Mechanism 3" in md and "FFN FLOPs saved @64" in md
+
+
+def test_m1_measures_the_reference_gates_that_h2s_sample_skips(tmp_path, monkeypatch):
+    """SmolLM2's profile samples every fifth layer for the gate units while its reference gates sit in
+    between: m1's retention is per reference gate, so the gates the sample skips are measured too (the
+    run used to stop with a KeyError on the first one)."""
+    from dataclasses import replace
+
+    import seeddelta.v1.run as v1_run
+
+    real = v1_run.profile_for
+    monkeypatch.setattr(v1_run, "profile_for", lambda model, sha: replace(real(model, sha), h2_layers=(0, 1)))
+    out = tmp_path / "o"
+    assert main(["v1", "run", "--out", str(out), "--experiments", "m1", *ARGS]) == 0
+    doc = json.loads((out / "v1.json").read_text(encoding="utf-8"))
+    gates = doc["profile"]["gate_layers"]
+    assert not set(gates) & {0, 1}  # the reference gates are outside the sample, or the test proves nothing
+    assert [u["layer"] for u in doc["experiments"]["gate_units"]["units"]] == sorted({0, 1, *gates})
+    assert sorted(int(k) for k in doc["experiments"]["m1"]["retention"]) == sorted(gates)
