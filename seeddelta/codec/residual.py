@@ -31,6 +31,28 @@ def _exact_top_mask(score: np.ndarray, k: int) -> np.ndarray:
     return take
 
 
+_NETWORK_ROW = 512  # longest row numpy's AVX-512 select handles in registers (~3x cheaper per value, measured)
+
+
+def _kth_largest(bits: np.ndarray, k: int) -> np.ndarray:
+    """(n_rows, 1): each row's k-th largest value of non-negative int32 `bits` — the value
+    `np.partition(bits, n - k, axis=1)[:, n - k]`, found on pieces short enough for numpy's in-register
+    select: the row's k largest are among the k largest of its pieces, so the k-th largest of those
+    (the pieces' tops gathered) is the row's. Rows too short to gain are partitioned whole."""
+    n_rows, n = bits.shape
+    pieces = -(-n // _NETWORK_ROW)
+    width = -(-n // pieces)
+    if pieces < 2 or width < k or pieces * k >= n:
+        return np.partition(bits, n - k, axis=1)[:, n - k, None]
+    if pieces * width != n:  # pad with -1: below every value, never among a piece's k largest
+        padded = np.full((n_rows, pieces * width), -1, dtype=bits.dtype)
+        padded[:, :n] = bits
+        bits = padded
+    tops = np.partition(bits.reshape(n_rows * pieces, width), width - k, axis=1)[:, width - k :]
+    tops = tops.reshape(n_rows, pieces * k)
+    return np.partition(tops, pieces * k - k, axis=1)[:, pieces * k - k, None]
+
+
 def _top_set(score: np.ndarray, k: int, absolute: bool = False) -> np.ndarray:
     """(n_rows, k) column indices, ascending, of each row's k largest scores (ties: lowest index),
     found on float32 copies of the scores (half the bytes to partition). `absolute`: the scores
@@ -45,8 +67,7 @@ def _top_set(score: np.ndarray, k: int, absolute: bool = False) -> np.ndarray:
     # numpy partitions int32 ~25 % faster than float32 (measured on SmolLM2's weights)
     s32 = score.astype(np.float32)
     bits = np.abs(s32, out=s32).view(np.int32)
-    kth32 = np.partition(bits, n - k, axis=1)[:, n - k, None]
-    take = bits >= kth32
+    take = bits >= _kth_largest(bits, k)
     # flat positions of the marks, in row-major order (a 1-D nonzero: ~8x faster than 2-D); every row
     # has at least k marks, so exactly k·n_rows of them means exactly k in every row
     flat = np.flatnonzero(take)
