@@ -101,11 +101,42 @@ class XorCirculantBase:
         inv[np.arange(B)[:, None], self.perm1.astype(np.int64)] = np.arange(L)[None, :]
         return inv
 
+    @cached_property
+    def _piece_table(self) -> tuple[int, np.ndarray] | None:
+        """(C, table) when W0 can be cut from contiguous pieces (closed form, P1 the identity, C a power
+        of two ≥ 8 dividing n_in): with p = hi·C + lo and j = g·C + c, h2_b[p XOR j] is
+        h2_b[(hi XOR g)·C + (c XOR lo)], so row p's columns g·C … g·C + C − 1 are row
+        (b·C + lo)·(L/C) + (hi XOR g) of table[b, lo, h, c] = h2_b[h·C + (c XOR lo)]: a row gathers
+        n_in/C pieces of C values instead of n_in single values, the same values. None otherwise."""
+        L = self.geometry.L
+        piece = min(L, 32, self.n_in & -self.n_in)  # the largest power of two dividing n_in, at most 32
+        if piece < 8 or not self._closed_form or np.any(self.perm1 != np.arange(L)[None, :]):
+            return None
+        kernel = self.h2.reshape(-1, L // piece, piece)  # [b, h, c]
+        xor = np.arange(piece)[:, None] ^ np.arange(piece)[None, :]  # [lo, c] -> c XOR lo
+        table = np.ascontiguousarray(kernel[:, :, xor].transpose(0, 2, 1, 3))  # [b, lo, h, c]
+        return piece, table.reshape(-1, piece)
+
+    def _dense_rows_pieces(self, rows: np.ndarray, piece: int, table: np.ndarray) -> np.ndarray:
+        L, n_in = self.geometry.L, self.n_in
+        per_block = L // piece
+        g = np.arange(n_in // piece)
+        if self.geometry.tall:  # row r = b·L + p, every column in block b
+            b, p = rows // L, rows % L
+            index = ((b * piece + p % piece) * per_block)[:, None] + ((p // piece)[:, None] ^ g[None, :])
+        else:  # column chunk g lies in block g // per_block, at chunk g % per_block of it; row r < L
+            col_block, q = g // per_block, g % per_block
+            index = (col_block[None, :] * piece + (rows % piece)[:, None]) * per_block + ((rows // piece)[:, None] ^ q)
+        return np.take(table, index, axis=0).reshape(len(rows), n_in)
+
     def dense_rows(self, rows: np.ndarray) -> np.ndarray:
         """W0[rows, :] in float64 from the stored arrays."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self._closed_form:
             return self._chain(np.eye(self.n_in, dtype=np.float64))[:, rows].T
+        pieces = self._piece_table
+        if pieces is not None:
+            return self._dense_rows_pieces(rows, *pieces)
         L, n_in = self.geometry.L, self.n_in
         kernel = self.h2.reshape(-1)  # block b's kernel at [b·L, (b+1)·L)
         inv = self.inv_perm1.astype(np.intp)

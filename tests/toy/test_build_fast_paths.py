@@ -107,6 +107,25 @@ def test_sampled_rows_equal_the_full_computation_layout_included(scheme, base, r
     np.testing.assert_array_equal(sdw.dense(rows), sdw.dense()[rows])
 
 
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (80, 48), (100, 40), (48, 80), (300, 1000), (1000, 300)])
+def test_base_rows_cut_from_pieces_are_the_definition(shape):
+    """W0 of the identity-permutation XOR base is cut from contiguous pieces of a table (C = 8…32
+    values; n_in with no such divisor, e.g. 300, takes the element gather): every value must be
+    h2_b[p XOR j] (tall: row b·L + p; wide: column b·L + j), for all rows and for a sorted subset."""
+    W = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    base = encode(W, EncodeConfig(K=4, base="xor_circulant", seed=3)).base
+    L, (n_out, n_in) = base.geometry.L, shape
+    r, j = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
+    if n_out >= n_in:
+        expected = base.h2[r // L, (r % L) ^ j]
+    else:
+        expected = base.h2[j // L, r ^ (j % L)]
+    assert (base._piece_table is None) == (n_in % 8 != 0)
+    np.testing.assert_array_equal(base.dense_rows(np.arange(n_out)), expected)
+    rows = np.sort(np.random.default_rng(2).choice(n_out, 37, replace=False))
+    np.testing.assert_array_equal(base.dense_rows(rows), expected[rows])
+
+
 def test_reader_parses_what_ggufs_reader_parses(tmp_path):
     m = make_llama_gguf(tmp_path / "m.gguf", n_layer=2, n_embd=32, n_ff=64, n_head=2, n_head_kv=1, vocab=300,
                         seed=5, extra_kv={"x.empty": "", "x.flag": True, "x.f": 0.5})
