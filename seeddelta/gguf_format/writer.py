@@ -115,6 +115,7 @@ class LazyTensor:
     shape: tuple[int, ...]  # numpy order
     dtype: np.dtype
     produce: Callable[[], np.ndarray]
+    tensor_type: GGMLQuantizationType | None = None  # set: the produced array is a `RawTensor`'s stored bytes
 
 
 AddedTensor = tuple[str, "np.ndarray | RawTensor"] | LazyTensor
@@ -182,6 +183,12 @@ def write_model_copy(
                                        raw_dtype=GGMLQuantizationType(raw.tensor_type))
                 names.add(name)
                 sources.append(_Replacement(data))
+                continue
+            if isinstance(added, LazyTensor) and added.tensor_type is not None:  # stored bytes, produced later
+                writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize,
+                                       raw_dtype=GGMLQuantizationType(added.tensor_type))
+                names.add(name)
+                sources.append(added)
                 continue
             if dtype not in _ADD_DTYPES:
                 raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {dtype}")
