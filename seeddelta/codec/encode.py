@@ -160,27 +160,36 @@ class SeedDeltaWeight:
             out[hit[hit >= 0]] = self.dense_rows.values[hit >= 0].astype(np.float64)
         return out
 
-    @cached_property
-    def _residual_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cols, vals) per output row, (n_out, M); entries the runtime skips become column 0, value 0."""
+    def _table_of(self, idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cols, vals) of the rows of `idx`, `val`, (rows, M); entries the runtime skips become column 0, value 0."""
+        n = idx.shape[0]
         if self.scheme == "coo":
-            cols, vals = self.idx.astype(np.int64), self.val.astype(np.float32)
+            cols, vals = idx.astype(np.int64), val.astype(np.float32)
         else:
-            starts = self.idx.astype(np.int64)[:, :, None] * self.block
-            cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(self.n_out, -1)
-            vals = self.val.astype(np.float32).reshape(self.n_out, -1)
+            starts = idx.astype(np.int64)[:, :, None] * self.block
+            cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(n, -1)
+            vals = val.astype(np.float32).reshape(n, -1)
         valid = (cols >= 0) & (cols < self.n_in)
         return np.where(valid, cols, 0), np.where(valid, vals, np.float32(0))
+
+    @cached_property
+    def _residual_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cols, vals) per output row, (n_out, M)."""
+        return self._table_of(self.idx, self.val)
 
     def _residual_apply(self, x2: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Δ·x for x2 (T, n_in): a direct gather for few tokens, else one embedding_bag call whose
         "embedding table" is xᵀ (n_in × T), i.e. every token at once with weights = stored values.
         With `rows`, only those outputs, each computed exactly as over all rows (same kernel choice,
         same per-output sum)."""
-        cols, vals = self._residual_table
-        small = x2.shape[0] * cols.size <= _SMALL_GATHER
-        if rows is not None:
-            cols, vals = cols[rows], vals[rows]
+        n_entries = self.n_out * (self.idx.shape[1] if self.scheme == "coo" else self.idx.shape[1] * self.block)
+        small = x2.shape[0] * n_entries <= _SMALL_GATHER
+        if rows is None:
+            cols, vals = self._residual_table
+        elif "_residual_table" in self.__dict__:
+            cols, vals = (a[rows] for a in self._residual_table)
+        else:  # those rows' entries only (the builder's metrics sample a few rows once): the same values
+            cols, vals = self._table_of(self.idx[rows], self.val[rows])
         if small:
             return np.einsum("tok,ok->to", x2[:, cols], vals)
         import torch  # only here: the builder's metrics (few tokens) never need it

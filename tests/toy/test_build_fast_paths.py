@@ -99,9 +99,10 @@ def test_sampled_rows_equal_the_full_computation_layout_included(scheme, base, r
     sdw = encode(W, EncodeConfig(K=min(shape[1], 400), scheme=scheme, block=8, base=base, row_scale=row_scale, seed=2))
     x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
     rows = np.sort(rng.choice(shape[0], min(shape[0], 24), replace=False))
+    part = sdw.apply_rows(x, rows)  # first: the sampled rows' residual entries alone (no full table yet)
     full = sdw.apply(x)[:, rows]
-    part = sdw.apply_rows(x, rows)
     np.testing.assert_array_equal(part, full)
+    np.testing.assert_array_equal(sdw.apply_rows(x, rows), full)  # and from the full table, once it exists
     # the metrics sum over these arrays; numpy sums in memory order, so the layout must match too
     assert part.strides == full.strides and part.flags.f_contiguous == full.flags.f_contiguous
     np.testing.assert_array_equal(sdw.dense(rows), sdw.dense()[rows])
