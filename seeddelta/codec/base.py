@@ -89,6 +89,12 @@ class XorCirculantBase:
         return bool(np.all(self.d1 == self.d1[:1]) and np.all(self.perm1 == self.perm1[:1]))
 
     @cached_property
+    def _plain_first_stage(self) -> bool:
+        """D1 all ones and P1 the identity in every block (the builder's fit with one permutation trial)."""
+        L = self.d1.shape[1]
+        return bool(np.all(self.d1 == 1) and np.all(self.perm1 == np.arange(L)[None, :]))
+
+    @cached_property
     def h2(self) -> np.ndarray:
         """Effective XOR kernel of the stored d2 in float64: h2 = H·d2 (exact for the stored values)."""
         assert self.d2 is not None
@@ -169,7 +175,10 @@ class XorCirculantBase:
             index = np.broadcast_to(_safe_gather_index(perm, L), t.shape)
             return np.take_along_axis(t, index, axis=-1)
 
-        if self._shared_first_stage and v.shape[-2] > 1 and v.strides[-2] == 0:
+        if self._plain_first_stage:  # D1 = 1 and P1 the identity: v·1 gathered in order is v, bit for bit
+            shape = v.shape
+            v = np.broadcast_to(fwht_sequential(v[..., :1, :] if shape[-2] > 1 and v.strides[-2] == 0 else v), shape)
+        elif self._shared_first_stage and v.shape[-2] > 1 and v.strides[-2] == 0:
             # the same input in every block (a tall base) and the same D1, P1: one block's first stage, shared
             first = fwht_sequential(gather(v[..., :1, :] * self.d1[:1].astype(dtype), self.perm1[:1]))
             v = np.broadcast_to(first, v.shape)
