@@ -22,6 +22,7 @@ from gguf.gguf_reader import ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.dequant import DECODERS
 from seeddelta.gguf_format.schema import (
     BLK_NAME,
     EXT_VERSION_KEY,
@@ -209,8 +210,13 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     traits.init_grid()  # (a no-op for the plain types; the i-quants' lookup grids)
     blocks = raw.reshape(-1, type_size)
     out = np.empty((blocks.shape[0], block), dtype=np.float32)
+    into = DECODERS.get(qtype)  # Q4_0, Q4_1, Q8_0: the same bits written in place (gguf_format.dequant)
     for start in range(0, blocks.shape[0], _DEQUANT_CHUNK_BLOCKS):
-        out[start : start + _DEQUANT_CHUNK_BLOCKS] = decode(blocks[start : start + _DEQUANT_CHUNK_BLOCKS])
+        part = slice(start, start + _DEQUANT_CHUNK_BLOCKS)
+        if into is not None:
+            into(blocks[part], out[part])
+        else:
+            out[part] = decode(blocks[part])
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // type_size * block)
 
 
