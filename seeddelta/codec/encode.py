@@ -35,8 +35,10 @@ SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
 _SMALL_GATHER = 1 << 24  # T·n_out·K up to which Δ·x is a plain gather (fast for one or a few tokens)
-_CHUNK_ELEMENTS = 2048 * 4096  # rows encoded at once hold at most this many values (64 MB per float64
-# temporary, whatever n_in is); every row is encoded on its own, so the chunking changes no result
+_CHUNK_ELEMENTS = 1 << 18  # rows encoded at once hold at most this many values (2 MB per float64 temporary,
+# whatever n_in is: the chunk's passes stay in a core's L2 cache instead of streaming the whole weight
+# through memory each time: SmolLM2's encode ~15 % faster than with 8M-value chunks, measured); every row
+# is encoded on its own, so the chunking changes no result
 
 
 @dataclass(frozen=True)

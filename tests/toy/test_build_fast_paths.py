@@ -259,3 +259,24 @@ def test_xor_base_rows_are_the_full_output_there(shape, trials, depth1, perm2):
     full = base.apply(x)
     for rows in (np.arange(shape[0]), np.sort(rng.choice(shape[0], min(shape[0], 17), replace=False)), np.array([0])):
         np.testing.assert_array_equal(base.apply_rows(x, rows), full[:, rows])
+
+
+@pytest.mark.parametrize("scheme,base,row_scale,imatrix", [
+    ("coo", "xor_circulant", False, False), ("coo", "xor_circulant", True, True), ("block", "xor_circulant", True, True),
+    ("coo", "none", False, True), ("block", "none", False, False),
+])
+def test_encoding_rows_in_chunks_changes_nothing(monkeypatch, scheme, base, row_scale, imatrix):
+    """The encoder works on cache-sized chunks of rows; every row is encoded on its own, so chunks of a
+    few rows (the last one partial) give the arrays of one chunk holding every row, bit for bit."""
+    from seeddelta.codec import encode as codec_encode
+
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((70, 48)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 48) if imatrix else None
+    config = EncodeConfig(K=9, scheme=scheme, block=4, base=base, row_scale=row_scale, seed=3)
+    monkeypatch.setattr(codec_encode, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = encode(W, config, scale)
+    monkeypatch.setattr(codec_encode, "_CHUNK_ELEMENTS", 3 * 48 + 5)  # 3 rows a chunk: 23 full + 1 of one row
+    chunked = encode(W, config, scale)
+    for name, array in whole.tensors().items():
+        np.testing.assert_array_equal(chunked.tensors()[name], array, err_msg=name)
