@@ -283,7 +283,8 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
     idx = np.zeros((n_out, width), dtype=np.int64)
     val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
     for rows in _chunks(n_out, n_in):
-        w = W[rows[0] : rows[-1] + 1]  # a chunk is a range of rows: a view, not a copy
+        part = slice(int(rows[0]), int(rows[-1]) + 1)  # a chunk is a range of rows: views, not copies
+        w = W[part]
         # W − W0 in float64 (float32 → float64 is exact), written over the W0 temporary
         if base is None:
             resid = w.astype(np.float64)
@@ -292,11 +293,11 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
             resid = np.subtract(w, w0, out=w0 if w0.dtype == np.float64 and w0.flags.writeable else None,
                                 dtype=np.float64)
         if config.scheme == "coo":
-            idx[rows] = coo_select(resid, width, scale)
-            val[rows] = take_rows(resid, idx[rows])
+            idx[part] = coo_select(resid, width, scale)
+            val[part] = take_rows(resid, idx[part])
         else:
-            idx[rows] = block_select(resid, width, config.block, scale)
-            val[rows] = block_values(resid, idx[rows], config.block)
+            idx[part] = block_select(resid, width, config.block, scale)
+            val[part] = block_values(resid, idx[part], config.block)
 
     if config.delta_norm_clamp > 0:
         w_norm = float(np.sqrt(np.sum(W.astype(np.float64) ** 2)))
