@@ -12,6 +12,7 @@ Every base is described by its *stored* arrays: dense/apply use the rounded valu
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -68,8 +69,15 @@ class XorCirculantBase:
     d3: np.ndarray  # (B, L)
     perm1: np.ndarray  # (B, L) int16 | int32, gather semantics
     perm2: np.ndarray | None = None
-    sse: float = field(default=0.0, compare=False)  # weighted within-bucket SSE of the fit (information)
+    # weighted within-bucket SSE of the fit (information; `sse`): a number, or how to compute it when asked
+    fit_sse: float | Callable[[], float] = field(default=0.0, compare=False, repr=False)
     kind: str = "xor_circulant"
+
+    @property
+    def sse(self) -> float:
+        if callable(self.fit_sse):
+            self.fit_sse = float(self.fit_sse())
+        return self.fit_sse
 
     @property
     def geometry(self) -> Geometry:
@@ -263,12 +271,13 @@ def _xor_counts(n_rows: int, n_cols: int, L: int) -> np.ndarray:
 
 
 def _bucket_fit(
-    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, full: bool = False
+    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, full: bool = False, with_sse: bool = True
 ) -> tuple[np.ndarray, float]:
-    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,), None
-    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64).
-    `full`: u is (some order of p < S) XOR (j < J), so the unit-weight counts are `_xor_counts`
-    (integers: the same whatever the order, and the same for every weight of that shape)."""
+    """Weighted mean per XOR bucket and the within-bucket SSE (NaN without `with_sse`: one pass of
+    bincount fewer). vals, u: (S, J); omega: (J,), None for unit weights (the same sums: 1·v is v
+    exactly, and a count of ones is exact in float64). `full`: u is (some order of p < S) XOR (j < J),
+    so the unit-weight counts are `_xor_counts` (integers: the same whatever the order, and the same
+    for every weight of that shape)."""
     flat_u = u.ravel()
     v = vals.ravel()
     if omega is None:
@@ -281,6 +290,8 @@ def _bucket_fit(
         wv = w * v
     s1 = np.bincount(flat_u, weights=wv, minlength=L)
     h2 = np.divide(s1, s0, out=np.zeros(L), where=s0 > 0)
+    if not with_sse:
+        return h2, float("nan")
     s2 = np.bincount(flat_u, weights=wv * v, minlength=L)
     sse = float(np.sum(np.maximum(s2 - np.divide(s1 * s1, s0, out=np.zeros(L), where=s0 > 0), 0.0)[s0 > 0]))
     return h2, sse
@@ -305,6 +316,9 @@ def fit_xor_circulant(
     h2 = np.zeros((B, L))
     perms = np.zeros((B, L), dtype=np.int64)
     total_sse = 0.0
+    # one trial: no SSE decides anything, so it is computed only if asked (`XorCirculantBase.sse`), the
+    # same sums over the same samples
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]] = []
     shared_rows = np.zeros(0, dtype=np.int64)
     if not g.tall:
         candidates = rng.permutation(min(n_out, L))
@@ -328,13 +342,12 @@ def fit_xor_circulant(
             valid = src < (n_in if g.tall else min(n_in, (b + 1) * L))
             slots = np.nonzero(valid)[0]
             cols = src[slots]
-            u = local[:, None] ^ slots[None, :]
-            # the identity trial's columns are one contiguous range: a slice, not a gather
-            block_vals = sub[:, cols[0] : cols[-1] + 1] if t == 0 and cols.size else sub[:, cols]
             # every row of the block sampled and the identity trial's columns 0..J-1: counts known in advance
             full = t == 0 and local.size == n_local and bool(np.all(slots == np.arange(slots.size)))
-            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L,
-                                      full)
+            vals, u = _bucket_inputs(sub, local, slots, cols, t == 0)
+            kernel, sse = _bucket_fit(vals, None if scale is None else omega_all[cols], u, L, full, with_sse=trials > 1)
+            if trials == 1:
+                blocks.append((rows, local, slots, cols, full))
             if best is None or sse < best[0]:
                 best = (sse, kernel, perm)
         assert best is not None
@@ -345,7 +358,24 @@ def fit_xor_circulant(
     d2 = (fwht(h2_32) * np.float32(1.0 / L)).astype(dtype)  # as the original: float32 transform, 1/L folded in
     ones = np.ones((B, L), dtype=dtype)
     perm_dtype = np.int16 if L <= 32768 else np.int32
-    return XorCirculantBase(n_in, n_out, ones, d2, ones.copy(), perms.astype(perm_dtype), sse=total_sse)
+    fit_sse: float | Callable[[], float] = total_sse
+    if trials == 1:
+        def fit_sse() -> float:  # the blocks' SSE in block order, as a one-trial fit used to add them (W is
+            # the encoder's own float32 weight, read again here: the sums of the same values)
+            total = 0.0
+            for rows, local, slots, cols, full in blocks:
+                vals, u = _bucket_inputs(W[rows], local, slots, cols, True)
+                total += _bucket_fit(vals, None if scale is None else omega_all[cols], u, L, full)[1]
+            return total
+    return XorCirculantBase(n_in, n_out, ones, d2, ones.copy(), perms.astype(perm_dtype), fit_sse=fit_sse)
+
+
+def _bucket_inputs(sub: np.ndarray, local: np.ndarray, slots: np.ndarray, cols: np.ndarray,
+                   identity: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64, bucket of each value) of one block and trial: u = p XOR slot."""
+    # the identity trial's columns are one contiguous range: a slice, not a gather
+    block_vals = sub[:, cols[0] : cols[-1] + 1] if identity and cols.size else sub[:, cols]
+    return block_vals.astype(np.float64), local[:, None] ^ slots[None, :]
 
 
 @dataclass

@@ -204,15 +204,18 @@ def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trial
                                           rng=np.random.default_rng(7))
 
     fast = fit()
+    fast_sse = fast.sse  # (computed when asked, with one trial: asked here, before the plain fit is patched in)
     plain_fit = base_mod._bucket_fit
-    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False: plain_fit(vals, omega, u, L))
+    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False, with_sse=True:
+                        plain_fit(vals, omega, u, L))
     plain = fit()
     for a, b in ((fast.d2, plain.d2), (fast.perm1, plain.perm1)):
         np.testing.assert_array_equal(a, b)
-    assert fast.sse == plain.sse
+    assert fast_sse == plain.sse
     x = rng.standard_normal((5, shape[1])).astype(np.float32)
     shared = fast.apply(x)
-    plain.__dict__["_shared_first_stage"] = False  # the per-block computation
+    # the per-block computation: neither D1 = 1, P1 = identity skipped nor the first stage shared
+    plain.__dict__["_plain_first_stage"] = plain.__dict__["_shared_first_stage"] = False
     np.testing.assert_array_equal(shared, plain.apply(x))
 
 
