@@ -73,12 +73,16 @@ def _termination_raises() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from seeddelta.commands.common import guard_paths
-    from seeddelta.resources import prepare_environment
+    from seeddelta.resources import load_numpy_without_blas_threads, prepare_environment
 
     prepare_environment()  # before any command imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_named_command(argv))
+    command = _named_command(argv)
+    if command == "build":  # its BLAS calls run on one thread: no idle OpenBLAS threads spinning
+        load_numpy_without_blas_threads()
+    from seeddelta.commands.common import guard_paths
+
+    parser = build_parser(command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line: a status, not an exit

@@ -283,3 +283,24 @@ def test_encoding_rows_in_chunks_changes_nothing(monkeypatch, scheme, base, row_
     chunked = encode(W, config, scale)
     for name, array in whole.tensors().items():
         np.testing.assert_array_equal(chunked.tensors()[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize("user_setting", [None, "2"])
+def test_build_loads_numpy_on_one_blas_thread_unless_the_user_decided(user_setting):
+    """`seeddelta build` imports numpy with OpenBLAS on one thread (its BLAS calls run on one thread
+    anyway) and leaves the environment as it was; a user's OPENBLAS_NUM_THREADS is obeyed."""
+    import subprocess
+    import sys
+
+    code = ("import os; from seeddelta.resources import load_numpy_without_blas_threads as load; did = load(); "
+            "from threadpoolctl import threadpool_info; "
+            "print(did, [i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas'], "
+            "os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    if user_setting is None:
+        assert out == ["True", "[1]", "None"]
+    else:
+        assert out[0] == "False" and out[-1] == user_setting
