@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -25,7 +25,7 @@ from seeddelta.builder.pipeline import run_build
 from seeddelta.codec.encode import EncodeConfig, encode
 from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, fwht_torch, fwht_torch_levels
 from seeddelta.codec.residual import topk_indices
-from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, open_gguf
+from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, field_value, open_gguf
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 from seeddelta.testing.tolerances import U32
 
@@ -139,6 +139,8 @@ def test_reader_parses_what_ggufs_reader_parses(tmp_path):
         for pa, pb in zip(fa.parts, fb.parts, strict=True):
             assert pa.dtype == pb.dtype and pa.shape == pb.shape and pa.tobytes() == pb.tobytes(), key
         assert field_raw_value(fb) == b"".join(p.tobytes() for p in fa.parts[2:]), key
+        if fa.types and fa.types[0] == GGUFValueType.ARRAY:  # arrays' parts are cut lazily: values as gguf's
+            assert field_value(fb) == fa.contents(), key
     for ta, tb in zip(theirs.tensors, ours.tensors, strict=True):
         assert (ta.name, ta.data_offset, ta.data.dtype, ta.data.shape) == (tb.name, tb.data_offset, tb.data.dtype,
                                                                           tb.data.shape)
