@@ -306,3 +306,29 @@ def test_build_loads_numpy_on_one_blas_thread_unless_the_user_decided(user_setti
         assert out == ["True", "[1]", "None"]
     else:
         assert out[0] == "False" and out[-1] == user_setting
+
+
+@pytest.mark.parametrize("kernel", ["copies", "refuses", "stops_midway"])
+def test_copied_tensors_are_the_same_bytes_however_the_kernel_copies(tmp_path, monkeypatch, kernel):
+    """The input's tensors are copied by the kernel (copy_file_range) when it can; when it refuses, the
+    writer copies them itself, and when it stops midway the rest is read and written: the same file."""
+    from seeddelta.gguf_format.writer import write_model_copy
+
+    m = make_llama_gguf(tmp_path / "in.gguf", n_layer=2, n_embd=64, n_ff=96, ffn_dtype="Q4_1", seed=3)
+    model = GGUFModel(m.path)
+    write_model_copy(model, tmp_path / "reference.gguf")
+    real = os.copy_file_range
+    calls = []
+
+    def copy(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if kernel == "refuses":
+            raise OSError(18, "Invalid cross-device link")
+        if kernel == "stops_midway" and len(calls) % 2 == 0:
+            raise OSError(5, "Input/output error")
+        return real(src, dst, max(1, count // 3) if kernel == "stops_midway" else count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy)
+    write_model_copy(model, tmp_path / "out.gguf")
+    assert calls, "the kernel copy was not tried"
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
