@@ -45,7 +45,12 @@ class SpillFile:
         self._end += data.nbytes
         return LazyTensor(name, tuple(int(d) for d in data.shape), data.dtype,
                           partial(self._read, offset, data.nbytes, data.dtype, data.shape),
-                          None if raw is None else raw.tensor_type)
+                          None if raw is None else raw.tensor_type, partial(self._where, offset))
+
+    def _where(self, offset: int) -> tuple[int, int]:
+        """(file descriptor, offset) of parked bytes, flushed: the writer has the kernel copy them."""
+        self._file.flush()
+        return self._file.fileno(), offset
 
     def _read(self, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         self._file.flush()

@@ -150,6 +150,8 @@ class LazyTensor:
     dtype: np.dtype
     produce: Callable[[], np.ndarray]
     tensor_type: GGMLQuantizationType | None = None  # set: the produced array is a `RawTensor`'s stored bytes
+    # where the produced bytes already lie in a file: () -> (fd, offset), for a copy by the kernel
+    stored_at: Callable[[], tuple[int, int]] | None = None
 
 
 AddedTensor = tuple[str, "np.ndarray | RawTensor"] | LazyTensor
@@ -241,6 +243,9 @@ def write_model_copy(
                     if not writer.write_tensor_from_file(src_fd, int(item.data_offset), int(item.n_bytes)):
                         writer.write_tensor_data(item.data)
                         drop_mapped_pages(src.reader.data, int(item.data_offset), int(item.n_bytes))
+                elif isinstance(item, LazyTensor) and item.stored_at is not None and \
+                        writer.write_tensor_from_file(*item.stored_at(), _lazy_nbytes(item)):
+                    pass  # parked bytes copied by the kernel
                 else:
                     writer.write_tensor_data(_added_data(item))
         finally:
@@ -251,6 +256,10 @@ def write_model_copy(
         raise write_error(exc, out_path, "GGUF output") from None
     finally:
         out.discard()
+
+
+def _lazy_nbytes(item: LazyTensor) -> int:
+    return int(np.prod(item.shape, dtype=np.int64)) * np.dtype(item.dtype).itemsize
 
 
 def _added_info(item: AddedTensor) -> tuple[str, tuple[int, ...], np.dtype]:
