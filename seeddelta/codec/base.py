@@ -12,6 +12,7 @@ Every base is described by its *stored* arrays: dense/apply use the rounded valu
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -70,6 +71,7 @@ class XorCirculantBase:
     perm1: np.ndarray  # (B, L) int16 | int32, gather semantics
     perm2: np.ndarray | None = None
     # weighted within-bucket SSE of the fit (information; `sse`): a number, or how to compute it when asked
+    # (one permutation trial: from the weight it was fitted on, while that array lives; NaN after)
     fit_sse: float | Callable[[], float] = field(default=0.0, compare=False, repr=False)
     kind: str = "xor_circulant"
 
@@ -360,8 +362,14 @@ def fit_xor_circulant(
     perm_dtype = np.int16 if L <= 32768 else np.int32
     fit_sse: float | Callable[[], float] = total_sse
     if trials == 1:
-        def fit_sse() -> float:  # the blocks' SSE in block order, as a one-trial fit used to add them (W is
-            # the encoder's own float32 weight, read again here: the sums of the same values)
+        # W is held weakly: a fitted base must not keep its weight alive (the builder's trials wait
+        # ahead of their decisions; at 7B scale a weight is ~235 MB). Freed, the SSE is NaN.
+        weight = weakref.ref(W)
+
+        def fit_sse() -> float:  # the blocks' SSE in block order, as a one-trial fit used to add them
+            W = weight()
+            if W is None:
+                return float("nan")
             total = 0.0
             for rows, local, slots, cols, full in blocks:
                 vals, u = _bucket_inputs(W[rows], local, slots, cols, True)

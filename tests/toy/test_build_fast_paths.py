@@ -332,3 +332,23 @@ def test_copied_tensors_are_the_same_bytes_however_the_kernel_copies(tmp_path, m
     write_model_copy(model, tmp_path / "out.gguf")
     assert calls, "the kernel copy was not tried"
     assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
+
+
+def test_a_fitted_base_does_not_keep_its_weight_alive():
+    """With one permutation trial the fit's SSE is computed when asked, from the weight it was fitted
+    on — held weakly, so that the builder's trials waiting ahead hold no weight: while the weight lives
+    the SSE is there (and the same on every read); once it is freed, NaN."""
+    import gc
+    import math
+    import weakref
+
+    W = np.random.default_rng(2).standard_normal((96, 64)).astype(np.float32)
+    alive = encode(W, EncodeConfig(K=2, base="xor_circulant", seed=1)).base
+    assert math.isfinite(alive.sse) and alive.sse > 0 and alive.sse == alive.sse
+    freed = encode(W.copy(), EncodeConfig(K=2, base="xor_circulant", seed=1)).base
+    gc.collect()
+    assert math.isnan(freed.sse)
+    ref = weakref.ref(W)
+    del W
+    gc.collect()
+    assert ref() is None  # `alive` did not keep it
