@@ -36,7 +36,7 @@ from seeddelta.builder.encode import Trial, WeightResult, attempt_record, gate_t
 from seeddelta.builder.options import BuildOptions, TensorConfig
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
-from seeddelta.gguf_format.writer import AddedTensor
+from seeddelta.gguf_format.writer import AddedTensor, RawTensor
 
 # Stack guard of the original (Appendix A.4): (count from which it applies, floors per group).
 GUARD_STRICT_FROM = 8
@@ -178,7 +178,7 @@ class _Progress:
 
 def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix: Imatrix | None, log: TextIO,
                *, policy_fields: bool = False,
-               park: Callable[[str, np.ndarray], AddedTensor] | None = None) -> dict[tuple[int, str], WeightResult]:
+               park: Callable[[str, np.ndarray | RawTensor], AddedTensor] | None = None) -> dict[tuple[int, str], WeightResult]:
     """Decide every planned weight in build order (trials encoded ahead by worker threads, at most
     two per worker ahead of the decisions, so memory holds a few weights whatever the model's size).
     `park`: where each decided weight's tensors go at once (the builder's spill file) instead of
@@ -201,10 +201,8 @@ def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix:
             for layer, kind, cfg in tasks[i : i + ahead]:
                 pool.prefetch(layer, kind, cfg, cfg.k_schedule()[0])
             res = decide_weight(model, opts, task, pool, state, policy_fields=policy_fields)
-            if park is not None:
-                # a variant's quantized base (RawTensor) stays in memory: the spill file holds plain arrays
-                res.tensors = [park(t[0], t[1]) if isinstance(t, tuple) and isinstance(t[1], np.ndarray) else t
-                               for t in res.tensors]
+            if park is not None:  # every tensor, a variant's quantized base (RawTensor) included
+                res.tensors = [park(t[0], t[1]) if isinstance(t, tuple) else t for t in res.tensors]
             decided[(res.layer, res.kind)] = res
             progress.step(f"blk.{res.layer}.{res.kind}")
     finally:

@@ -17,6 +17,7 @@ give a byte-identical GGUF and — apart from the separate `timing` object — r
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -319,6 +320,10 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
 
     plan = plan_build(model, opts, resolver or baseline_resolver(opts), imatrix, log)
     spill = SpillFile(os.path.dirname(os.path.abspath(opts.output)))
+    # The input's metadata is ~250 000 small objects (a tokenizer's strings and scores) that live as long
+    # as the build: frozen, the cyclic garbage collector stops re-scanning them on every full pass
+    # (~3 % of a SmolLM2 build, measured); whatever the build creates is still collected as usual.
+    gc.freeze()
     try:
         with reuse_freed_memory():  # numpy temporaries reused, not page-faulted in afresh
             decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None,
@@ -333,6 +338,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
                              drop_keys=out.drop_keys, set_keys=out.set_keys)
     finally:
         spill.close()
+        gc.unfreeze()
 
     output_bytes = os.path.getsize(opts.output)
     seconds = time.perf_counter() - t_start

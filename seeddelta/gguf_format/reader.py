@@ -9,10 +9,12 @@ float32 numpy array `(n_out, n_in)` (one output per row).
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import struct
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
@@ -22,6 +24,7 @@ from gguf.gguf_reader import ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 from seeddelta.errors import SeedDeltaError
+from seeddelta.gguf_format.dequant import DECODERS
 from seeddelta.gguf_format.schema import (
     BLK_NAME,
     EXT_VERSION_KEY,
@@ -67,7 +70,7 @@ class _Reader(GGUFReader):
         arr = self._plain()[offset : offset + dt.itemsize * count].view(dtype=dt)[:count]
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, Any, list[int], list[GGUFValueType]]:
         if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype = self._get(orig_offs, np.uint32)
@@ -77,10 +80,9 @@ class _Reader(GGUFReader):
         if n == 0 or (nptype is None and itype != GGUFValueType.STRING):
             return super()._get_field_parts(orig_offs, raw_type)  # empty or nested arrays: gguf's own way
         offs = orig_offs + 12
-        parts: list[np.ndarray] = [raw_itype, alen]
         if nptype is not None:
             whole = self._get(offs, nptype, n)
-            parts += list(whole.reshape(n, 1))  # element i is whole[i : i + 1], cut by numpy's own iterator
+            parts = _ArrayParts([raw_itype, alen], orig_offs + 12 + int(whole.nbytes), whole=whole)
             return 12 + int(whole.nbytes), parts, list(range(2, 2 + n)), [GGUFValueType.ARRAY, itype]
         plain = self._plain()
         buf = memoryview(plain.data)
@@ -91,13 +93,92 @@ class _Reader(GGUFReader):
             starts.append(offs + 8)
             lengths.append(slen)
             offs += 8 + slen
-        # each length as a one-element uint64 array (a copy of the 8 bytes: the same value and dtype as
-        # gguf's view of them, ~4x cheaper to make); the strings' bytes stay views of the file
-        length_parts = list(np.array(lengths, dtype=np.dtype(np.uint64).newbyteorder("I")).reshape(n, 1))
-        for length_part, start, slen in zip(length_parts, starts, lengths, strict=True):
-            parts.append(length_part)
-            parts.append(plain[start : start + slen])
+        strings = (plain, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.dtype(np.uint64).newbyteorder("I")))
+        parts = _ArrayParts([raw_itype, alen], offs, strings=strings)
         return offs - orig_offs, parts, list(range(3, 2 + 2 * n, 2)), [GGUFValueType.ARRAY, itype]
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        """gguf's `_build_fields`, keeping an array's parts lazy (`_ArrayParts`) instead of joining them
+        into a list (which would cut every element's view)."""
+        for _ in range(count):
+            orig_offs = offs
+            kv_klen, kv_kdata = self._get_str(offs)
+            offs += int(kv_klen.nbytes + kv_kdata.nbytes)
+            raw_kv_type = self._get(offs, np.uint32)
+            offs += int(raw_kv_type.nbytes)
+            head: list[np.ndarray] = [kv_klen, kv_kdata, raw_kv_type]
+            field_size, field_parts, field_idxs, field_types = self._get_field_parts(offs, raw_kv_type[0])
+            if isinstance(field_parts, _ArrayParts):
+                parts: Any = field_parts.after(head, offs - int(raw_kv_type.nbytes))
+                data = list(range(field_idxs[0] + len(head), field_idxs[-1] + len(head) + 1, 1 + parts.strings_step))
+            else:
+                parts, data = head + field_parts, [idx + len(head) for idx in field_idxs]
+            self._push_field(ReaderField(orig_offs, str(bytes(kv_kdata), encoding="utf-8"), parts, data, field_types),
+                             skip_sum=True)
+            offs += field_size
+        return offs
+
+
+class _ArrayParts(Sequence[np.ndarray]):
+    """The parts of an array field — gguf's list [key length, key, type tag, item type, count, then one
+    part per scalar, or a length part and a bytes part per string] — with the elements' parts cut
+    only when read: the same arrays (dtype, shape, bytes) as gguf's, without ~250 000 views made for a
+    real tokenizer at every start. `raw_value` is the value's bytes as stored, in one slice."""
+
+    def __init__(self, head: list[np.ndarray], end: int, *, whole: np.ndarray | None = None,
+                 strings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        self.head, self.end, self.whole, self.strings = head, end, whole, strings
+        self.tag_offset = -1
+        self.strings_step = 1 if strings is not None else 0
+        self.n_items = len(whole) if whole is not None else len(strings[1]) if strings is not None else 0
+
+    def after(self, key_parts: list[np.ndarray], tag_offset: int) -> _ArrayParts:
+        """These parts with the field's key parts (length, key, type tag at `tag_offset`) in front."""
+        out = _ArrayParts(key_parts + self.head, self.end, whole=self.whole, strings=self.strings)
+        out.tag_offset = tag_offset
+        return out
+
+    def __len__(self) -> int:
+        return len(self.head) + self.n_items * (1 + self.strings_step)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(index)
+        if i < len(self.head):
+            return self.head[i]
+        j = i - len(self.head)
+        if self.whole is not None:
+            return self.whole[j : j + 1]
+        assert self.strings is not None
+        plain, starts, lengths = self.strings
+        k = j // 2
+        if j % 2 == 0:
+            return lengths[k : k + 1]
+        return plain[int(starts[k]) : int(starts[k]) + int(lengths[k])]
+
+    def raw_value(self) -> bytes:
+        """From the type tag to the end of the value, as the file holds it."""
+        root = self.strings[0] if self.strings is not None else self.head[0]
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        return bytes(root[self.tag_offset : self.end])
+
+    def values(self) -> list[Any]:
+        """The elements as Python values (str for strings)."""
+        if self.whole is not None:
+            return list(self.whole.tolist())
+        assert self.strings is not None
+        plain, starts, lengths = self.strings
+        return [bytes(plain[s : s + n]).decode("utf-8", errors="replace")
+                for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
 
 def open_gguf(path: str | os.PathLike[str], what: str = "input") -> GGUFReader:
@@ -115,10 +196,17 @@ def open_gguf(path: str | os.PathLike[str], what: str = "input") -> GGUFReader:
         raise SeedDeltaError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     if magic != b"GGUF":
         raise SeedDeltaError(f"{what} {p} is not a GGUF file (no GGUF magic)")
+    # Parsing makes ~250 000 small objects for a real model's tokenizer and no reference cycle: the
+    # cyclic collector, which would re-scan the growing heap several times meanwhile, waits until it is done.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         reader = _Reader(p, "r")
     except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on damage
         raise SeedDeltaError(f"{what} {p} is a truncated or corrupt GGUF ({type(exc).__name__}: {exc})") from None
+    finally:
+        if collecting:
+            gc.enable()
     if reader.byte_order != "I":
         raise SeedDeltaError(f"{what} {p}: GGUF files of the other byte order are not supported")
     for tensor in reader.tensors:
@@ -135,6 +223,8 @@ def field_value(fld: ReaderField) -> Any:
     if not fld.types:
         return None
     main = fld.types[0]
+    if isinstance(fld.parts, _ArrayParts):
+        return fld.parts.values()
     if main == GGUFValueType.ARRAY:
         sub = fld.types[-1] if len(fld.types) > 1 else None
         if sub == GGUFValueType.STRING:
@@ -150,6 +240,8 @@ def field_value(fld: ReaderField) -> Any:
 
 def field_raw_value(fld: ReaderField) -> bytes:
     """The field's value exactly as encoded in the file: u32 type tag followed by the value."""
+    if isinstance(fld.parts, _ArrayParts):
+        return fld.parts.raw_value()
     # parts = [key length, key bytes, type tag, value parts...], all views of the file in order:
     # when they lie end to end in one buffer (always, for a file read here), one slice of it.
     parts = fld.parts[2:]
@@ -209,8 +301,13 @@ def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     traits.init_grid()  # (a no-op for the plain types; the i-quants' lookup grids)
     blocks = raw.reshape(-1, type_size)
     out = np.empty((blocks.shape[0], block), dtype=np.float32)
+    into = DECODERS.get(qtype)  # Q4_0, Q4_1, Q8_0: the same bits written in place (gguf_format.dequant)
     for start in range(0, blocks.shape[0], _DEQUANT_CHUNK_BLOCKS):
-        out[start : start + _DEQUANT_CHUNK_BLOCKS] = decode(blocks[start : start + _DEQUANT_CHUNK_BLOCKS])
+        part = slice(start, start + _DEQUANT_CHUNK_BLOCKS)
+        if into is not None:
+            into(blocks[part], out[part])
+        else:
+            out[part] = decode(blocks[part])
     return out.reshape(*raw.shape[:-1], raw.shape[-1] // type_size * block)
 
 

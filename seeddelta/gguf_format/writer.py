@@ -61,6 +61,40 @@ class _Writer(GGUFWriter):
         self.flush()
         self.state = WriterState.KV_DATA
 
+    def write_tensor_from_file(self, fd: int, offset: int, nbytes: int) -> bool:
+        """`write_tensor_data` for a tensor whose bytes lie in the file `fd` at `offset`: copied by the
+        kernel (`os.copy_file_range`: no page faults on a mapping, no copy through this process).
+        False, with nothing written, where the kernel cannot (the caller writes the bytes itself)."""
+        from gguf.gguf_writer import WriterState
+
+        assert self.fout is not None and len(self.fout) == 1 and self.state in (WriterState.TI_DATA,
+                                                                                 WriterState.WEIGHTS)
+        fout = self.fout[0]
+        first = next(iter(self.tensors[0]))
+        if self.tensors[0][first].nbytes != nbytes:
+            raise ValueError(f"tensor {first}: {nbytes} bytes given, {self.tensors[0][first].nbytes} announced")
+        self.write_padding(fout, fout.tell())
+        fout.flush()
+        start = fout.tell()
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(fd, fout.fileno(), nbytes - done, offset + done, start + done)
+                if n <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += n
+        except (OSError, AttributeError):
+            if done == 0:
+                return False
+            fout.seek(start + done)
+            fout.write(os.pread(fd, nbytes - done, offset + done))  # the rest, through this process
+        else:
+            fout.seek(start + nbytes)
+        self.tensors[0].pop(first)
+        self.write_padding(fout, nbytes)
+        self.state = WriterState.WEIGHTS
+        return True
+
 
 def new_writer(path: str, arch: str, alignment: int) -> _Writer:
     writer = _Writer(path, arch)
@@ -115,6 +149,9 @@ class LazyTensor:
     shape: tuple[int, ...]  # numpy order
     dtype: np.dtype
     produce: Callable[[], np.ndarray]
+    tensor_type: GGMLQuantizationType | None = None  # set: the produced array is a `RawTensor`'s stored bytes
+    # where the produced bytes already lie in a file: () -> (fd, offset), for a copy by the kernel
+    stored_at: Callable[[], tuple[int, int]] | None = None
 
 
 AddedTensor = tuple[str, "np.ndarray | RawTensor"] | LazyTensor
@@ -183,6 +220,12 @@ def write_model_copy(
                 names.add(name)
                 sources.append(_Replacement(data))
                 continue
+            if isinstance(added, LazyTensor) and added.tensor_type is not None:  # stored bytes, produced later
+                writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize,
+                                       raw_dtype=GGMLQuantizationType(added.tensor_type))
+                names.add(name)
+                sources.append(added)
+                continue
             if dtype not in _ADD_DTYPES:
                 raise SeedDeltaError(f"internal: tensor {name} has unsupported dtype {dtype}")
             writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
@@ -191,20 +234,32 @@ def write_model_copy(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for item in sources:
-            if isinstance(item, _Replacement):
-                writer.write_tensor_data(item.data)
-            elif isinstance(item, ReaderTensor):
-                writer.write_tensor_data(item.data)
-                drop_mapped_pages(src.reader.data, int(item.data_offset), int(item.n_bytes))
-            else:
-                writer.write_tensor_data(_added_data(item))
+        src_fd = os.open(src.path, os.O_RDONLY)
+        try:
+            for item in sources:
+                if isinstance(item, _Replacement):
+                    writer.write_tensor_data(item.data)
+                elif isinstance(item, ReaderTensor):
+                    if not writer.write_tensor_from_file(src_fd, int(item.data_offset), int(item.n_bytes)):
+                        writer.write_tensor_data(item.data)
+                        drop_mapped_pages(src.reader.data, int(item.data_offset), int(item.n_bytes))
+                elif isinstance(item, LazyTensor) and item.stored_at is not None and \
+                        writer.write_tensor_from_file(*item.stored_at(), _lazy_nbytes(item)):
+                    pass  # parked bytes copied by the kernel
+                else:
+                    writer.write_tensor_data(_added_data(item))
+        finally:
+            os.close(src_fd)
         writer.close()
         out.commit()
     except OSError as exc:
         raise write_error(exc, out_path, "GGUF output") from None
     finally:
         out.discard()
+
+
+def _lazy_nbytes(item: LazyTensor) -> int:
+    return int(np.prod(item.shape, dtype=np.int64)) * np.dtype(item.dtype).itemsize
 
 
 def _added_info(item: AddedTensor) -> tuple[str, tuple[int, ...], np.dtype]:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -25,7 +25,7 @@ from seeddelta.builder.pipeline import run_build
 from seeddelta.codec.encode import EncodeConfig, encode
 from seeddelta.codec.hadamard import fwht, fwht_sequential, fwht_sequential_at, fwht_torch, fwht_torch_levels
 from seeddelta.codec.residual import topk_indices
-from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, open_gguf
+from seeddelta.gguf_format.reader import GGUFModel, field_raw_value, field_value, open_gguf
 from seeddelta.testing.synthetic_gguf import make_imatrix, make_llama_gguf
 from seeddelta.testing.tolerances import U32
 
@@ -73,6 +73,21 @@ def test_topk_is_the_sort_of_minus_score_then_index(kind, k):
     np.testing.assert_array_equal(topk_indices(signed, k, absolute=True), _reference_topk(score, k))
 
 
+@pytest.mark.parametrize("n,k", [(576, 128), (1100, 128), (1536, 128), (1536, 300), (1100, 367), (2048, 1)])
+@pytest.mark.parametrize("kind", ["distinct", "quantized"])
+def test_topk_of_long_rows_selected_piecewise_is_the_sort(n, k, kind):
+    """Rows longer than numpy's in-register select are cut into pieces (padded when n is not a
+    multiple): the selection must still be the definition's, ties included, at and around the limits
+    (k equal to a piece's width, one piece's worth of k, a padded last piece)."""
+    rng = np.random.default_rng(n + k)
+    score = np.abs(rng.standard_normal((12, n)))
+    if kind == "quantized":
+        score = np.round(score * 2) / 2
+    np.testing.assert_array_equal(topk_indices(score, k), _reference_topk(score, k))
+    signed = score * np.where(rng.random(score.shape) < 0.5, -1.0, 1.0)
+    np.testing.assert_array_equal(topk_indices(signed, k, absolute=True), _reference_topk(score, k))
+
+
 @pytest.mark.parametrize("scheme,base,row_scale,shape,tokens", [
     ("coo", "xor_circulant", False, (96, 64), 5), ("coo", "xor_circulant", True, (64, 96), 3),
     ("block", "xor_circulant", True, (80, 48), 4), ("coo", "none", True, (50, 70), 2),
@@ -84,12 +99,32 @@ def test_sampled_rows_equal_the_full_computation_layout_included(scheme, base, r
     sdw = encode(W, EncodeConfig(K=min(shape[1], 400), scheme=scheme, block=8, base=base, row_scale=row_scale, seed=2))
     x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
     rows = np.sort(rng.choice(shape[0], min(shape[0], 24), replace=False))
+    part = sdw.apply_rows(x, rows)  # first: the sampled rows' residual entries alone (no full table yet)
     full = sdw.apply(x)[:, rows]
-    part = sdw.apply_rows(x, rows)
     np.testing.assert_array_equal(part, full)
+    np.testing.assert_array_equal(sdw.apply_rows(x, rows), full)  # and from the full table, once it exists
     # the metrics sum over these arrays; numpy sums in memory order, so the layout must match too
     assert part.strides == full.strides and part.flags.f_contiguous == full.flags.f_contiguous
     np.testing.assert_array_equal(sdw.dense(rows), sdw.dense()[rows])
+
+
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (80, 48), (100, 40), (48, 80), (300, 1000), (1000, 300)])
+def test_base_rows_cut_from_pieces_are_the_definition(shape):
+    """W0 of the identity-permutation XOR base is cut from contiguous pieces of a table (C = 8…32
+    values; n_in with no such divisor, e.g. 300, takes the element gather): every value must be
+    h2_b[p XOR j] (tall: row b·L + p; wide: column b·L + j), for all rows and for a sorted subset."""
+    W = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    base = encode(W, EncodeConfig(K=4, base="xor_circulant", seed=3)).base
+    L, (n_out, n_in) = base.geometry.L, shape
+    r, j = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
+    if n_out >= n_in:
+        expected = base.h2[r // L, (r % L) ^ j]
+    else:
+        expected = base.h2[j // L, r ^ (j % L)]
+    assert (base._piece_table is None) == (n_in % 8 != 0)
+    np.testing.assert_array_equal(base.dense_rows(np.arange(n_out)), expected)
+    rows = np.sort(np.random.default_rng(2).choice(n_out, 37, replace=False))
+    np.testing.assert_array_equal(base.dense_rows(rows), expected[rows])
 
 
 def test_reader_parses_what_ggufs_reader_parses(tmp_path):
@@ -104,6 +139,8 @@ def test_reader_parses_what_ggufs_reader_parses(tmp_path):
         for pa, pb in zip(fa.parts, fb.parts, strict=True):
             assert pa.dtype == pb.dtype and pa.shape == pb.shape and pa.tobytes() == pb.tobytes(), key
         assert field_raw_value(fb) == b"".join(p.tobytes() for p in fa.parts[2:]), key
+        if fa.types and fa.types[0] == GGUFValueType.ARRAY:  # arrays' parts are cut lazily: values as gguf's
+            assert field_value(fb) == fa.contents(), key
     for ta, tb in zip(theirs.tensors, ours.tensors, strict=True):
         assert (ta.name, ta.data_offset, ta.data.dtype, ta.data.shape) == (tb.name, tb.data_offset, tb.data.dtype,
                                                                           tb.data.shape)
@@ -169,15 +206,18 @@ def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trial
                                           rng=np.random.default_rng(7))
 
     fast = fit()
+    fast_sse = fast.sse  # (computed when asked, with one trial: asked here, before the plain fit is patched in)
     plain_fit = base_mod._bucket_fit
-    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False: plain_fit(vals, omega, u, L))
+    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False, with_sse=True:
+                        plain_fit(vals, omega, u, L))
     plain = fit()
     for a, b in ((fast.d2, plain.d2), (fast.perm1, plain.perm1)):
         np.testing.assert_array_equal(a, b)
-    assert fast.sse == plain.sse
+    assert fast_sse == plain.sse
     x = rng.standard_normal((5, shape[1])).astype(np.float32)
     shared = fast.apply(x)
-    plain.__dict__["_shared_first_stage"] = False  # the per-block computation
+    # the per-block computation: neither D1 = 1, P1 = identity skipped nor the first stage shared
+    plain.__dict__["_plain_first_stage"] = plain.__dict__["_shared_first_stage"] = False
     np.testing.assert_array_equal(shared, plain.apply(x))
 
 
@@ -224,3 +264,91 @@ def test_xor_base_rows_are_the_full_output_there(shape, trials, depth1, perm2):
     full = base.apply(x)
     for rows in (np.arange(shape[0]), np.sort(rng.choice(shape[0], min(shape[0], 17), replace=False)), np.array([0])):
         np.testing.assert_array_equal(base.apply_rows(x, rows), full[:, rows])
+
+
+@pytest.mark.parametrize("scheme,base,row_scale,imatrix", [
+    ("coo", "xor_circulant", False, False), ("coo", "xor_circulant", True, True), ("block", "xor_circulant", True, True),
+    ("coo", "none", False, True), ("block", "none", False, False),
+])
+def test_encoding_rows_in_chunks_changes_nothing(monkeypatch, scheme, base, row_scale, imatrix):
+    """The encoder works on cache-sized chunks of rows; every row is encoded on its own, so chunks of a
+    few rows (the last one partial) give the arrays of one chunk holding every row, bit for bit."""
+    from seeddelta.codec import encode as codec_encode
+
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((70, 48)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 48) if imatrix else None
+    config = EncodeConfig(K=9, scheme=scheme, block=4, base=base, row_scale=row_scale, seed=3)
+    monkeypatch.setattr(codec_encode, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = encode(W, config, scale)
+    monkeypatch.setattr(codec_encode, "_CHUNK_ELEMENTS", 3 * 48 + 5)  # 3 rows a chunk: 23 full + 1 of one row
+    chunked = encode(W, config, scale)
+    for name, array in whole.tensors().items():
+        np.testing.assert_array_equal(chunked.tensors()[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize("user_setting", [None, "2"])
+def test_build_loads_numpy_on_one_blas_thread_unless_the_user_decided(user_setting):
+    """`seeddelta build` imports numpy with OpenBLAS on one thread (its BLAS calls run on one thread
+    anyway) and leaves the environment as it was; a user's OPENBLAS_NUM_THREADS is obeyed."""
+    import subprocess
+    import sys
+
+    code = ("import os; from seeddelta.resources import load_numpy_without_blas_threads as load; did = load(); "
+            "from threadpoolctl import threadpool_info; "
+            "print(did, [i['num_threads'] for i in threadpool_info() if i['internal_api'] == 'openblas'], "
+            "os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    if user_setting is None:
+        assert out == ["True", "[1]", "None"]
+    else:
+        assert out[0] == "False" and out[-1] == user_setting
+
+
+@pytest.mark.parametrize("kernel", ["copies", "refuses", "stops_midway"])
+def test_copied_tensors_are_the_same_bytes_however_the_kernel_copies(tmp_path, monkeypatch, kernel):
+    """The input's tensors are copied by the kernel (copy_file_range) when it can; when it refuses, the
+    writer copies them itself, and when it stops midway the rest is read and written: the same file."""
+    from seeddelta.gguf_format.writer import write_model_copy
+
+    m = make_llama_gguf(tmp_path / "in.gguf", n_layer=2, n_embd=64, n_ff=96, ffn_dtype="Q4_1", seed=3)
+    model = GGUFModel(m.path)
+    write_model_copy(model, tmp_path / "reference.gguf")
+    real = os.copy_file_range
+    calls = []
+
+    def copy(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if kernel == "refuses":
+            raise OSError(18, "Invalid cross-device link")
+        if kernel == "stops_midway" and len(calls) % 2 == 0:
+            raise OSError(5, "Input/output error")
+        return real(src, dst, max(1, count // 3) if kernel == "stops_midway" else count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", copy)
+    write_model_copy(model, tmp_path / "out.gguf")
+    assert calls, "the kernel copy was not tried"
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
+
+
+def test_a_fitted_base_does_not_keep_its_weight_alive():
+    """With one permutation trial the fit's SSE is computed when asked, from the weight it was fitted
+    on — held weakly, so that the builder's trials waiting ahead hold no weight: while the weight lives
+    the SSE is there (and the same on every read); once it is freed, NaN."""
+    import gc
+    import math
+    import weakref
+
+    W = np.random.default_rng(2).standard_normal((96, 64)).astype(np.float32)
+    alive = encode(W, EncodeConfig(K=2, base="xor_circulant", seed=1)).base
+    assert math.isfinite(alive.sse) and alive.sse > 0 and alive.sse == alive.sse
+    freed = encode(W.copy(), EncodeConfig(K=2, base="xor_circulant", seed=1)).base
+    gc.collect()
+    assert math.isnan(freed.sse)
+    ref = weakref.ref(W)
+    del W
+    gc.collect()
+    assert ref() is None  # `alive` did not keep it

@@ -305,3 +305,44 @@ def test_materialize_writes_the_runtimes_variant_weights_dense(files, tmp_path, 
             held = mat.layers[layer].ffn[kind].weight.numpy()
             written = np.array(g.tensors[f"blk.{layer}.{kind}.weight"].data)
             assert written.dtype == held.dtype and np.array_equal(written, held)
+
+
+def test_quantized_bases_go_through_the_spill_file_like_every_other_tensor(tmp_path, monkeypatch):
+    """Memory is bounded by the weights being encoded: a decided sdq weight's tensors — its quantized
+    base (a RawTensor) included — are parked in the spill file at once, and the GGUF written from the
+    spill file is the one written from the arrays kept in memory, byte for byte."""
+    import hashlib
+
+    from seeddelta.builder import pipeline
+    from seeddelta.builder.spill import SpillFile
+    from seeddelta.gguf_format.writer import LazyTensor, RawTensor
+
+    m = make_llama_gguf(tmp_path / "dense.gguf", n_layer=2, n_embd=N_EMBD, n_ff=N_FF, n_head=2, n_head_kv=1,
+                        vocab=300, seed=4)
+    parked: list[tuple[str, object, LazyTensor, np.ndarray]] = []
+
+    class Recording(SpillFile):
+        def park(self, name, array):
+            lazy = super().park(name, array)
+            parked.append((name, array, lazy, lazy.produce()))  # read back while the file is open
+            return lazy
+
+    class InMemory(SpillFile):  # the path without a spill file: tensors stay as encoded
+        def park(self, name, array):
+            return (name, array)
+
+    digests = []
+    for spill in (Recording, InMemory):
+        monkeypatch.setattr(pipeline, "SpillFile", spill)
+        out = tmp_path / f"{spill.__name__}.gguf"
+        assert main(["build", "-i", m.path, "-o", str(out), "--variant", "sdq", "--strip-dense", "--K", "2",
+                     "--quant-base", "Q8_0", "-q", "-t", "2"]) == 0
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    raw = [p for p in parked if isinstance(p[1], RawTensor)]
+    assert raw, "no quantized base was parked"
+    for name, array, lazy, back in raw:
+        assert lazy.tensor_type == array.tensor_type
+        assert back.tobytes() == np.ascontiguousarray(array.data).tobytes(), name
+    assert all(p[2].tensor_type is None for p in parked if not isinstance(p[1], RawTensor))
+    assert digests[0] == digests[1]
+    GGUFModel(str(tmp_path / "Recording.gguf"))  # a readable model
