@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, one test file per unit of work (module fixtures computed once; the files that
+# share the CI regress run are one unit: see conftest.py). The cost is a test session is mostly one core's.
+XDIST_ARGS ?= -n 2 --dist loadfile
 # Tiers CI runs: everything that needs no optional download or extra package.
 TEST_MARKERS ?= not real and not interop and not slow
 REGRESS_OUT ?= runs/regress
@@ -28,7 +31,7 @@ run: $(STAMP)
 # The gate is deterministic: hypothesis draws the same examples every run (profile "ci");
 # `make regress` keeps exploring new ones (profile "dev", or HYPOTHESIS_PROFILE=nightly).
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -m "$(TEST_MARKERS)" $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -m "$(TEST_MARKERS)" $(XDIST_ARGS) $(PYTEST_ARGS)
 
 # The gate before merging: `seeddelta regress` on the tiny model (the v1 criteria every shipped preset
 # declares, B1-B5, the equal-bytes comparison; report in $(REGRESS_OUT)/report.md; exit 1 when a declared
@@ -38,7 +41,7 @@ test: $(STAMP)
 REGRESS_TESTS ?= tests/toy tests/golden tests/tiny/test_regress.py
 regress: $(STAMP)
 	$(BIN)/seeddelta regress --out $(REGRESS_OUT) $(REGRESS_ARGS)
-	$(BIN)/python -m pytest -n 2 $(REGRESS_TESTS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST_ARGS) $(REGRESS_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,6 +38,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = _TIER_BY_DIR.get(rel.parts[0]) if rel.parts else None
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+# Files that share one expensive run (seeddelta.testing.regress_ci) are one unit of work for pytest-xdist:
+# spread over two workers, one would wait on the run's lock while the other computes it.
+_SHARED_RUN_SCOPES = {"tests/golden/test_regress_report.py": "regress-ci", "tests/tiny/test_regress.py": "regress-ci"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` (what `make test` uses): one file per unit of work, so module fixtures are
+    computed once, with the files of _SHARED_RUN_SCOPES in one unit. (xdist_group marks added from a
+    hook are ignored by pytest-xdist 3.8 on pytest 9.2, so --dist loadgroup cannot express this.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return _SHARED_RUN_SCOPES.get(path, path)
+
+    return SharedRunFileScheduling(config, log)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
