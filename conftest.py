@@ -42,13 +42,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # Files that share one expensive run (seeddelta.testing.regress_ci) are one unit of work for pytest-xdist:
 # spread over two workers, one would wait on the run's lock while the other computes it.
-_SHARED_RUN_SCOPES = {"tests/golden/test_regress_report.py": "regress-ci", "tests/tiny/test_regress.py": "regress-ci"}
+SHARED_RUN_SCOPES = {"tests/golden/test_regress_report.py": "regress-ci", "tests/tiny/test_regress.py": "regress-ci"}
+
+
+def unit_of_work(nodeid: str) -> str:
+    """The test's file, or the shared run's name for the files that share one."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_RUN_SCOPES.get(path, path)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadfile` (what `make test` uses): one file per unit of work, so module fixtures are
-    computed once, with the files of _SHARED_RUN_SCOPES in one unit. (xdist_group marks added from a
+    computed once, with the files of SHARED_RUN_SCOPES in one unit. (xdist_group marks added from a
     hook are ignored by pytest-xdist 3.8 on pytest 9.2, so --dist loadgroup cannot express this.)"""
     if config.getvalue("dist") != "loadfile":
         return None
@@ -56,8 +62,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class SharedRunFileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = super()._split_scope(nodeid)
-            return _SHARED_RUN_SCOPES.get(path, path)
+            return unit_of_work(nodeid)
 
     return SharedRunFileScheduling(config, log)
 
