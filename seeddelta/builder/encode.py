@@ -20,6 +20,7 @@ from seeddelta.builder.options import (
     tensor_seed,
 )
 from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
+from seeddelta.builder.spill import Parked
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
 from seeddelta.codec.partial import choose_dense_rows
@@ -29,7 +30,6 @@ from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
 from seeddelta.gguf_format.schema import KINDS, SEEDDELTA_SUFFIXES, seeddelta_tensor_name, weight_name
 from seeddelta.gguf_format.writer import AddedTensor, RawTensor
-from seeddelta.builder.spill import Parked
 
 if TYPE_CHECKING:
     from seeddelta.codec.sdq import SdqWeight

@@ -81,7 +81,7 @@ class SpillFile:
         """`array`'s bytes written to the file; a `RawTensor` (a variant's quantized base) keeps its ggml type."""
         raw = array if isinstance(array, RawTensor) else None
         data = np.ascontiguousarray(array.data if raw is not None else array)
-        view = memoryview(data).cast("B")  # the array's own bytes, not a copy of them
+        view = data.data.cast("B")  # the array's own bytes, not a copy of them
         offset = self._end.reserve(data.nbytes)
         try:
             done = 0

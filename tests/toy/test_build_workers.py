@@ -77,8 +77,8 @@ def test_policy_with_autotune_is_the_same_in_every_worker_mode(tmp_path, monkeyp
         "enabled": True, "strip_dense": True, "K": {"gate": 4, "up": 8, "down": 4},
         "gating": {"metric": "cos", "min_mean": 0.0, "min_p05": 0.0},
         "autotune": {"enabled": True, "schedule_gate_up": [2, 4, 8], "schedule_down": [4, 16], "max_iters": 0}},
-        "ranges": [{"layers": "0-1", "tensors": {"ffn_gate": {"gating": {"min_mean": 1.5}},
-                                                  "ffn_up": {"gating": {"min_mean": 1.5}, "base": "xor_circulant"}}}]}
+        "ranges": [{"layers": "0-1", "tensors": {"ffn_gate": {"gating": {"min_mean": 1.0}},
+                                                  "ffn_up": {"gating": {"min_mean": 1.0}, "base": "xor_circulant"}}}]}
     policy = tmp_path / "p.json"
     policy.write_text(json.dumps(doc))
     got = _builds(tmp_path, monkeypatch, capsys, model[0],
