@@ -112,7 +112,7 @@ def run_autogate(measure: UnitMeasure, scan: Scan, filters: Filters, limits: Lim
                                 "layer": move.tensor[0], "kind": move.tensor[1], "K": move.K, "from_K": move.from_K,
                                 "scan": move.scan_figures(), "evaluated": False}
         if caps is not None:
-            step["K_built"] = built({move.tensor: move.K})[move.tensor]
+            step["K_built"] = caps[(*move.tensor, move.K)]
         skip = _structural(move, selection, filters, budget, full)
         if skip:
             step.update(kept=False, reason=skip)

@@ -47,16 +47,6 @@ def quantiles(p: Profile) -> tuple[float, ...]:
     return tuple(sorted({q for _, q in grid(p)}))
 
 
-def calibrate(model: Any, windows: Any, layers: Sequence[int], quantiles: Sequence[float],
-              statistic: str = M3_STATISTIC) -> dict[str, Any]:
-    """Per gate layer, the quantiles of ffn_gate's input statistic over `windows` (the library's
-    calibration, evaluation.regime_calibration, which `seeddelta build --delta-regime-gate rms:qP:
-    --calibration TEXT` uses too)."""
-    from seeddelta.evaluation.regime_calibration import calibrate as library_calibrate
-
-    return library_calibrate(model, windows, layers, quantiles, statistic)
-
-
 def m3(p: Profile, calibration: Mapping[str, Any], encoding: Mapping[str, Any], evals: tuple[tuple[int, int], ...],
        greedy: int | None) -> list[Setting]:
     """The gate-only reference with each gate's Δ applied above (or below) its layer's q-quantile."""

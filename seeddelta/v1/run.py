@@ -133,7 +133,7 @@ def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache,
         mem: Mapping[str, Any], note: Progress) -> dict[str, Any]:
     """Mechanism 3: calibrate each gate's input-statistic quantiles on the calibration text (cached), then
     measure the gate-only reference with Δ conditional on them."""
-    from seeddelta.evaluation.regime_calibration import CALIBRATION_CTX
+    from seeddelta.evaluation.regime_calibration import CALIBRATION_CTX, calibrate
     from seeddelta.evaluation.windows import text_windows
     from seeddelta.v1 import conditional as C
 
@@ -144,7 +144,7 @@ def _m3(p: Profile, ev: Evaluator, calibration: Path | None, cache: ResultCache,
     if cal is None:
         note("[v1] m3: input-statistic quantiles of the gate layers on the calibration text")
         w = text_windows(calibration, CALIBRATION_CTX, -1, ev.base.tokenizer).windows
-        cal = C.calibrate(ev.base.model, w, p.gate_layers, C.quantiles(p))
+        cal = calibrate(ev.base.model, w, p.gate_layers, C.quantiles(p), C.M3_STATISTIC)
         cache.put("v1-m3-calibration", key, cal)
     chosen = C.m3(p, cal, encoding, evals, greedy)
     rows = [C.add_compute_saved(X.row(s, r, ref, mem), r) for s, r in zip(chosen, run(chosen, "v1 m3"), strict=True)]
@@ -220,8 +220,9 @@ def run_v1(settings: V1Settings, progress: Progress | None = None) -> dict[str, 
                 exps["gate_units"] = {"units": [_unit(s, r, "ffn_gate") for s, r in
                                                 zip(chosen, run(chosen, "v1 gate units"), strict=True)]}
             units = exps["gate_units"]["units"]
-            missing = [x for x in p.gate_layers if x not in {u["layer"] for u in units}]
-            if name in ("m1", "m6") and missing:  # retention is per reference gate; H2's sample may skip some
+            measured = {u["layer"] for u in units}
+            missing = [x for x in p.gate_layers if x not in measured] if name in ("m1", "m6") else []
+            if missing:  # m1/m6's retention is per reference gate; H2's sample may skip some
                 extra = M.gate_units(p, encoding, settings.unit_chunks, missing)
                 units = sorted(units + [_unit(s, r, "ffn_gate") for s, r in
                                         zip(extra, run(extra, "v1 gate units"), strict=True)], key=lambda u: u["layer"])

@@ -1,7 +1,7 @@
 """`seeddelta build --delta-regime-gate rms:qP: --calibration TEXT` on the tiny model: the regime bounds
 it writes are the ones `seeddelta v1 run`'s mechanism 3 computes on the same text (its path: windows of
-512 over the whole text, `v1.conditional.calibrate`), they agree with an independent float64 quantile
-of the gate inputs, and the extreme quantiles are inclusive on both sides."""
+512 over the whole text, `evaluation.regime_calibration.calibrate`, which v1 run calls), they agree
+with an independent float64 quantile of the gate inputs, and the extreme quantiles are inclusive on both sides."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ FLAGS = ("--K", "64", "--strip-dense", "-t", "1", "-q")
 def calibration(tmp_path_factory: pytest.TempPathFactory):
     """A few windows of calibration text and, through v1's path, the tiny model's gate-input quantiles on it."""
     from seeddelta.evaluation.memory import load
+    from seeddelta.evaluation.regime_calibration import calibrate
     from seeddelta.evaluation.windows import text_windows
-    from seeddelta.v1.conditional import calibrate
 
     text = tmp_path_factory.mktemp("cal") / "cal.txt"
     text.write_text(TINY_VAL_TEXT.read_text(encoding="utf-8")[:8000], encoding="utf-8")

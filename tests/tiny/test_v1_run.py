@@ -18,8 +18,24 @@ ARGS = ("--ctx", "64", "--chunks", "1", "--unit-chunks", "1", "--greedy-limit", 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
-    out = tmp_path_factory.mktemp("v1")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One result cache for this module's runs: the original's figures, its resident memory and the
+    gate-only reference are the same measurement in every run (keyed by their settings), so they are
+    measured once — what a user's second `v1 run --experiments …` into the same DIR does too."""
+    return tmp_path_factory.mktemp("v1-cache")
+
+
+def out_dir(parent: Path, shared_cache: Path) -> Path:
+    """A fresh output directory whose `cache` is the module's shared cache."""
+    out = parent / "o"
+    out.mkdir()
+    (out / "cache").symlink_to(shared_cache, target_is_directory=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> tuple[Path, dict, str]:
+    out = out_dir(tmp_path_factory.mktemp("v1"), shared_cache)
     assert main(["v1", "run", "--out", str(out), "--experiments", "h1,h3b", *ARGS]) == 0
     return out, json.loads((out / "v1.json").read_text(encoding="utf-8")), (out / "v1.md").read_text(encoding="utf-8")
 
@@ -103,14 +119,14 @@ def test_extension_file_written_by_h3b_policy_declares_itself(tmp_path):
     assert "blk.1.ffn_down.weight" not in names
 
 
-def test_m6_compares_replay_weighted_with_plain_retention(tmp_path):
+def test_m6_compares_replay_weighted_with_plain_retention(tmp_path, shared_cache):
     """m6 at the CI budget: a deterministic pack, each replay row twinned with a plain-retention row,
     the weighted retention as evaluation.retention computes it from the recorded figures, and the
     verdict the exit rule gives on the recorded rows."""
     from seeddelta.evaluation.retention import replay_weighted
     from seeddelta.v1.replay import REPLAY_N, m6_verdict
 
-    out = tmp_path / "o"
+    out = out_dir(tmp_path, shared_cache)
     assert main(["v1", "run", "--out", str(out), "--experiments", "m6", *ARGS]) == 0
     m6 = json.loads((out / "v1.json").read_text(encoding="utf-8"))["experiments"]["m6"]
     pack = (out / "replay-pack.json").read_bytes()
@@ -132,8 +148,8 @@ def test_m6_compares_replay_weighted_with_plain_retention(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def m3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("m3")
+def m3_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> tuple[dict, str]:
+    out = out_dir(tmp_path_factory.mktemp("m3"), shared_cache)
     assert main(["v1", "run", "--out", str(out), "--experiments", "m3", *ARGS]) == 0
     return json.loads((out / "v1.json").read_text(encoding="utf-8")), (out / "v1.md").read_text(encoding="utf-8")
 
@@ -169,7 +185,7 @@ def test_m3_rows_report_compute_saved_consistent_with_their_bounds(m3_run):
     assert "Mechanism 3" in md and "FFN FLOPs saved @64" in md
 
 
-def test_m1_measures_the_reference_gates_that_h2s_sample_skips(tmp_path, monkeypatch):
+def test_m1_measures_the_reference_gates_that_h2s_sample_skips(tmp_path, monkeypatch, shared_cache):
     """SmolLM2's profile samples every fifth layer for the gate units while its reference gates sit in
     between: m1's retention is per reference gate, so the gates the sample skips are measured too (the
     run used to stop with a KeyError on the first one)."""
@@ -179,7 +195,7 @@ def test_m1_measures_the_reference_gates_that_h2s_sample_skips(tmp_path, monkeyp
 
     real = v1_run.profile_for
     monkeypatch.setattr(v1_run, "profile_for", lambda model, sha: replace(real(model, sha), h2_layers=(0, 1)))
-    out = tmp_path / "o"
+    out = out_dir(tmp_path, shared_cache)
     assert main(["v1", "run", "--out", str(out), "--experiments", "m1", *ARGS]) == 0
     doc = json.loads((out / "v1.json").read_text(encoding="utf-8"))
     gates = doc["profile"]["gate_layers"]
