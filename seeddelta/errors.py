@@ -12,6 +12,10 @@ class SeedDeltaError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self) -> tuple[type[SeedDeltaError], tuple[str, int]]:
+        # pickled with its exit code: a build's worker process raises it, the parent reports it
+        return type(self), (str(self), self.exit_code)
+
 
 class Terminated(BaseException):
     """SIGTERM/SIGHUP arrived (raised by the handler seeddelta.cli installs), so that every `finally`

@@ -15,28 +15,27 @@ Per weight, in build order (layers ascending, kinds gate, up, down — Appendix 
    whose rejected tensors stayed in the total and so rejected every later tensor (spec-policy-eval
    §11 item 21, spec-builder-runtime §7.1) — its cost is not counted.
 
-Trials (one weight encoded at one K and measured) are computed by worker threads ahead of the
-decisions; the decisions themselves are taken one weight at a time in build order, and every
-trial is a deterministic function of its inputs, so the outcome never depends on thread timing.
+Trials (one weight encoded at one K and measured) are computed by workers (builder.workers:
+processes, or threads) ahead of the decisions; the decisions themselves are taken one weight at a
+time in build order, and every trial is a deterministic function of its inputs, so the outcome never
+depends on which worker computed what, or when.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
-from seeddelta.builder.encode import Trial, WeightResult, attempt_record, gate_trial, run_trial, weight_result
+from seeddelta.builder.encode import Trial, WeightResult, attempt_record, gate_trial, weight_result
 from seeddelta.builder.options import BuildOptions, TensorConfig
+from seeddelta.builder.spill import SpillFile
+from seeddelta.builder.workers import TrialPool
 from seeddelta.gguf_format.imatrix_file import Imatrix
 from seeddelta.gguf_format.reader import GGUFModel
-from seeddelta.gguf_format.writer import AddedTensor, RawTensor
 
 # Stack guard of the original (Appendix A.4): (count from which it applies, floors per group).
 GUARD_STRICT_FROM = 8
@@ -74,28 +73,6 @@ class StackState:
             self.down += 1
         else:
             self.gate_up += 1
-
-
-class TrialPool:
-    """Trials computed by worker threads, requested (and prefetched) by (layer, kind, K)."""
-
-    def __init__(self, compute: Callable[[int, str, TensorConfig, int], Trial], threads: int) -> None:
-        self.compute = compute
-        self.executor = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.futures: dict[tuple[int, str, int], Future[Trial]] = {}
-
-    def prefetch(self, layer: int, kind: str, cfg: TensorConfig, K: int) -> None:
-        key = (layer, kind, K)
-        if self.executor is not None and key not in self.futures:
-            self.futures[key] = self.executor.submit(self.compute, layer, kind, cfg, K)
-
-    def get(self, layer: int, kind: str, cfg: TensorConfig, K: int) -> Trial:
-        future = self.futures.pop((layer, kind, K), None)
-        return future.result() if future is not None else self.compute(layer, kind, cfg, K)
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def stack_cost(gating: dict[str, Any]) -> float:
@@ -177,36 +154,35 @@ class _Progress:
 
 
 def decide_all(model: GGUFModel, opts: BuildOptions, tasks: list[Task], imatrix: Imatrix | None, log: TextIO,
-               *, policy_fields: bool = False,
-               park: Callable[[str, np.ndarray | RawTensor], AddedTensor] | None = None) -> dict[tuple[int, str], WeightResult]:
-    """Decide every planned weight in build order (trials encoded ahead by worker threads, at most
-    two per worker ahead of the decisions, so memory holds a few weights whatever the model's size).
-    `park`: where each decided weight's tensors go at once (the builder's spill file) instead of
-    staying in memory until the write."""
+               *, policy_fields: bool = False, spill: SpillFile | None = None) -> dict[tuple[int, str], WeightResult]:
+    """Decide every planned weight in build order (trials encoded ahead by workers, at most two per
+    worker ahead of the decisions, so memory holds a few weights whatever the model's size).
+    `spill`: where each decided weight's tensors go at once (the builder's spill file) instead of
+    staying in memory until the write; worker processes are used only with it (they park there)."""
     threads = opts.threads or (os.cpu_count() or 1)
-
-    def compute(layer: int, kind: str, cfg: TensorConfig, K: int) -> Trial:
-        return run_trial(model, opts, layer, kind, cfg, K, imatrix)
-
-    pool = TrialPool(compute, min(threads, max(1, len(tasks))))
+    workers = min(threads, max(1, len(tasks)))
     state = StackState()
     decided: dict[tuple[int, str], WeightResult] = {}
     progress = _Progress(len(tasks), log if opts.progress else None)
     # The workers are the parallelism: a BLAS call's own threads (the metrics' small products) would
-    # only wait for cores the workers hold — 30 ms per call measured on a busy 2-core machine.
+    # only wait for cores the workers hold — 30 ms per call measured on a busy 2-core machine. Set
+    # before the pool starts: forked worker processes inherit the limit.
     blas = threadpool_limits(limits=1, user_api="blas")
-    ahead = 2 * max(1, min(threads, len(tasks)))
+    pool: TrialPool | None = None
+    ahead = 2 * workers
     try:
+        pool = TrialPool(model, opts, imatrix, workers, spill)
         for i, task in enumerate(tasks):
             for layer, kind, cfg in tasks[i : i + ahead]:
                 pool.prefetch(layer, kind, cfg, cfg.k_schedule()[0])
             res = decide_weight(model, opts, task, pool, state, policy_fields=policy_fields)
-            if park is not None:  # every tensor, a variant's quantized base (RawTensor) included
-                res.tensors = [park(t[0], t[1]) if isinstance(t, tuple) else t for t in res.tensors]
+            if spill is not None:  # every tensor, a variant's quantized base (RawTensor) included
+                res.tensors = [spill.park(t[0], t[1]) if isinstance(t, tuple) else t for t in res.tensors]
             decided[(res.layer, res.kind)] = res
             progress.step(f"blk.{res.layer}.{res.kind}")
     finally:
         progress.close()  # also on Ctrl-C: the next line starts on a line of its own
-        pool.close()
+        if pool is not None:
+            pool.close()
         blas.restore_original_limits()
     return decided

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from seeddelta.builder.options import (
     tensor_seed,
 )
 from seeddelta.builder.report import ffn_score, tile_fields, weight_entry
+from seeddelta.builder.spill import Parked
 from seeddelta.codec.encode import EncodeConfig, SeedDeltaWeight, encode
 from seeddelta.codec.metrics import cost_model, evaluate_weight
 from seeddelta.codec.partial import choose_dense_rows
@@ -191,18 +193,59 @@ def encode_config(opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, 
 
 
 @dataclass
+class WeightFacts:
+    """What the decide phase and the report need of an encoded weight besides its metrics: its sizes,
+    and its tensors — arrays, or once a worker process has parked them, `Parked` references."""
+
+    n_out: int
+    n_in: int
+    K: int
+    n_blocks: int
+    k_budget: int  # the codec's (0: not set by it)
+    nbytes: int
+    dense_rows: int | None  # rows kept dense (codec.partial)
+    variant_base_type: str | None  # set: an sdq variant weight, with its base's type
+    tensors: list[tuple[str, np.ndarray | RawTensor | Parked]]  # (output name, data), not yet in write order
+
+
+def weight_facts(layer: int, kind: str, sdw: SeedDeltaWeight) -> WeightFacts:
+    types = sdw.ggml_types() if _is_variant(sdw) else {}
+    tensors: list[tuple[str, np.ndarray | RawTensor | Parked]] = [
+        (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
+        for s, a in sdw.tensors().items()]
+    return WeightFacts(
+        int(sdw.n_out), int(sdw.n_in), int(sdw.K), int(sdw.n_blocks), int(getattr(sdw, "k_budget", 0) or 0),
+        int(sdw.nbytes()), None if sdw.dense_rows is None else int(sdw.dense_rows.rows.shape[0]),
+        sdw.base_type if _is_variant(sdw) else None, tensors)
+
+
+@dataclass
 class Trial:
     """One weight encoded at one K and measured on its stored arrays (not yet decided)."""
 
     layer: int
     kind: str
     K: int  # requested budget (a schedule value)
-    sdw: SeedDeltaWeight
+    sdw: SeedDeltaWeight | None  # None once detached (`detach_trial`): `facts` then holds all that is needed
     metrics: dict[str, Any]
     cost: dict[str, Any]
     seconds: float
     warnings: list[str]
     encoding: EncodeConfig
+    facts: WeightFacts
+    proxy: dict[str, Any] | None = None  # the FFN proxy's report fields, once computed
+
+
+def detach_trial(model: GGUFModel, opts: BuildOptions, trial: Trial,
+                 store: Callable[[str, np.ndarray | RawTensor], Parked]) -> Trial:
+    """`trial` without its arrays, for a worker process to return: its tensors stored (`store`, the
+    spill file) and the FFN proxy — the one other reader of the arrays — computed now."""
+    assert trial.sdw is not None
+    trial.proxy = _ffn_proxy(model, opts, trial.layer, trial.kind, trial.sdw, trial.encoding.base)
+    trial.facts.tensors = [(name, store(name, a) if not isinstance(a, Parked) else a)
+                           for name, a in trial.facts.tensors]
+    trial.sdw = None
+    return trial
 
 
 def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: TensorConfig, K: int,
@@ -237,13 +280,15 @@ def run_trial(model: GGUFModel, opts: BuildOptions, layer: int, kind: str, cfg: 
     cost = cost_model(sdw)
     if config.base != "none" and cost.get("base_B") == 1:
         warnings.append(f"{name}: base has B = 1 block; the original runtime rejects such a base (spec §12 item 2)")
-    return Trial(layer, kind, K, sdw, metrics, cost, time.perf_counter() - t0, warnings, config)
+    return Trial(layer, kind, K, sdw, metrics, cost, time.perf_counter() - t0, warnings, config,
+                 weight_facts(layer, kind, sdw))
 
 
 def attempt_record(trial: Trial, gating: dict[str, Any]) -> dict[str, Any]:
     """One `autotune_attempts` element (the original's fields; its wall-clock `seconds` live in the
     report's `timing` object instead, so that everything else stays deterministic)."""
-    return {"K_budget": int(trial.sdw.k_budget), "K_eff": int(trial.sdw.K), "n_blocks": int(trial.sdw.n_blocks),
+    facts = trial.facts
+    return {"K_budget": facts.k_budget, "K_eff": facts.K, "n_blocks": facts.n_blocks,
             "metric_value": gating["gating_value"], "metric_p05": gating["gating_p05"], "pass": gating["gating_pass"]}
 
 
@@ -251,53 +296,53 @@ def weight_result(model: GGUFModel, opts: BuildOptions, cfg: TensorConfig, trial
                   *, emit: bool, decision: str, attempts: list[dict[str, Any]] | None = None,
                   seconds: float | None = None, extra: dict[str, Any] | None = None) -> WeightResult:
     """The report entry and output tensors of a weight whose final trial and decision are known."""
-    layer, kind, sdw = trial.layer, trial.kind, trial.sdw
+    layer, kind, facts = trial.layer, trial.kind, trial.facts
     name = weight_name(layer, kind)
-    n_out, n_in = sdw.n_out, sdw.n_in
+    n_out, n_in = facts.n_out, facts.n_in
     strip = emit and cfg.strip_dense
-    types = sdw.ggml_types() if _is_variant(sdw) else {}
-    tensors: list[tuple[str, np.ndarray | RawTensor]] = [
-        (seeddelta_tensor_name(layer, kind, s), RawTensor(a, types[s], ()) if s in types else a)
-        for s, a in sdw.tensors().items()] if emit else []
+    tensors = list(facts.tensors) if emit else []
     regime = delta_regime_of(opts, layer, kind, cfg)
     regime_tensors = regime.tensors() if regime is not None else {}
     if emit:  # extension delta_regime/1: Δ only for tokens in the regime (codec.regime)
         tensors += [(seeddelta_tensor_name(layer, kind, s), a) for s, a in regime_tensors.items()]
     order = {s: i for i, s in enumerate(SEEDDELTA_SUFFIXES)}
     tensors.sort(key=lambda t: order[t[0].rsplit(".", 1)[1]])
-    nbytes_sd = int(sdw.nbytes()) + sum(int(a.nbytes) for a in regime_tensors.values())
+    nbytes_sd = facts.nbytes + sum(int(a.nbytes) for a in regime_tensors.values())
     dense_bytes = model.tensor_nbytes(name)
-    if _is_variant(sdw):  # a variant may keep 0 entries (its quantized base alone)
-        k_budget = int(sdw.k_budget)
-    else:
-        k_budget = int(getattr(sdw, "k_budget", 0) or min(max(1, trial.K), n_in))
+    variant = facts.variant_base_type is not None
+    # a variant may keep 0 entries (its quantized base alone)
+    k_budget = facts.k_budget if variant else (facts.k_budget or min(max(1, trial.K), n_in))
+    if trial.proxy is None:
+        assert trial.sdw is not None  # a detached trial has its proxy computed
+        trial.proxy = _ffn_proxy(model, opts, layer, kind, trial.sdw, trial.encoding.base)
     gating_fields = {k: v for k, v in gating.items() if k != "available"}
     gating_fields["decision"] = decision
     entry_values: dict[str, Any] = {
-        "layer": layer, "kind": kind, "n_in": n_in, "n_out": n_out, "K_budget": k_budget, "K": int(sdw.K),
-        "block": cfg.block, "n_blocks": int(sdw.n_blocks), **{k: v for k, v in trial.metrics.items()},
+        "layer": layer, "kind": kind, "n_in": n_in, "n_out": n_out, "K_budget": k_budget, "K": facts.K,
+        "block": cfg.block, "n_blocks": facts.n_blocks, **{k: v for k, v in trial.metrics.items()},
         **trial.cost, **gating_fields,
         "ffn_score": ffn_score(trial.metrics),
-        **_ffn_proxy(model, opts, layer, kind, sdw, trial.encoding.base),
+        **trial.proxy,
         "emit": emit, "strip_dense": strip,
-        **tile_fields(n_out, int(sdw.K)),
+        **tile_fields(n_out, facts.K),
         "autotune_selected_budget": k_budget if emit else 0,
         "dense_type": model.tensor_type(name).name, "bytes_dense": dense_bytes,
         "bytes_seeddelta": nbytes_sd, "bits_per_weight": 8.0 * nbytes_sd / (n_in * n_out),
     }
-    if sdw.dense_rows is not None:
-        entry_values["dense_rows"] = int(sdw.dense_rows.rows.shape[0])
+    if facts.dense_rows is not None:
+        entry_values["dense_rows"] = facts.dense_rows
     if regime is not None:
         entry_values["delta_regime"] = regime.stored().to_json()  # the bounds as the file holds them (float32)
     if cfg.autotune:
         entry_values["autotune_enabled"] = True
         entry_values["autotune_attempts"] = attempts or []
     entry_values["ops_ratio"] = float(entry_values["ops_ratio"])
-    if _is_variant(sdw):
+    if variant:
         spec = cfg.variant if cfg.variant is not None else opts.variant_spec()
-        entry_values.update({"variant": spec.to_json(), "base_type": sdw.base_type})
+        entry_values.update({"variant": spec.to_json(), "base_type": facts.variant_base_type})
     entry_values.update(extra or {})
-    result = WeightResult(layer, kind, weight_entry(**entry_values), list[AddedTensor](tensors), strip,
+    # a worker's `Parked` entries become the spill file's LazyTensors in decide_all before anything reads them
+    result = WeightResult(layer, kind, weight_entry(**entry_values), cast(list[AddedTensor], tensors), strip,
                           trial.seconds if seconds is None else seconds, list(trial.warnings))
     result.added_bytes = sum(int(a.data.nbytes if isinstance(a, RawTensor) else a.nbytes) for _, a in tensors)
     result.stripped_bytes = dense_bytes if strip else 0

@@ -327,7 +327,7 @@ def run_build(opts: BuildOptions, resolver: Resolver | None = None, *,
     try:
         with reuse_freed_memory():  # numpy temporaries reused, not page-faulted in afresh
             decided = decide_all(model, opts, plan.tasks, imatrix, log, policy_fields=policy_version is not None,
-                                 park=spill.park)
+                                 spill=spill)
             # the budgets actually used (a K above a weight's n_in is clamped) go into the global keys and the report
             n_in_by_kind: dict[str, int] = {}
             for layer, kind, _cfg in plan.tasks:

@@ -59,10 +59,12 @@ def sample_rows(n_out: int, eval_cols: int, rng: np.random.Generator) -> np.ndar
     return np.sort(rng.choice(n_out, size=eval_cols, replace=False))
 
 
-def weight_metrics(W: np.ndarray, sdw: SeedDeltaWeight, rows: np.ndarray, scale: np.ndarray | None = None) -> RowMetrics:
-    """Weight-space metrics on the given rows; with `scale`, norms of (w_i·s_i) (the _w variant)."""
+def weight_metrics(W: np.ndarray, sdw: SeedDeltaWeight, rows: np.ndarray, scale: np.ndarray | None = None, *,
+                   w_hat: np.ndarray | None = None) -> RowMetrics:
+    """Weight-space metrics on the given rows; with `scale`, norms of (w_i·s_i) (the _w variant).
+    `w_hat`: `sdw.dense(rows)` when the caller has it already (both variants use it)."""
     w = np.asarray(W[rows], dtype=np.float64)
-    w_hat = sdw.dense(rows)
+    w_hat = sdw.dense(rows) if w_hat is None else w_hat
     if scale is not None:
         w, w_hat = w * scale[None, :], w_hat * scale[None, :]
     return compare_rows(w, w_hat)
@@ -98,9 +100,10 @@ def evaluate_weight(
     rng = np.random.default_rng(seed)
     rows = sample_rows(sdw.n_out, eval_cols, rng)
     scale = None if imatrix_scale is None else np.asarray(imatrix_scale, dtype=np.float64)
-    out.update(weight_metrics(W, sdw, rows).summary(""))
+    w_hat = sdw.dense(rows)  # the stored reconstruction of those rows, for both weight-space groups
+    out.update(weight_metrics(W, sdw, rows, w_hat=w_hat).summary(""))
     if scale is not None:
-        out.update(weight_metrics(W, sdw, rows, scale).summary("_w"))
+        out.update(weight_metrics(W, sdw, rows, scale, w_hat=w_hat).summary("_w"))
     if has_x:
         out.update(functional_metrics(W, sdw, rows, eval_x, np.random.default_rng([seed, 1])).summary("_x"))
         if scale is not None:

@@ -202,6 +202,7 @@ def delta_norm_ratios(model: str, imatrix: str | None, encoding: Mapping[str, An
     for layer in layers:
         trial = run_trial(gm, opts, layer, "ffn_gate", resolver(layer, "ffn_gate"), p.K_gate, im)
         w = gm.dense(weight_name(layer, "ffn_gate")).astype(np.float64)
+        assert trial.sdw is not None  # run_trial's own trial keeps its arrays
         out[layer] = float(np.linalg.norm(trial.sdw.val.astype(np.float64)) / np.linalg.norm(w))
     return out
 

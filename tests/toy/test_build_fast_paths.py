@@ -208,8 +208,9 @@ def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trial
     fast = fit()
     fast_sse = fast.sse  # (computed when asked, with one trial: asked here, before the plain fit is patched in)
     plain_fit = base_mod._bucket_fit
-    monkeypatch.setattr(base_mod, "_bucket_fit", lambda vals, omega, u, L, full=False, with_sse=True:
-                        plain_fit(vals, omega, u, L))
+    monkeypatch.setattr(base_mod, "_bucket_fit", lambda W, sample, omega, L, full=False, with_sse=True:
+                        plain_fit(W, sample, omega, L))
+    monkeypatch.setattr(base_mod, "_FIT_CHUNK_VALUES", 1 << 40)  # and every block's values in one bincount call
     plain = fit()
     for a, b in ((fast.d2, plain.d2), (fast.perm1, plain.perm1)):
         np.testing.assert_array_equal(a, b)
@@ -219,6 +220,38 @@ def test_xor_base_shortcuts_change_no_bit(monkeypatch, shape, max_samples, trial
     # the per-block computation: neither D1 = 1, P1 = identity skipped nor the first stage shared
     plain.__dict__["_plain_first_stage"] = plain.__dict__["_shared_first_stage"] = False
     np.testing.assert_array_equal(shared, plain.apply(x))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("identity", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1 << 40])
+def test_xor_bucket_sums_by_chunks_are_one_bincount(monkeypatch, weighted, identity, chunk):
+    """The XOR fit's bucket sums taken a chunk of rows at a time (the running sums carried into the next
+    bincount call) against one np.bincount over all values in row-major order, bit for bit: chunks
+    of one row, of several rows with a partial last one, and everything in one call."""
+    from seeddelta.codec import base as base_mod
+
+    rng = np.random.default_rng(chunk + 2 * identity + weighted)
+    W = (rng.standard_normal((50, 24)) * 10.0 ** rng.integers(-6, 6, (50, 24))).astype(np.float32)
+    L = 32
+    rows = rng.permutation(50)[:30]
+    local = rows % L
+    cols = np.arange(3, 23) if identity else rng.permutation(24)[:20]
+    slots = rng.permutation(L)[:20]
+    omega = rng.uniform(0.1, 3.0, 20) if weighted else None
+    monkeypatch.setattr(base_mod, "_FIT_CHUNK_VALUES", chunk)
+    s0, s1, s2 = base_mod._bucket_sums(W, base_mod._BlockSample(rows, local, slots, cols, identity), omega, L,
+                                       counts=True, with_sse=True)
+    u = (local[:, None] ^ slots[None, :]).ravel()
+    v = W[rows][:, cols].astype(np.float64).ravel()
+    w = np.ones_like(v) if omega is None else np.broadcast_to(omega[None, :], (30, 20)).ravel()
+    wv = v if omega is None else w * v
+    expected = (np.bincount(u, minlength=L).astype(np.float64) if omega is None else
+                np.bincount(u, weights=w, minlength=L),
+                np.bincount(u, weights=wv, minlength=L), np.bincount(u, weights=wv * v, minlength=L))
+    for got, want in zip((s0, s1, s2), expected, strict=True):
+        assert got is not None
+        np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
 
 
 def test_metric_names_without_metrics_are_the_summarys():

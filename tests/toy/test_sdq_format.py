@@ -332,6 +332,11 @@ def test_quantized_bases_go_through_the_spill_file_like_every_other_tensor(tmp_p
             return (name, array)
 
     digests = []
+    from seeddelta.builder import workers
+
+    # worker threads: the recording (and the in-memory path) live in this process; processes park
+    # their own tensors (tests/toy/test_build_workers.py)
+    monkeypatch.setattr(workers, "PROCESS_WORKERS", "never")
     for spill in (Recording, InMemory):
         monkeypatch.setattr(pipeline, "SpillFile", spill)
         out = tmp_path / f"{spill.__name__}.gguf"
