@@ -1,12 +1,13 @@
 """Builder at 7B scale: a synthetic slice shaped like a 7B llama (n_embd 4096, n_ff 14336, 32 heads /
 8 KV heads, 4 layers), every weight stored Q4_0 or Q8_0, all 12 FFN weights encoded (K 128, base,
 --eval-cols 64 --eval-x 16) by `seeddelta build` in a fresh process. Printed per type: wall and CPU
-seconds, seconds per layer, peak resident memory (ru_maxrss of the build process), and the
+seconds, seconds per layer, peak resident memory (ru_maxrss: the largest single process, the build
+or one of its forked workers; and the peak PSS summed over all of them, sampled), and the
 extrapolation to 32 layers.
 
 Per layer: the slope between a 2-layer and a 4-layer build of the same file (start-up, reading
 and writing the rest of the file cancel out); 32 layers: the 4-layer time plus 28 slopes. Peak
-memory is set by the weights in flight (two per worker thread at most), not by the number of
+memory is set by the weights in flight (two per worker at most), not by the number of
 layers: both builds' peaks and their difference are printed.
 
 Run: `python -m benchmarks.bench_large [--types Q4_0,Q8_0] [--threads N] [--keep DIR]`
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             for layers in ("0-1", f"0-{N_LAYER - 1}"):
                 out = os.path.join(tmp, f"out-{qtype}.gguf")
                 run = run_process([sys.executable, "-m", "seeddelta", "build", "-i", model, "-o", out,
-                                   "--layers", layers, "-t", str(args.threads), *BUILD])
+                                   "--layers", layers, "-t", str(args.threads), *BUILD], tree_memory=True)
                 if run.returncode != 0:
                     print(f"  {qtype} --layers {layers}: build failed ({run.returncode}): {run.stderr.strip()[-400:]}")
                     return 1
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             per_layer = (four.wall - two.wall) / (N_LAYER - 2)
             per_layer_cpu = (four.cpu - two.cpu) / (N_LAYER - 2)
             full = four.wall + (FULL_LAYERS - N_LAYER) * per_layer
-            print(f"  {qtype}: 2 layers {two.wall:.1f} s wall / {two.cpu:.1f} s CPU, peak {two.peak_mib:.0f} MiB; "
-                  f"4 layers {four.wall:.1f} s wall / {four.cpu:.1f} s CPU, peak {four.peak_mib:.0f} MiB", flush=True)
+            print(f"  {qtype}: 2 layers {two.wall:.1f} s wall / {two.cpu:.1f} s CPU, peak {two.peak_mib:.0f} MiB "
+                  f"(all processes: {two.tree_pss_mib:.0f} MiB PSS); 4 layers {four.wall:.1f} s wall / {four.cpu:.1f} s "
+                  f"CPU, peak {four.peak_mib:.0f} MiB (all processes: {four.tree_pss_mib:.0f} MiB PSS)", flush=True)
             print(f"  {qtype}: {per_layer:.1f} s per layer (wall; {per_layer_cpu:.1f} s CPU); 32 layers ≈ {full:.0f} s "
                   f"= {full / 60:.1f} min; peak {four.peak_mib - two.peak_mib:+.0f} MiB from 2 to 4 layers", flush=True)
     return 0
