@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Two pytest-xdist workers, one test file per unit of work (module fixtures computed once; the files that
-# share the CI regress run are one unit: see conftest.py). The cost is a test session is mostly one core's.
+# share the CI regress run are one unit: see conftest.py). Run alone, a test session keeps about one core busy.
 XDIST_ARGS ?= -n 2 --dist loadfile
 # Tiers CI runs: everything that needs no optional download or extra package.
 TEST_MARKERS ?= not real and not interop and not slow

@@ -87,13 +87,14 @@ class _Reader(GGUFReader):
         plain = self._plain()
         buf = memoryview(plain.data)
         unpack = struct.Struct("<Q" if np.little_endian else ">Q").unpack_from
+        first = offs  # the first string's 8-byte length
         ends = [0] * n  # where each string ends: one store per string in this loop (~30 % faster than two lists)
         for i in range(n):
             offs += 8 + unpack(buf, offs)[0]
             ends[i] = offs
         end = np.array(ends, dtype=np.int64)
         starts = np.empty(n, dtype=np.int64)  # each string's bytes follow its 8-byte length
-        starts[0] = orig_offs + 12 + 8
+        starts[0] = first + 8
         starts[1:] = end[:-1] + 8
         strings = (plain, starts, (end - starts).astype(np.dtype(np.uint64).newbyteorder("I")))
         parts = _ArrayParts([raw_itype, alen], offs, strings=strings)
